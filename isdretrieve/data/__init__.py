@@ -1,0 +1,42 @@
+"""Data: SPEC strings, datasets of fixed-size uint8 images, and batched on-device view augmentation."""
+
+from isdretrieve.data.augment import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PRESETS,
+    ViewConfig,
+    augment_views,
+    eval_view,
+    normalize,
+    view_config,
+)
+from isdretrieve.data.datasets import (
+    ArrayDataset,
+    FileDataset,
+    ImageDataset,
+    decode_image,
+    longtail_counts,
+    longtail_indices,
+    open_dataset,
+)
+from isdretrieve.data.specs import DataSpec, parse_spec
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "PRESETS",
+    "ArrayDataset",
+    "DataSpec",
+    "FileDataset",
+    "ImageDataset",
+    "ViewConfig",
+    "augment_views",
+    "decode_image",
+    "eval_view",
+    "longtail_counts",
+    "longtail_indices",
+    "normalize",
+    "open_dataset",
+    "parse_spec",
+    "view_config",
+]

@@ -1,0 +1,318 @@
+"""Batched view augmentation that runs on the batch's own device (CPU or CUDA).
+
+:func:`augment_views` makes one random view of every image of a batch with tensor ops only: a random
+resized crop and horizontal flip as one ``grid_sample`` call, then colour jitter (per-sample factors and
+per-sample random op order, as torchvision's ``ColorJitter``), grayscale and Gaussian blur, each applied
+to the samples a Bernoulli draw selects. Every random number comes from the ``torch.Generator`` passed
+in, so equal seeds give bit-identical views. The colour ops are small public functions taking one factor
+per sample, so they can be checked one by one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L")
+PRESETS = ("digits", "cifar", "imagenet")
+STRENGTHS = ("strong", "weak")
+PRESET_SIZES = {"digits": 16, "cifar": 32, "imagenet": 224}
+EVAL_RESIZE = 256  # imagenet eval: shorter side resized to this, then centre-cropped to 224
+CROP_TRIES = 10
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """Parameters of one random view; the defaults are the MoCo-v2 / ISD strong augmentation."""
+
+    size: int
+    scale: tuple[float, float] = (0.2, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.size <= 0:
+            raise ValueError(f"size must be positive, got {self.size}")
+        if not 0 < self.scale[0] <= self.scale[1] or not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"scale and ratio must be 0 < low <= high, got {self.scale}, {self.ratio}")
+        for name in ("flip_p", "jitter_p", "gray_p", "blur_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if min(self.jitter) < 0 or self.jitter[3] > 0.5:
+            raise ValueError(f"jitter must be >= 0 with hue <= 0.5, got {self.jitter}")
+
+    @property
+    def blur_kernel(self) -> int:
+        """Gaussian kernel side: about 10% of the output size, odd (23 at 224)."""
+        return blur_kernel_size(self.size)
+
+
+def blur_kernel_size(size: int) -> int:
+    """``int(0.1 * size)`` made odd: 23 for 224, 3 for 32, 1 (no blur) for 16."""
+    k = int(0.1 * size)
+    return k + 1 - k % 2
+
+
+def view_config(strength: str, preset: str) -> ViewConfig:
+    """The ``strong`` (MoCo-v2) or ``weak`` (crop + flip) view of a preset (digits, cifar, imagenet)."""
+    if strength not in STRENGTHS:
+        raise ValueError(f"unknown augmentation strength '{strength}' (expected {', '.join(STRENGTHS)})")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown augmentation preset '{preset}' (expected {', '.join(PRESETS)})")
+    size = PRESET_SIZES[preset]
+    if strength == "weak":
+        return ViewConfig(size, jitter_p=0.0, gray_p=0.0, blur_p=0.0)
+    return ViewConfig(size, blur_p=0.5 if preset == "imagenet" else 0.0)
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images to float32 in [0, 1]; float images are taken to be in [0, 1] already."""
+    if images.dtype == torch.uint8:
+        return images.to(torch.float32).div_(255.0)
+    return images.to(torch.float32)
+
+
+def normalize(images_float01: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """``(x - mean) / std`` per channel, for [3,H,W] or [B,3,H,W] images."""
+    x = images_float01
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    return (x - m) / s
+
+
+def _uniform(generator: torch.Generator, shape: tuple[int, ...], low: float, high: float) -> torch.Tensor:
+    u = torch.rand(shape, generator=generator, device=generator.device)
+    return low + (high - low) * u
+
+
+def sample_crop_boxes(
+    batch: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Random-resized-crop boxes as int64 [B,4] ``(top, left, h, w)``, as torchvision samples them.
+
+    Area fraction ~ U(scale), log aspect ~ U(log ratio), first of 10 tries that fits; else the centre crop
+    of the whole image clamped to the ratio range.
+    """
+    area = height * width
+    frac = _uniform(generator, (batch, CROP_TRIES), scale[0], scale[1])
+    aspect = torch.exp(_uniform(generator, (batch, CROP_TRIES), math.log(ratio[0]), math.log(ratio[1])))
+    pos = torch.rand((batch, 2), generator=generator, device=generator.device)
+    w = torch.round(torch.sqrt(area * frac * aspect))
+    h = torch.round(torch.sqrt(area * frac / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.float().argmax(dim=1, keepdim=True)  # index of the first try that fits
+    found = fits.any(dim=1)
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fallback_w, fallback_h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        fallback_w, fallback_h = round(height * ratio[1]), height
+    else:
+        fallback_w, fallback_h = width, height
+    w = torch.where(found, w.gather(1, first).squeeze(1), float(fallback_w))
+    h = torch.where(found, h.gather(1, first).squeeze(1), float(fallback_h))
+    top = torch.minimum(torch.floor(pos[:, 0] * (height - h + 1)), height - h)
+    left = torch.minimum(torch.floor(pos[:, 1] * (width - w + 1)), width - w)
+    top = torch.where(found, top, torch.div(height - h, 2, rounding_mode="floor"))
+    left = torch.where(found, left, torch.div(width - w, 2, rounding_mode="floor"))
+    return torch.stack([top, left, h, w], dim=1).to(torch.int64)
+
+
+def resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor) -> torch.Tensor:
+    """Crop float images to their boxes, resize to ``size``, mirror where ``flip``: one grid_sample call."""
+    b, _, height, width = images.shape
+    top, left, h, w = boxes.to(device=images.device, dtype=images.dtype).unbind(1)
+    sx, sy = w / width, h / height
+    sx = torch.where(flip.to(images.device), -sx, sx)
+    theta = torch.zeros((b, 2, 3), dtype=images.dtype, device=images.device)
+    theta[:, 0, 0] = sx
+    theta[:, 0, 2] = (2 * left + w) / width - 1
+    theta[:, 1, 1] = sy
+    theta[:, 1, 2] = (2 * top + h) / height - 1
+    grid = F.affine_grid(theta, [b, 3, size, size], align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _per_sample(factor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return factor.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    f = _per_sample(factor, x)
+    return (x * f + other * (1.0 - f)).clamp_(0.0, 1.0)
+
+
+def rgb_to_grayscale(images: torch.Tensor) -> torch.Tensor:
+    """Luma of float [B,3,H,W] images as [B,1,H,W] (weights 0.299, 0.587, 0.114)."""
+    r, g, b = images.unbind(dim=-3)
+    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(-3)
+
+
+def adjust_brightness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Multiply each image by its factor, clamped to [0, 1]."""
+    return (images * _per_sample(factor, images)).clamp_(0.0, 1.0)
+
+
+def adjust_contrast(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend each image with the mean of its grayscale."""
+    mean = rgb_to_grayscale(images).mean(dim=(-3, -2, -1), keepdim=True)
+    return _blend(images, mean, factor)
+
+
+def adjust_saturation(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend each image with its grayscale."""
+    return _blend(images, rgb_to_grayscale(images), factor)
+
+
+def adjust_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate each image's hue by its shift (in turns, e.g. -0.1..0.1) via RGB -> HSV -> RGB."""
+    r, g, b = images.unbind(dim=-3)
+    maxc, _ = images.max(dim=-3)
+    minc, _ = images.min(dim=-3)
+    delta = maxc - minc
+    sat = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, 1.0), 0.0)
+    safe = torch.where(delta > 0, delta, 1.0)
+    hue = torch.where(
+        maxc == r,
+        (g - b) / safe,
+        torch.where(maxc == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe),
+    )
+    hue = torch.where(delta > 0, hue / 6.0, 0.0)
+    hue6 = torch.remainder(hue + shift.to(device=images.device, dtype=images.dtype).view(-1, 1, 1), 1.0) * 6
+    # closed form of HSV -> RGB: c_n = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6, n = 5, 3, 1
+    out = []
+    for n in (5.0, 3.0, 1.0):
+        k = torch.remainder(n + hue6, 6.0)
+        out.append(maxc - maxc * sat * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0))
+    return torch.stack(out, dim=-3)
+
+
+def grayscale(images: torch.Tensor) -> torch.Tensor:
+    """Grayscale replicated to 3 channels."""
+    return rgb_to_grayscale(images).expand_as(images)
+
+
+def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Blur each image with its own sigma: separable depthwise convolution, reflect padding."""
+    b, c, h, w = images.shape
+    pad = min(kernel_size // 2, h - 1, w - 1)
+    kernel_size = 2 * pad + 1
+    if kernel_size == 1:
+        return images
+    t = torch.arange(kernel_size, device=images.device, dtype=images.dtype) - pad
+    s = sigma.to(device=images.device, dtype=images.dtype).view(-1, 1)
+    kernel = torch.exp(-0.5 * (t / s) ** 2)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # [B*C, k]
+    x = F.pad(images.reshape(1, b * c, h, w), (pad, pad, pad, pad), mode="reflect")
+    x = F.conv2d(x, kernel.view(b * c, 1, 1, kernel_size), groups=b * c)
+    x = F.conv2d(x, kernel.view(b * c, 1, kernel_size, 1), groups=b * c)
+    return x.reshape(b, c, h, w)
+
+
+def _masked(mask: torch.Tensor, changed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask.to(x.device).view(-1, 1, 1, 1), changed, x)
+
+
+def color_jitter(
+    images: torch.Tensor,
+    factors: torch.Tensor,
+    order: torch.Tensor,
+    apply: torch.Tensor,
+    strengths: tuple[float, float, float, float],
+) -> torch.Tensor:
+    """Brightness, contrast, saturation, hue with per-sample ``factors`` [B,4] in per-sample ``order`` [B,4].
+
+    Only samples where ``apply`` [B] is true change; ops whose strength is 0 are skipped.
+    """
+    ops: list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = [
+        adjust_brightness,
+        adjust_contrast,
+        adjust_saturation,
+        adjust_hue,
+    ]
+    order, apply = order.to(images.device), apply.to(images.device)
+    x = images
+    for step in range(4):
+        for op_index, op in enumerate(ops):
+            if strengths[op_index] > 0:
+                mask = apply & (order[:, step] == op_index)
+                x = _masked(mask, op(x, factors[:, op_index]), x)
+    return x
+
+
+def augment_views(images: torch.Tensor, cfg: ViewConfig, generator: torch.Generator) -> torch.Tensor:
+    """One random view per image: uint8 (or [0,1] float) [B,3,H,W] -> normalised float32 [B,3,size,size].
+
+    ``generator`` must live on ``images.device``; equal generator states give identical views.
+    """
+    x = to_float(images)
+    b, _, height, width = x.shape
+    bright, contrast, sat, hue = cfg.jitter
+
+    def draw(*shape: int) -> torch.Tensor:
+        return torch.rand(shape, generator=generator, device=generator.device).to(x.device)
+
+    boxes = sample_crop_boxes(b, height, width, cfg.scale, cfg.ratio, generator).to(x.device)
+    flip = draw(b) < cfg.flip_p
+    jitter_on = draw(b) < cfg.jitter_p
+    low = torch.tensor(
+        [max(0.0, 1 - bright), max(0.0, 1 - contrast), max(0.0, 1 - sat), -hue], device=x.device
+    )
+    high = torch.tensor([1 + bright, 1 + contrast, 1 + sat, hue], device=x.device)
+    factors = low + (high - low) * draw(b, 4)
+    order = draw(b, 4).argsort(dim=1)
+    gray_on = draw(b) < cfg.gray_p
+    blur_on = draw(b) < cfg.blur_p
+    sigma = cfg.blur_sigma[0] + (cfg.blur_sigma[1] - cfg.blur_sigma[0]) * draw(b)
+
+    x = resized_crop(x, boxes, cfg.size, flip)
+    if cfg.jitter_p > 0 and max(cfg.jitter) > 0:
+        x = color_jitter(x, factors, order, jitter_on, cfg.jitter)
+    if cfg.gray_p > 0:
+        x = _masked(gray_on, grayscale(x), x)
+    if cfg.blur_p > 0 and cfg.blur_kernel > 1:
+        x = _masked(blur_on, gaussian_blur(x, sigma, cfg.blur_kernel), x)
+    return normalize(x, cfg.mean, cfg.std)
+
+
+def _resize_center_crop(x: torch.Tensor, resize: int, crop: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    if min(h, w) != resize:
+        nh, nw = (resize, int(resize * w / h)) if h <= w else (int(resize * h / w), resize)
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+        h, w = nh, nw
+    top, left = int(round((h - crop) / 2)), int(round((w - crop) / 2))
+    return x[..., top : top + crop, left : left + crop]
+
+
+def eval_view(images: torch.Tensor, preset: str) -> torch.Tensor:
+    """Deterministic eval transform: [B,3,H,W] -> normalised float32 [B,3,size,size] of the preset.
+
+    digits/cifar: scale to [0,1] (resize + centre crop only if the size differs); imagenet: shorter side
+    to 256 and centre crop 224 unless the input is 224 x 224 already.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown augmentation preset '{preset}' (expected {', '.join(PRESETS)})")
+    x = to_float(images)
+    size = PRESET_SIZES[preset]
+    if tuple(x.shape[-2:]) != (size, size):
+        x = _resize_center_crop(x, EVAL_RESIZE if preset == "imagenet" else size, size)
+    return normalize(x, IMAGENET_MEAN, IMAGENET_STD)

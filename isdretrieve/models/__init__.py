@@ -1,0 +1,37 @@
+"""Backbones, heads and checkpoint I/O."""
+
+from isdretrieve.models.backbones import ARCHS, SmallCNN, build_backbone, feature_dim
+from isdretrieve.models.checkpoints import (
+    CHECKPOINT_FORMAT,
+    ENCODER_FORMAT,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EncoderHeader,
+    atomic_save,
+    export_encoder,
+    extract_backbone_state,
+    file_sha256,
+    load_backbone,
+    safe_load,
+)
+from isdretrieve.models.heads import isd_base_predictor, projection_mlp
+
+__all__ = [
+    "ARCHS",
+    "CHECKPOINT_FORMAT",
+    "ENCODER_FORMAT",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "EncoderHeader",
+    "SmallCNN",
+    "atomic_save",
+    "build_backbone",
+    "export_encoder",
+    "extract_backbone_state",
+    "feature_dim",
+    "file_sha256",
+    "isd_base_predictor",
+    "load_backbone",
+    "projection_mlp",
+    "safe_load",
+]

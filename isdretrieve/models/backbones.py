@@ -1,0 +1,94 @@
+"""Backbones: torchvision ResNets without their classifier, and a small CNN for CPU demos.
+
+Every backbone maps images [B, 3, H, W] to pooled features [B, D] and carries ``feature_dim = D``.
+ResNet state-dict keys are exactly torchvision's (minus ``fc.*``), so official ISD weights load directly.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from isdretrieve._torchvision import import_torchvision
+
+ARCHS = ("resnet18", "resnet50", "small_cnn")
+_FEATURE_DIMS = {"resnet18": 512, "resnet50": 2048, "small_cnn": 256}
+
+# small_cnn: output widths of the 3x3 conv blocks in each stage; a 2x2 max-pool follows stages 1-3.
+SMALL_CNN_STAGES: tuple[tuple[int, ...], ...] = ((32,), (64,), (128,), (256, 256))
+
+
+def _check_arch(arch: str) -> None:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHS)}")
+
+
+def feature_dim(arch: str) -> int:
+    """Dimension of the pooled feature that ``build_backbone(arch)`` returns."""
+    _check_arch(arch)
+    return _FEATURE_DIMS[arch]
+
+
+def _init_conv(conv: nn.Conv2d) -> None:
+    # same init as torchvision's ResNet (and the official ISD ResNet): N(0, sqrt(2 / (k*k*out_channels)))
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+
+
+class _ConvBlock(nn.Module):
+    """3x3 conv (no bias) - BatchNorm - ReLU."""
+
+    def __init__(self, in_ch: int, out_ch: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(out_ch)
+        self.relu = nn.ReLU(inplace=True)
+        _init_conv(self.conv)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.relu(self.bn(self.conv(x)))
+
+
+class SmallCNN(nn.Module):
+    """Four conv stages (widths 32, 64, 128, 256-256), max-pool after stages 1-3, global average pool.
+
+    About 0.98M parameters; works from 16x16 inputs (digits) upwards. Keys read ``stage{i}.{j}.conv.weight``.
+    """
+
+    def __init__(self, stages: tuple[tuple[int, ...], ...] = SMALL_CNN_STAGES) -> None:
+        super().__init__()
+        in_ch = 3
+        for i, widths in enumerate(stages, start=1):
+            blocks = []
+            for width in widths:
+                blocks.append(_ConvBlock(in_ch, width))
+                in_ch = width
+            if i < len(stages):
+                blocks.append(nn.MaxPool2d(2))
+            self.add_module(f"stage{i}", nn.Sequential(*blocks))
+        self.num_stages = len(stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.feature_dim = in_ch
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i in range(1, self.num_stages + 1):
+            x = getattr(self, f"stage{i}")(x)
+        return self.pool(x).flatten(1)
+
+
+def build_backbone(arch: str, *, cifar_stem: bool = False) -> nn.Module:
+    """Build a randomly initialised backbone whose forward returns [B, feature_dim(arch)].
+
+    ``cifar_stem`` (ResNets only) swaps the 7x7/2 conv1 + max-pool for a 3x3/1 conv1 and no pooling,
+    the usual stem for 32x32 images. It is ignored for ``small_cnn``.
+    """
+    _check_arch(arch)
+    if arch == "small_cnn":
+        return SmallCNN()
+    tv = import_torchvision()
+    model = getattr(tv.models, arch)(weights=None)
+    model.fc = nn.Identity()
+    if cifar_stem:
+        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        _init_conv(model.conv1)
+        model.maxpool = nn.Identity()
+    model.feature_dim = _FEATURE_DIMS[arch]
+    return model

@@ -1,0 +1,322 @@
+"""The training engine: devices, precision, distribution, the loop, checkpoints and logging.
+
+It knows nothing method-specific: a method takes a ``Batch`` of views and returns a ``StepOutput``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from isdretrieve.data import augment_views, open_dataset, parse_spec, view_config
+from isdretrieve.errors import CheckpointError, RecipeError, TrainingDiverged
+from isdretrieve.models import EncoderHeader, build_backbone, export_encoder
+from isdretrieve.train import distributed
+from isdretrieve.train.batches import BatchSource, epoch_generator
+from isdretrieve.train.checkpointing import load_latest_checkpoint, save_checkpoint
+from isdretrieve.train.methods import Batch, Method, build_method
+from isdretrieve.train.monitor import KnnMonitor, KnnResult
+from isdretrieve.train.recipe import Recipe
+from isdretrieve.train.run_log import RunLog
+from isdretrieve.train.schedule import learning_rate
+from isdretrieve.typed_config import to_dict
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out_dir: Path
+    epochs: int  # completed epochs
+    steps: int
+    checkpoint: Path | None
+    encoder: Path | None
+    knn_init: KnnResult | None  # the monitor on the untrained encoder
+    knn: KnnResult | None  # the monitor's latest result
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RecipeError(f"engine.device: '{name}' requested but CUDA is not available")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise RecipeError(f"engine.device: unknown device '{name}'") from None
+
+
+class Trainer:
+    """Build everything a recipe describes, then ``fit()``; ``resume`` continues from OUT/checkpoints."""
+
+    def __init__(self, recipe: Recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = False):
+        self.recipe, self.out_dir = recipe, Path(out_dir)
+        eng = recipe.engine
+        device = resolve_device(eng.device)
+        self.dist = distributed.init_from_env(device.type)
+        if device.type == "cuda":
+            device = torch.device("cuda", self.dist.local_rank if self.dist.enabled else device.index or 0)
+            torch.cuda.set_device(device)
+        self.device = device
+        use_bf16 = eng.precision == "bf16" or (eng.precision == "auto" and device.type == "cuda")
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self.channels_last = eng.channels_last if eng.channels_last is not None else device.type == "cuda"
+
+        self.log = RunLog(self.out_dir, enabled=self.dist.is_main, quiet=quiet)
+        self.dataset = open_dataset(recipe.data.train)
+        self.views = {s: view_config(s, recipe.data.preset) for s in ("strong", "weak")}
+
+        torch.manual_seed(eng.seed)
+        backbone = self._build_backbone()
+        self.method: Method = build_method(recipe.method, backbone, seed=eng.seed).to(device)
+        if self.channels_last:
+            self.method.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.SGD(
+            [p for p in self.method.parameters() if p.requires_grad],
+            lr=recipe.optim.lr,
+            momentum=recipe.optim.momentum,
+            weight_decay=recipe.optim.weight_decay,
+        )
+        self.epoch, self.step, self.finished = 0, 0, False
+        self.knn_init: KnnResult | None = None
+        self.knn: KnnResult | None = None
+        self.checkpoint: Path | None = None
+        self._prepare_output(resume)
+
+        self.model: nn.Module = self.method
+        if self.dist.enabled:
+            if eng.sync_bn and device.type == "cuda":
+                nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
+            self.method.all_gather = distributed.all_gather_cat
+            device_ids = [device.index] if device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.method, device_ids=device_ids, **_NO_BUFFER_SYNC)
+        if eng.compile:
+            for module in (self.method.student, self.method.teacher):
+                module.compile()
+
+        o = recipe.optim
+        self.batches = BatchSource(
+            self.dataset,
+            batch_size=o.batch_size,
+            dist=self.dist,
+            device=device,
+            seed=eng.seed,
+            in_memory=recipe.data.in_memory,
+            workers=recipe.data.workers,
+        )
+        full = o.epochs * self.batches.steps_per_epoch
+        self.total_steps = min(full, o.max_steps) if o.max_steps is not None else full
+        self.monitor = self._build_monitor() if recipe.monitor.every > 0 and self.dist.is_main else None
+
+    # -- construction helpers -------------------------------------------------------------------
+    def _build_backbone(self) -> nn.Module:
+        try:
+            return build_backbone(self.recipe.model.arch, cifar_stem=self.recipe.model.cifar_stem)
+        except ValueError as exc:
+            raise RecipeError(f"model.arch: {exc}") from None
+
+    def _build_monitor(self) -> KnnMonitor:
+        m, spec = self.recipe.monitor, parse_spec(self.recipe.data.train)
+        train = open_dataset(m.train) if m.train else open_dataset(spec.with_split("train"))
+        test = open_dataset(m.test) if m.test else open_dataset(spec.with_split("test"))
+        return KnnMonitor(
+            train,
+            test,
+            preset=self.recipe.data.preset,
+            k=m.k,
+            temperature=m.temperature,
+            device=self.device,
+            max_train=m.max_train,
+            max_test=m.max_test,
+            seed=self.recipe.engine.seed,
+        )
+
+    def encoder_header(self) -> EncoderHeader:
+        view = self.views["weak"]
+        return EncoderHeader(
+            arch=self.recipe.model.arch,
+            cifar_stem=self.recipe.model.cifar_stem,
+            feature_dim=self.method.feature_backbone.feature_dim,
+            image_size=view.size,
+            mean=tuple(view.mean),
+            std=tuple(view.std),
+            source=f"{self.out_dir.name}:student",
+        )
+
+    def _prepare_output(self, resume: bool) -> None:
+        found = load_latest_checkpoint(self.out_dir)
+        if found and not resume:
+            raise RecipeError(
+                f"{self.out_dir} already holds checkpoints: pass --resume to continue or choose another --out"
+            )
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "recipe.yaml").write_text(_yaml(to_dict(self.recipe)))
+        if found:
+            self._load_state(*found)
+
+    def _load_state(self, path: Path, state: dict[str, Any]) -> None:
+        try:
+            self.method.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise CheckpointError(f"cannot resume from {path}: it does not fit this recipe ({exc})") from None
+        self.epoch, self.step, self.finished = state["epoch"], state["step"], state.get("finished", False)
+        self.knn_init = KnnResult(**state["knn_init"]) if state.get("knn_init") else None
+        self.knn = KnnResult(**state["knn"]) if state.get("knn") else None
+        self.checkpoint = path
+        self.log.info(f"resumed from {path} (epoch {self.epoch}, step {self.step})")
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        """Train to the recipe's budget, checkpointing as configured; returns where things ended up."""
+        try:
+            if self.monitor is not None and self.knn_init is None:
+                self.knn_init = self._evaluate()
+                self.log.write({"epoch": 0, "step": self.step, **_prefixed("knn_", self.knn_init)})
+                self.log.info(f"k-NN before training: top-1 {self.knn_init.top1:.4f}")
+            while not self.finished:
+                self._train_epoch()
+            return self._finish()
+        finally:
+            self.log.close()
+
+    def _train_epoch(self) -> None:
+        recipe, epoch = self.recipe, self.epoch
+        steps = min(self.batches.steps_per_epoch, self.total_steps - self.step)
+        self.log.start_epoch(epoch, recipe.optim.epochs, steps)
+        aug_gen = epoch_generator(recipe.engine.seed, epoch, self.device, stream=1 + self.dist.rank)
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        t0, seen = time.perf_counter(), 0
+        for i, (images, labels, indices) in enumerate(self.batches.epoch(epoch)):
+            if i >= steps:
+                break
+            lr = learning_rate(recipe.optim, self.step, self.batches.steps_per_epoch, self.total_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            views = [self._view(images, s, aug_gen) for s in self.method.views]
+            batch = Batch(views, indices, labels, progress=self.step / max(self.total_steps, 1))
+            out, grad_norm = self.optimize(batch, want_grad_norm=(i + 1) % recipe.engine.log_every == 0)
+            nonfinite |= ~torch.isfinite(out.loss.detach())
+            self.step += 1
+            seen += images.shape[0] * self.dist.world_size
+            if grad_norm is not None:
+                self._check_finite(nonfinite)
+                rate = seen / (time.perf_counter() - t0)
+                self._log_step(out, lr, grad_norm, rate)
+                self.log.advance(0, f"loss {out.loss.item():.4f}  {rate:,.0f} img/s")
+            self.log.advance(1)
+        self._check_finite(nonfinite)
+        self.log.end_epoch()
+        self.epoch += 1
+        elapsed = time.perf_counter() - t0
+        self.finished = self.epoch >= recipe.optim.epochs or self.step >= self.total_steps
+        record: dict[str, Any] = {"epoch": self.epoch, "step": self.step, "epoch_seconds": round(elapsed, 3)}
+        record["images_per_s"] = round(seen / max(elapsed, 1e-9), 1)
+        every = recipe.monitor.every
+        if self.monitor is not None and (self.epoch % every == 0 or self.finished):
+            self.knn = self._evaluate()
+            record.update(_prefixed("knn_", self.knn))
+        self.log.write(record)
+        knn = f", k-NN top-1 {self.knn.top1:.4f}" if "knn_top1" in record else ""
+        self.log.info(f"epoch {self.epoch}: {record['images_per_s']:,.0f} img/s, {elapsed:.1f} s{knn}")
+        if self.epoch % recipe.engine.checkpoint_every == 0 or self.finished:
+            self._save()
+
+    def optimize(self, batch: Batch, want_grad_norm: bool = False) -> tuple[Any, float | None]:
+        """One optimisation step on ``batch``: forward (method), backward, SGD step."""
+        with torch.autocast(
+            self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+        ):
+            out = self.model(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        grad_norm = None
+        if want_grad_norm:
+            params = [p for p in self.method.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf")).item()
+        self.optimizer.step()
+        return out, grad_norm
+
+    def _view(self, images: torch.Tensor, strength: str, generator: torch.Generator) -> torch.Tensor:
+        view = augment_views(images, self.views[strength], generator)
+        return view.contiguous(memory_format=torch.channels_last) if self.channels_last else view
+
+    def _check_finite(self, nonfinite: torch.Tensor) -> None:
+        if bool(distributed.all_reduce_mean(nonfinite.float()) > 0):
+            where = (
+                f"last good checkpoint: {self.checkpoint}" if self.checkpoint else "no checkpoint was written"
+            )
+            raise TrainingDiverged(
+                f"loss became NaN/inf in epoch {self.epoch + 1} (by step {self.step}); stopping, {where}"
+            )
+
+    def _log_step(self, out: Any, lr: float, grad_norm: float, rate: float) -> None:
+        logs = {"loss": out.loss.detach(), **out.logs}
+        values = {k: distributed.all_reduce_mean(v.detach().float()).item() for k, v in logs.items()}
+        self.log.write(
+            {
+                "epoch": self.epoch,
+                "step": self.step,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "images_per_s": rate,
+                **values,
+            }
+        )
+
+    def _evaluate(self) -> KnnResult:
+        return self.monitor.evaluate(self.method.feature_backbone, self.autocast_dtype)
+
+    def _save(self) -> None:
+        if self.dist.is_main:
+            state = {
+                "method": self.recipe.method.name,
+                "recipe": to_dict(self.recipe),
+                "epoch": self.epoch,
+                "step": self.step,
+                "finished": self.finished,
+                "encoder": self.encoder_header().to_dict(),
+                "model": self.method.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "knn_init": to_dict(self.knn_init) if self.knn_init else None,
+                "knn": to_dict(self.knn) if self.knn else None,
+            }
+            self.checkpoint = save_checkpoint(
+                self.out_dir, state, self.epoch, self.recipe.engine.keep_checkpoints
+            )
+        distributed.barrier()
+
+    def _finish(self) -> TrainResult:
+        encoder = None
+        if self.dist.is_main:
+            encoder = self.out_dir / "encoder.pt"
+            export_encoder(self.method.feature_backbone, self.encoder_header(), encoder)
+            self.log.info(f"done: {self.step} steps, {self.epoch} epochs; encoder written to {encoder}")
+        distributed.barrier()
+        return TrainResult(
+            self.out_dir, self.epoch, self.step, self.checkpoint, encoder, self.knn_init, self.knn
+        )
+
+
+# Buffers (queue, BN statistics) are kept identical or rank-local by design; skip DDP's per-forward sync.
+_NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
+
+
+def _prefixed(prefix: str, result: KnnResult) -> dict[str, Any]:
+    return {f"{prefix}{k}": v for k, v in to_dict(result).items()}
+
+
+def _yaml(data: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)

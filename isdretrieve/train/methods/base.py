@@ -1,0 +1,95 @@
+"""What every method shares: the batch it receives, what it returns, encoders and the EMA teacher."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Batch:
+    """One step's input: augmented views of the local batch, in the order ``Method.views`` asks for."""
+
+    views: list[torch.Tensor]
+    indices: torch.Tensor  # dataset index of each image [B]
+    labels: torch.Tensor  # ground truth for logging only (−1 unknown) [B]
+    progress: float  # fraction of training done, 0 → 1 (momentum schedules)
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)  # scalars for the metrics log
+
+
+def identity_gather(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+class Encoder(nn.Module):
+    """Backbone followed by an optional projection head; the teacher is an EMA copy of this."""
+
+    def __init__(self, backbone: nn.Module, projector: nn.Module | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projector if projector is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.backbone(x))
+
+
+def ema_copy(module: nn.Module) -> nn.Module:
+    """A frozen copy to serve as the momentum teacher."""
+    teacher = copy.deepcopy(module)
+    teacher.requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """θ_t ← m·θ_t + (1−m)·θ_s over parameters only; buffers (BN statistics) stay the teacher's own."""
+    t_params = list(teacher.parameters())
+    s_params = [p.detach() for p in student.parameters()]
+    torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean entropy of softmax(logits) over the batch: how peaked a target distribution is."""
+    log_p = torch.log_softmax(logits.detach().float(), dim=1)
+    return -(log_p.exp() * log_p).sum(dim=1).mean()
+
+
+def cosine_momentum(base: float, progress: float) -> float:
+    """BYOL's schedule: m rises from ``base`` to 1 along a half cosine."""
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1) / 2
+
+
+class Method(nn.Module):
+    """A self-supervised method: ``forward(batch)`` computes the loss and updates its memory.
+
+    ``views`` names the augmentation strength of each view the method wants ("strong" / "weak").
+    ``all_gather`` is set by the engine under DDP: it concatenates a tensor over all ranks in rank order.
+    ``feature_backbone`` is the network whose features are evaluated (the student backbone).
+    """
+
+    views: tuple[str, ...] = ("strong", "strong")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.all_gather: Callable[[torch.Tensor], torch.Tensor] = identity_gather
+
+    @property
+    def feature_backbone(self) -> nn.Module:
+        return self.student.backbone
+
+    def forward(self, batch: Batch) -> StepOutput:  # pragma: no cover - abstract
+        raise NotImplementedError

@@ -1,0 +1,39 @@
+"""BYOL (Grill et al., 2020): the online network predicts the EMA target's projection of the other
+view (normalised MSE, symmetrised); the target momentum rises from ``momentum`` to 1 (cosine)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from isdretrieve.models import projection_mlp
+from isdretrieve.train.methods.base import (
+    Batch,
+    Encoder,
+    Method,
+    StepOutput,
+    cosine_momentum,
+    ema_copy,
+    ema_update,
+)
+from isdretrieve.train.objectives import normalized_mse
+from isdretrieve.train.recipe import ByolConfig
+
+
+class BYOL(Method):
+    views = ("strong", "strong")
+
+    def __init__(self, backbone: nn.Module, cfg: ByolConfig, seed: int = 0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.student = Encoder(backbone, projection_mlp(backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim))
+        self.predictor = projection_mlp(cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim)
+        self.teacher = ema_copy(self.student)
+
+    def forward(self, batch: Batch) -> StepOutput:
+        view_a, view_b = batch.views
+        momentum = cosine_momentum(self.cfg.momentum, batch.progress)
+        pred_a, pred_b = self.predictor(self.student(view_a)), self.predictor(self.student(view_b))
+        ema_update(self.teacher, self.student, momentum)
+        target_a, target_b = self.teacher(view_a).detach(), self.teacher(view_b).detach()
+        loss = (normalized_mse(pred_a, target_b) + normalized_mse(pred_b, target_a)) / 2
+        return StepOutput(loss, {"momentum": loss.new_tensor(momentum)})

@@ -1,0 +1,148 @@
+"""Training recipes: a typed dataclass tree loaded from YAML (``isd-train RECIPE.yaml --set key=value``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from isdretrieve.errors import RecipeError
+from isdretrieve.typed_config import apply_override, from_dict, load_yaml
+
+
+@dataclass(frozen=True)
+class IsdConfig:
+    """ISD: similarity distillation over a queue. ``projection`` switches ISD-base to ISD-MLP."""
+
+    name: Literal["isd"] = "isd"
+    projection: bool = False
+    tau_teacher: float = 0.02
+    tau_student: float = 0.02
+    momentum: float = 0.999
+    queue_size: int = 16384
+    teacher_view: Literal["strong", "weak"] = "strong"
+    student_view: Literal["strong", "weak"] = "strong"
+
+
+@dataclass(frozen=True)
+class MocoConfig:
+    """MoCo-v2: InfoNCE against a queue of momentum-encoder keys, MLP projection head."""
+
+    name: Literal["moco"] = "moco"
+    tau: float = 0.2
+    momentum: float = 0.99
+    queue_size: int = 16384
+    proj_hidden: int = 2048
+    proj_dim: int = 128
+
+
+@dataclass(frozen=True)
+class ByolConfig:
+    """BYOL: predict the EMA target's projection (normalised MSE), symmetric, momentum ramped to 1."""
+
+    name: Literal["byol"] = "byol"
+    momentum: float = 0.99
+    proj_hidden: int = 4096
+    proj_dim: int = 256
+
+
+MethodConfig = IsdConfig | MocoConfig | ByolConfig
+METHOD_CONFIGS: dict[str, type] = {"isd": IsdConfig, "moco": MocoConfig, "byol": ByolConfig}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = "digits"
+    preset: Literal["digits", "cifar", "imagenet"] = "digits"
+    in_memory: Literal["auto", "yes", "no"] = "auto"
+    workers: int = 4
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "small_cnn"
+    cifar_stem: bool = False
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    batch_size: int = 256
+    epochs: int = 100
+    max_steps: int | None = None  # stop after this many steps in total (a budget), None = all epochs
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    milestones: tuple[int, ...] = ()  # epochs, for the step schedule
+    gamma: float = 0.2
+    warmup_epochs: float = 0.0
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    channels_last: bool | None = None  # None: on for CUDA
+    compile: bool = False
+    sync_bn: bool = False
+    log_every: int = 20
+    checkpoint_every: int = 1
+    keep_checkpoints: int = 2
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """Online weighted k-NN of the student backbone on a held-out split every ``every`` epochs."""
+
+    every: int = 1  # 0 turns it off
+    train: str | None = None  # SPEC of the k-NN memory; default: data.train with split=train
+    test: str | None = None  # SPEC of the queries; default: data.train with split=test
+    k: int = 20
+    temperature: float = 0.07
+    max_train: int | None = None  # use at most this many memory images (a fixed random subset)
+    max_test: int | None = None  # and at most this many queries
+
+
+@dataclass(frozen=True)
+class Recipe:
+    method: MethodConfig = field(default_factory=IsdConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+    def __post_init__(self) -> None:
+        for key, value in (
+            ("optim.batch_size", self.optim.batch_size),
+            ("optim.epochs", self.optim.epochs),
+            ("monitor.k", self.monitor.k),
+        ):
+            if value <= 0:
+                raise RecipeError(f"{key}: must be positive, got {value}")
+        if self.optim.lr <= 0:
+            raise RecipeError(f"optim.lr: must be positive, got {self.optim.lr}")
+
+
+def recipe_from_data(data: dict) -> Recipe:
+    """Build a ``Recipe`` from plain data; the method section's ``name`` picks its dataclass."""
+    data = dict(data or {})
+    method = data.get("method", {"name": "isd"})
+    if isinstance(method, str):
+        method = {"name": method}
+    if not isinstance(method, dict) or method.get("name") not in METHOD_CONFIGS:
+        name = method.get("name") if isinstance(method, dict) else method
+        raise RecipeError(f"method.name: expected one of {', '.join(METHOD_CONFIGS)}, got {name!r}")
+    data["method"] = from_dict(METHOD_CONFIGS[method["name"]], method, "method")
+    return from_dict(Recipe, data)
+
+
+def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Recipe:
+    """Read a YAML recipe and apply ``key=value`` overrides."""
+    data = load_yaml(path) or {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {path}: expected a mapping at the top level")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return recipe_from_data(data)

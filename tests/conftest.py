@@ -1,0 +1,41 @@
+"""Shared fixtures: the CIFAR-10 copy from ../shared/data, unpacked once into a git-ignored cache."""
+
+from __future__ import annotations
+
+import hashlib
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR_TARBALL = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+CACHE = REPO / ".cache"
+
+
+def _unpack_cifar() -> Path:
+    target = CACHE / "cifar10-jpeg"
+    done = target / ".unpacked"
+    if not done.exists():
+        target.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(CIFAR_TARBALL) as tar:
+            tar.extractall(target, filter="data")
+        done.write_text(hashlib.sha256(CIFAR_TARBALL.read_bytes()).hexdigest())
+    # the archive may or may not hold a top-level folder
+    return next(p.parent for p in target.rglob("train") if p.is_dir() and (p.parent / "test").is_dir())
+
+
+@pytest.fixture(scope="session")
+def cifar_root() -> Path:
+    """Folder holding `train/<class>/*.jpg` and `test/<class>/*.jpg` (CIFAR-10, JPEG q75 copy)."""
+    if not CIFAR_TARBALL.exists():
+        pytest.skip(f"shared CIFAR-10 copy not found at ../shared/data/{CIFAR_TARBALL.name}")
+    return _unpack_cifar()
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    """Tests run on 2-core machines: keep torch from oversubscribing them."""
+    torch.set_num_threads(2)
+    yield
