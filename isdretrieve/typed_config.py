@@ -108,7 +108,8 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise RecipeError(f"{path}: expected {len(args)} values, got {len(value)}")
-            return tuple(_convert(a, v, _join(path, i)) for i, (a, v) in enumerate(zip(args, value, strict=True)))
+            pairs = enumerate(zip(args, value, strict=True))
+            return tuple(_convert(a, v, _join(path, i)) for i, (a, v) in pairs)
         item = args[0] if args else Any
         items = [_convert(item, v, _join(path, i)) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items

@@ -69,7 +69,9 @@ class Trainer:
 
         self.log = RunLog(self.out_dir, enabled=self.dist.is_main, quiet=quiet)
         self.dataset = open_dataset(recipe.data.train)
-        self.views = {s: view_config(s, recipe.data.preset) for s in ("strong", "weak")}
+        self.views = {
+            s: recipe.augment.apply(view_config(s, recipe.data.preset), s) for s in ("strong", "weak")
+        }
 
         torch.manual_seed(eng.seed)
         backbone = self._build_backbone()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from isdretrieve.data import ViewConfig
 from isdretrieve.errors import RecipeError
 from isdretrieve.typed_config import apply_override, from_dict, load_yaml
 
@@ -59,6 +60,27 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """Overrides of the preset's views; None keeps the preset's value. Colour, grayscale and blur
+    probabilities apply to strong views only (weak views are crop + flip)."""
+
+    crop_scale: tuple[float, float] | None = None
+    flip_p: float | None = None
+    jitter_p: float | None = None
+    gray_p: float | None = None
+    blur_p: float | None = None
+
+    def apply(self, view: ViewConfig, strength: str) -> ViewConfig:
+        changes: dict = {"scale": self.crop_scale, "flip_p": self.flip_p}
+        if strength == "strong":
+            changes.update(jitter_p=self.jitter_p, gray_p=self.gray_p, blur_p=self.blur_p)
+        try:
+            return replace(view, **{k: v for k, v in changes.items() if v is not None})
+        except ValueError as exc:
+            raise RecipeError(f"augment: {exc}") from None
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     arch: str = "small_cnn"
     cifar_stem: bool = False
@@ -108,6 +130,7 @@ class MonitorConfig:
 class Recipe:
     method: MethodConfig = field(default_factory=IsdConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)

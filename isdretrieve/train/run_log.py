@@ -38,8 +38,8 @@ class RunLog:
             self.console.print(message)
 
     def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
-        if not self.enabled or self.quiet:
-            return
+        if not self.enabled or self.quiet or not self.console.is_terminal:
+            return  # logs and CI get the per-epoch lines only
         self._progress = Progress(
             TextColumn(f"epoch {epoch + 1}/{epochs}"),
             BarColumn(),
