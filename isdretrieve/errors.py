@@ -19,3 +19,7 @@ class RecipeError(IsdError):
 
 class TrainingDiverged(IsdError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class BankError(IsdError):
+    """A feature bank is missing, incomplete, corrupt or does not match."""

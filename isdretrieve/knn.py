@@ -1,12 +1,56 @@
-"""k-NN classification on L2-normalised features (InstDisc/DINO voting), chunked, on any device."""
+"""k-NN classification on L2-normalised features (InstDisc/DINO voting) and the ISD linear probe.
+
+Voting over the k nearest neighbours (cosine similarity s_i, label y_i):
+- ``exp``: score_c = Σ exp(s_i / T) · 1[y_i = c]  (DINO k=20 T=0.07; InstDisc/lightly k=200 T=0.1);
+- ``uniform``: score_c = Σ 1[y_i = c], ties broken by the larger summed similarity, then the lower
+  class id — deterministic, unlike the official ISD evaluator's random tie-break.
+Neighbours are searched once for the largest k; every k reads its prefix.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 
 Weighting = Literal["exp", "uniform"]
+PRESETS: dict[str, tuple[tuple[int, ...], float, Weighting]] = {
+    "dino": ((20,), 0.07, "exp"),
+    "instdisc": ((200,), 0.1, "exp"),
+    "isd": ((1, 20), 0.07, "uniform"),
+}
+
+
+@dataclass(frozen=True)
+class KnnResult:
+    k: int
+    temperature: float
+    weighting: Weighting
+    top1: float
+    top5: float
+    queries: int
+    per_class: dict[str, float] = field(default_factory=dict)  # class name (or id) -> top-1
+
+
+def vote(
+    sims: torch.Tensor,
+    neighbour_labels: torch.Tensor,
+    num_classes: int,
+    temperature: float,
+    weighting: Weighting,
+) -> torch.Tensor:
+    """Class scores [Q, C] (float64) from the similarities and labels of each query's neighbours [Q, k]."""
+    sims = sims.double()
+    if weighting == "exp":
+        weights = (sims / temperature).exp()
+    elif weighting == "uniform":  # count first; the summed similarity (|Σ| ≤ k) only breaks ties
+        weights = (2 * sims.shape[1] + 1) + sims
+    else:
+        raise ValueError(f"unknown weighting '{weighting}' (expected exp or uniform)")
+    scores = torch.zeros(sims.shape[0], num_classes, dtype=torch.float64, device=sims.device)
+    return scores.scatter_add_(1, neighbour_labels.long(), weights)
 
 
 @torch.no_grad()
@@ -21,10 +65,7 @@ def knn_class_scores(
     num_classes: int | None = None,
     chunk_size: int = 1024,
 ) -> torch.Tensor:
-    """Class scores [Q, C]: Σ over the k nearest train rows (cosine) of exp(s/T) (or 1) per label.
-
-    Features must be L2-normalised; labels are in 0..C−1.
-    """
+    """Class scores [Q, C] by brute-force torch search (GEMM + top-k in chunks, on the inputs' device)."""
     if k <= 0:
         raise ValueError(f"k must be positive, got {k}")
     k = min(k, train_features.shape[0])
@@ -33,10 +74,7 @@ def knn_class_scores(
     out = []
     for start in range(0, test_features.shape[0], chunk_size):
         sims, idx = (test_features[start : start + chunk_size] @ train_features.T).topk(k, dim=1)
-        votes = (sims / temperature).exp() if weighting == "exp" else torch.ones_like(sims)
-        scores = torch.zeros(sims.shape[0], num_classes, dtype=torch.float64, device=sims.device)
-        scores.scatter_add_(1, train_labels[idx], votes.double())
-        out.append(scores)
+        out.append(vote(sims, train_labels[idx], num_classes, temperature, weighting))
     return torch.cat(out)
 
 
@@ -50,7 +88,7 @@ def knn_top1(
     temperature: float = 0.07,
     weighting: Weighting = "exp",
 ) -> float:
-    """Top-1 accuracy (fraction) of weighted k-NN."""
+    """Top-1 accuracy (fraction) of k-NN by brute-force torch search (the training monitor's path)."""
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     scores = knn_class_scores(
         train_features,
@@ -62,3 +100,56 @@ def knn_top1(
         num_classes=num_classes,
     )
     return (scores.argmax(dim=1) == test_labels.to(scores.device)).double().mean().item()
+
+
+def drop_self_matches(
+    sims: np.ndarray, rows: np.ndarray, query_rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each query's own row from its neighbour list [Q, k+1] -> [Q, k] (the last hit if absent)."""
+    is_self = rows == query_rows[:, None]
+    keep_last = ~is_self.any(axis=1)
+    is_self[keep_last, -1] = True
+    keep = ~is_self
+    q, width = rows.shape
+    return sims[keep].reshape(q, width - 1), rows[keep].reshape(q, width - 1)
+
+
+def classify(
+    sims: np.ndarray,
+    rows: np.ndarray,
+    train_labels: np.ndarray,
+    test_labels: np.ndarray,
+    *,
+    ks: tuple[int, ...],
+    temperature: float,
+    weighting: Weighting,
+    class_names: list[str] | None = None,
+) -> list[KnnResult]:
+    """Accuracy for each k from one neighbour search: ``sims``/``rows`` [Q, ≥max(ks)] sorted by similarity."""
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    neighbour_labels = torch.from_numpy(train_labels[rows])
+    truth = torch.from_numpy(test_labels)
+    results = []
+    for k in ks:
+        scores = vote(
+            torch.from_numpy(sims[:, :k]), neighbour_labels[:, :k], num_classes, temperature, weighting
+        )
+        ranked = scores.topk(min(5, num_classes), dim=1).indices
+        hit1 = ranked[:, 0] == truth
+        hit5 = (ranked == truth[:, None]).any(dim=1)
+        per_class = {}
+        for c in np.unique(test_labels):
+            name = class_names[c] if class_names and c < len(class_names) else str(int(c))
+            per_class[name] = hit1[truth == int(c)].double().mean().item()
+        results.append(
+            KnnResult(
+                k,
+                temperature,
+                weighting,
+                hit1.double().mean().item(),
+                hit5.double().mean().item(),
+                len(truth),
+                per_class,
+            )
+        )
+    return results

@@ -1,11 +1,69 @@
-"""``isd-knn``: k-NN classification over feature banks."""
+"""``isd-knn``: k-NN classification (and optionally a linear probe) over feature banks."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
+
 import click
+
+from isdretrieve.cli.common import user_errors, verbose_option
+from isdretrieve.knn import PRESETS
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
-    """k-NN evaluation over feature banks (coming with the index issue)."""
-    raise click.UsageError("isd-knn needs feature banks, which arrive with the index issue")
+@click.option(
+    "--train",
+    "train_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Index directory of the memory.",
+)
+@click.option(
+    "--test",
+    "test_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Index directory or bank.h5 of the queries.",
+)
+@click.option("-k", "ks", multiple=True, type=int, help="k (repeatable); default from --preset.")
+@click.option("--temperature", "-T", type=float, help="T of the exp weighting.")
+@click.option("--weighting", type=click.Choice(["exp", "uniform"]))
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="dino", show_default=True,
+              help="dino: k=20 T=0.07 exp; instdisc: k=200 T=0.1 exp; isd: k=1,20 uniform.")  # fmt: skip
+@click.option("--linear", is_flag=True, help="Also train the ISD linear probe on the train bank.")
+@click.option("--per-class", is_flag=True, help="Print per-class top-1.")
+@click.option(
+    "--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write every number here."
+)
+@verbose_option
+@user_errors
+def main(train_dir, test_path, ks, temperature, weighting, preset, linear, per_class, json_out):  # fmt: skip
+    """k-NN top-1/top-5 of the TEST bank's rows against the TRAIN index."""
+    from isdretrieve.evaluation import knn_evaluate, open_test_bank
+    from isdretrieve.index import SearchIndex
+    from isdretrieve.linear_probe import ProbeConfig
+
+    preset_ks, preset_t, preset_w = PRESETS[preset]
+    with SearchIndex.open(train_dir) as train, open_test_bank(test_path) as test:
+        report = knn_evaluate(
+            train, test, ks=tuple(ks) or preset_ks, temperature=temperature or preset_t,
+            weighting=weighting or preset_w, linear=ProbeConfig() if linear else None,
+        )  # fmt: skip
+    self_note = ", self-matches excluded" if report.exclude_self else ""
+    click.echo(f"{report.test_size:,} queries vs {report.train_size:,} ({report.search}{self_note})")
+    for r in report.results:
+        t = f", T={r.temperature}" if r.weighting == "exp" else ""
+        click.echo(f"k={r.k}{t} {r.weighting}: top-1 {r.top1:.4f}  top-5 {r.top5:.4f}")
+        if per_class:
+            click.echo("  " + "  ".join(f"{name} {acc:.3f}" for name, acc in r.per_class.items()))
+    if report.linear is not None:
+        click.echo(f"linear probe (ISD protocol, no augmentation): top-1 {report.linear.top1:.4f}  "
+                   f"top-5 {report.linear.top5:.4f}")  # fmt: skip
+    if json_out:
+        json_out.write_text(json.dumps(dataclasses.asdict(report), indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -18,6 +18,7 @@ from isdretrieve.data.datasets import (
     longtail_counts,
     longtail_indices,
     open_dataset,
+    pil_to_tensor,
 )
 from isdretrieve.data.specs import DataSpec, parse_spec
 
@@ -32,6 +33,7 @@ __all__ = [
     "ViewConfig",
     "augment_views",
     "decode_image",
+    "pil_to_tensor",
     "eval_view",
     "longtail_counts",
     "longtail_indices",

@@ -203,11 +203,16 @@ def decode_image(path: Path, size: int) -> torch.Tensor:
     try:
         with Image.open(path) as img:
             img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale that stays >= size
-            if img.mode == "P" and "transparency" in img.info:
-                img = img.convert("RGBA")
-            rgb = img.convert("RGB")
+            return pil_to_tensor(img, size)
     except Exception as exc:  # PIL raises many types for corrupt files
         raise DataError(f"cannot decode image '{path}': {exc}") from None
+
+
+def pil_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
+    """A PIL image (any mode) as uint8 [3,size,size]: RGB, shorter side resized to ``size``, centre crop."""
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    rgb = img.convert("RGB")
     w, h = rgb.size
     if (w, h) != (size, size):
         side = min(w, h)

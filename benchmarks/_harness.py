@@ -1,0 +1,82 @@
+"""Shared benchmark harness: describe the machine, time a function, write a JSON result."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name() -> str:
+    """The accelerator a run uses by default: the CUDA device's name, else "cpu"."""
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in ("isdretrieve", "torch", "numpy", "h5py", "faiss"):
+        with contextlib.suppress(ImportError, AttributeError):
+            found[name] = str(importlib.import_module(name).__version__)
+    return found
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers ran on (no hostname): CPU model, cores, torch threads, load, OS, device."""
+    load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1_5_15": load,
+        "os": f"{platform.system()} {platform.release()}",
+        "device": device_name(),
+        "cuda": torch.version.cuda,
+    }
+
+
+def summary(runs: list[float]) -> dict[str, Any]:
+    """Best and median of run times in seconds (and the runs themselves)."""
+    return {"best_s": min(runs), "median_s": statistics.median(runs), "runs_s": runs}
+
+
+def timed(fn: Callable[[], Any], repeat: int = 3) -> dict[str, Any]:
+    """Run ``fn`` ``repeat`` times; seconds of each run, their best and their median."""
+    runs = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - start)
+    return summary(runs)
+
+
+def write_result(name: str, result: dict[str, Any]) -> Path:
+    """Write ``benchmarks/results/NAME.json``: machine, device, versions, then ``result``."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": name, "written": datetime.now(UTC).isoformat(timespec="seconds")}
+    payload |= {"machine": machine_info(), "device": device_name(), "versions": versions(), **result}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path

@@ -1,0 +1,139 @@
+"""Export overhead: ``export_bank`` vs a bare forward pass of the same model over the same batches.
+
+Both sides get the same images, already decoded in memory (CIFAR-10 test split from the shared JPEG
+copy, or the embedded digits when that copy is absent), the same batch size and the same eval transform;
+the ratio is the export's own cost (model load, fingerprint, normalisation, HDF5 writes, bookkeeping).
+Runs alternate bare / export to share any background load. Target: ratio <= 1.10 on CPU.
+
+    python benchmarks/export_overhead.py [--threads 1] [--repeat 5] [--batch-size 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # the harness, and this checkout's isdretrieve
+from _harness import summary, timed, write_result  # noqa: E402
+
+from isdretrieve.bank import export_bank, preset_for  # noqa: E402
+from isdretrieve.data import ArrayDataset, eval_view, open_dataset  # noqa: E402
+from isdretrieve.models import (  # noqa: E402
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EncoderHeader,
+    build_backbone,
+    export_encoder,
+    load_backbone,
+)
+
+REPO = HERE.parent
+TARGET = 1.10
+
+
+def cifar_root() -> Path | None:
+    """The unpacked shared CIFAR-10 JPEG copy (unpacked into .cache/ as the tests do), or None."""
+    cache, tarball = REPO / ".cache" / "cifar10-jpeg", REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+    if not (cache / ".unpacked").exists():
+        if not tarball.exists():
+            return None
+        with tarfile.open(tarball) as tar:
+            tar.extractall(cache, filter="data")
+        (cache / ".unpacked").write_text("unpacked by benchmarks/export_overhead.py\n")
+    return next(p.parent for p in cache.rglob("test") if p.is_dir() and (p.parent / "train").is_dir())
+
+
+class InMemory(ArrayDataset):
+    """Decoded images in memory that still name their files, so the export writes the real paths."""
+
+    def __init__(self, source) -> None:
+        super().__init__(source.spec, source.load_all(num_workers=2), source.labels, source.classes)
+        self.names = [source.path(i) for i in range(len(source))]
+
+    def path(self, i: int) -> str:
+        return self.names[i]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=256)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    root = cifar_root()
+    spec, size = (f"folder:{root},split=test", 32) if root else ("digits", 16)
+    data = InMemory(open_dataset(spec))
+    bs = args.batch_size
+    with tempfile.TemporaryDirectory() as tmp:
+        encoder = Path(tmp) / "encoder.pt"
+        torch.manual_seed(0)
+        header = EncoderHeader("small_cnn", False, 256, size, IMAGENET_MEAN, IMAGENET_STD)
+        export_encoder(build_backbone("small_cnn"), header, encoder)
+        model, header = load_backbone(encoder)
+        preset = preset_for(header)
+
+        @torch.inference_mode()
+        def bare() -> None:
+            for a in range(0, len(data), bs):
+                F.normalize(model(eval_view(data.images[a : a + bs], preset)), dim=1)
+
+        def export() -> None:
+            out = Path(tmp) / "bank.h5"
+            out.unlink(missing_ok=True)
+            export_bank(encoder, data, out, batch_size=bs, device="cpu", workers=0)
+
+        bare(), export()  # warm-up
+        bare_runs, export_runs = [], []
+        for _ in range(args.repeat):
+            bare_runs += timed(bare, 1)["runs_s"]
+            export_runs += timed(export, 1)["runs_s"]
+    b, e = summary(bare_runs), summary(export_runs)
+    n = len(data)
+    result = {
+        "protocol": {
+            "data": "CIFAR-10 (JPEG q75 copy), test split" if root else "digits, train split",
+            "images": n,
+            "encoder": "small_cnn, random init (seed 0), image_size " + str(size),
+            "eval_transform": preset,
+            "batch_size": bs,
+            "dtype": "float32",
+            "threads": args.threads,
+            "device": "cpu",
+            "timing": f"{args.repeat} alternating runs each after one warm-up; images decoded in memory "
+            "beforehand; bare = eval_view + forward + normalise; export = export_bank (model load, "
+            "fingerprint, HDF5 file, per-batch writes + flush + rows_done)",
+        },
+        "figures": {
+            "bare_images_per_s_best": n / b["best_s"],
+            "export_images_per_s_best": n / e["best_s"],
+            "bare_images_per_s_median": n / b["median_s"],
+            "export_images_per_s_median": n / e["median_s"],
+            "bare_s": b,
+            "export_s": e,
+        },
+        "ratio": e["best_s"] / b["best_s"],
+        "ratio_median": e["median_s"] / b["median_s"],
+        "target": TARGET,
+        "meets_target": e["best_s"] / b["best_s"] <= TARGET,
+    }
+    path = write_result("export_overhead", result)
+    fig = result["figures"]
+    print(
+        f"{spec}: {n} images, batch {bs}, {args.threads} thread(s): "
+        f"bare {fig['bare_images_per_s_best']:.0f} img/s, "
+        f"export {fig['export_images_per_s_best']:.0f} img/s (best of {args.repeat}); "
+        f"ratio {result['ratio']:.3f} (median {result['ratio_median']:.3f}), target <= {TARGET} -> {path}"
+    )
+
+
+if __name__ == "__main__":
+    main()

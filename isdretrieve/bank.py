@@ -1,0 +1,716 @@
+"""HDF5 feature banks: export a frozen encoder's features over a dataset (resumable, sharded), and read them.
+
+Layout of ``bank.h5`` (``format = "isdretrieve.bank/1"``):
+
+| dataset    | shape  | type                                   |
+|------------|--------|----------------------------------------|
+| `features` | [N, D] | float32 or float16, L2-normalised rows, chunked (about 1 MiB a chunk) |
+| `labels`   | [N]    | int64, -1 where unknown                |
+| `indices`  | [N]    | int64, the dataset index of each row   |
+| `paths`    | [N]    | variable-length UTF-8, the dataset's ``path(i)`` |
+
+Attributes: ``format``, ``fingerprint``, ``encoder`` (JSON header), ``transform``, ``data_spec``, ``classes``
+(JSON), ``normalized``, ``skipped``, ``skipped_paths`` (JSON, at most 1000), ``created``, ``versions`` (JSON),
+and the resume marker ``rows_done`` / ``complete``. Exports also keep ``shard`` (JSON ``[rank, world]``),
+``items_done`` and ``items_total`` (dataset items of the shard consumed / in all, skipped ones included) and
+``items_sha256`` (over the shard's item names, so a resume refuses a data folder that changed).
+
+An export writes ``out`` in place, flushing and advancing ``rows_done`` after every batch, and sets
+``complete`` only after the last row is on disk; :meth:`FeatureBank.open` refuses a bank that is not
+complete. Shards are contiguous blocks: rank r of w exports dataset indices ``[r*N//w, (r+1)*N//w)``, so
+:func:`join_shards` is a plain concatenation in rank order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from isdretrieve import __version__
+from isdretrieve.atomic import atomic_path, fsync_path
+from isdretrieve.data import IMAGENET_MEAN, IMAGENET_STD, ArrayDataset, ImageDataset, eval_view, open_dataset
+from isdretrieve.data.specs import DataSpec, parse_spec
+from isdretrieve.errors import BankError, CheckpointError, DataError
+from isdretrieve.models import EncoderHeader, load_backbone
+
+BANK_FORMAT = "isdretrieve.bank/1"
+DTYPES = ("float32", "float16")
+ON_BAD_IMAGE = ("error", "skip")
+MAX_SKIPPED_PATHS = 1000
+IMAGENET_EVAL_SIZE = 256  # folder/list images are decoded at this side for the imagenet preset
+_CHUNK_BYTES = 1 << 20
+_COPY_ROWS = 1 << 16
+_DELETE_HINT = "delete it or choose another --out"
+
+
+# ------------------------------------------------------------------------------------------ identity
+def encoder_fingerprint(backbone: nn.Module, header: EncoderHeader) -> str:
+    """First 16 hex digits of a SHA-256 over the weights and the input contract of an encoder.
+
+    Hashed: every state-dict entry in sorted key order (name, dtype, shape, raw bytes) except the BN
+    ``num_batches_tracked`` counters, which do not change eval features; then the header's arch,
+    cifar_stem, image_size, mean and std. Identical weights give identical fingerprints.
+    """
+    digest = hashlib.sha256()
+    state = backbone.state_dict()
+    for name in sorted(state):
+        if name.endswith("num_batches_tracked"):
+            continue
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    contract = {
+        "arch": header.arch,
+        "cifar_stem": header.cifar_stem,
+        "image_size": header.image_size,
+        "mean": [float(x) for x in header.mean],
+        "std": [float(x) for x in header.std],
+    }
+    digest.update(json.dumps(contract, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def preset_for(header: EncoderHeader) -> str:
+    """Eval preset of an encoder: image_size 16 -> "digits", 32 -> "cifar", anything else -> "imagenet"."""
+    return {16: "digits", 32: "cifar"}.get(int(header.image_size), "imagenet")
+
+
+def shard_path(out: str | Path, rank: int, world: int) -> Path:
+    """Where rank ``rank`` of ``world`` writes under torchrun: ``bank.h5`` -> ``bank.shard0-of-2.h5``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.shard{rank}-of-{world}.h5")
+
+
+# ------------------------------------------------------------------------------------- file helpers
+def _versions() -> str:
+    return json.dumps(
+        {
+            "isdretrieve": __version__,
+            "torch": torch.__version__,
+            "h5py": h5py.__version__,
+            "numpy": np.__version__,
+        }
+    )
+
+
+@contextlib.contextmanager
+def _atomic_h5(path: Path) -> Iterator[h5py.File]:
+    """An HDF5 file written as a temp file next to ``path``, fsynced and renamed over it on success."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        yield f
+
+
+def _create_layout(f: h5py.File, n: int, dim: int, dtype: str) -> None:
+    """The four datasets, N rows each, resizable along the rows (an export trims skipped rows at the end)."""
+    itemsize = np.dtype(dtype).itemsize
+    rows = max(1, min(max(n, 1), _CHUNK_BYTES // (dim * itemsize)))
+    flat = max(1, min(max(n, 1), _CHUNK_BYTES // 8))
+    f.create_dataset("features", (n, dim), dtype=dtype, maxshape=(None, dim), chunks=(rows, dim))
+    f.create_dataset("labels", (n,), dtype=np.int64, maxshape=(None,), chunks=(flat,), fillvalue=-1)
+    f.create_dataset("indices", (n,), dtype=np.int64, maxshape=(None,), chunks=(flat,), fillvalue=-1)
+    f.create_dataset("paths", (n,), dtype=h5py.string_dtype(), maxshape=(None,), chunks=(min(flat, 4096),))
+
+
+def _header_json(encoder: EncoderHeader | dict | None) -> str:
+    if isinstance(encoder, EncoderHeader):
+        encoder = encoder.to_dict()
+    return json.dumps(encoder)
+
+
+def _write_attrs(f: h5py.File, **attrs: Any) -> None:
+    for key, value in attrs.items():
+        f.attrs[key] = np.int64(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _base_attrs(
+    *,
+    fingerprint: str,
+    encoder: EncoderHeader | dict | None,
+    transform: str,
+    data_spec: str,
+    classes: Sequence[str],
+    normalized: bool,
+) -> dict[str, Any]:
+    return {
+        "format": BANK_FORMAT,
+        "fingerprint": str(fingerprint),
+        "encoder": _header_json(encoder),
+        "transform": str(transform),
+        "data_spec": str(data_spec),
+        "classes": json.dumps([str(c) for c in classes]),
+        "normalized": bool(normalized),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "versions": _versions(),
+    }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def _open_h5(path: Path, mode: str = "r") -> h5py.File:
+    """Open for reading without HDF5's file lock (so a running export can be inspected), or for writing."""
+    if mode == "r":
+        try:
+            return h5py.File(path, "r", locking=False)
+        except (TypeError, ValueError):  # an HDF5 library without the locking switch
+            return h5py.File(path, "r")
+    return h5py.File(path, mode)
+
+
+# --------------------------------------------------------------------------------------- writing
+def write_bank(
+    path: str | Path,
+    features: np.ndarray | torch.Tensor,
+    *,
+    labels: Sequence[int] | np.ndarray | torch.Tensor,
+    indices: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+    paths: Sequence[str] | None = None,
+    fingerprint: str,
+    encoder: EncoderHeader | dict | None = None,
+    transform: str = "",
+    data_spec: str = "",
+    classes: Sequence[str] = (),
+    dtype: str = "float32",
+    normalize: bool = True,
+) -> Path:
+    """Write a complete bank from in-memory arrays, atomically (temp file, fsync, rename).
+
+    ``indices`` default to ``0..N-1`` and ``paths`` to the indices as strings; rows are L2-normalised in
+    float32 before the cast to ``dtype`` unless ``normalize`` is False (then ``normalized`` is False).
+    """
+    path = Path(path)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    feats = torch.as_tensor(features).detach().cpu().float()
+    if feats.ndim != 2:
+        raise ValueError(f"features must be [N, D], got shape {tuple(feats.shape)}")
+    if normalize:
+        feats = F.normalize(feats, dim=1)
+    n, dim = feats.shape
+    label_array = np.asarray(torch.as_tensor(labels).cpu(), dtype=np.int64).reshape(-1)
+    index_array = (
+        np.arange(n, dtype=np.int64)
+        if indices is None
+        else np.asarray(torch.as_tensor(indices).cpu(), dtype=np.int64).reshape(-1)
+    )
+    path_list = [str(int(i)) for i in index_array] if paths is None else [str(p) for p in paths]
+    for name, length in (
+        ("labels", len(label_array)),
+        ("indices", len(index_array)),
+        ("paths", len(path_list)),
+    ):
+        if length != n:
+            raise ValueError(f"{name} has {length} entries for {n} feature rows")
+    with _atomic_h5(path) as f:
+        _create_layout(f, n, dim, dtype)
+        f["features"][...] = feats.numpy().astype(dtype, copy=False)
+        f["labels"][...] = label_array
+        f["indices"][...] = index_array
+        f["paths"][...] = np.array(path_list, dtype=object)
+        base = _base_attrs(
+            fingerprint=fingerprint,
+            encoder=encoder,
+            transform=transform,
+            data_spec=data_spec,
+            classes=classes,
+            normalized=normalize,
+        )
+        _write_attrs(f, **base, skipped=0, skipped_paths="[]", shard="[0, 1]")
+        _write_attrs(f, items_done=n, items_total=n, rows_done=n, complete=True)
+    return path
+
+
+# --------------------------------------------------------------------------------------- reading
+class FeatureBank:
+    """A complete feature bank, opened read-only. Use :meth:`open`; close it (or use ``with``)."""
+
+    def __init__(self, path: Path, h5: h5py.File) -> None:
+        self.path = path
+        self._h5 = h5
+        self.attrs: dict[str, Any] = {key: _plain(value) for key, value in h5.attrs.items()}
+        self.fingerprint: str = str(self.attrs.get("fingerprint", ""))
+        self.transform: str = str(self.attrs.get("transform", ""))
+        self.data_spec: str = str(self.attrs.get("data_spec", ""))
+        self.skipped: int = int(self.attrs.get("skipped", 0))
+        try:
+            self.classes: list[str] = list(json.loads(self.attrs.get("classes", "[]")))
+            self.skipped_paths: list[str] = list(json.loads(self.attrs.get("skipped_paths", "[]")))
+            shard = json.loads(self.attrs.get("shard", "[0, 1]"))
+            self.shard: tuple[int, int] = (int(shard[0]), int(shard[1]))
+            header = json.loads(self.attrs.get("encoder", "null"))
+            self.encoder: EncoderHeader | None = None if header is None else EncoderHeader.from_dict(header)
+        except (ValueError, TypeError, IndexError, CheckpointError) as exc:
+            raise BankError(f"feature bank {path} has a malformed attribute: {exc}") from None
+
+    @classmethod
+    def open(cls, path: str | Path) -> FeatureBank:
+        """Open a complete bank; BankError if it is missing, not a bank, corrupt or incomplete."""
+        path = Path(path)
+        if not path.exists():
+            raise BankError(f"feature bank {path} not found")
+        if path.is_dir():
+            raise BankError(f"feature bank {path} is a directory, not an HDF5 file")
+        try:
+            h5 = _open_h5(path)
+        except OSError as exc:
+            raise BankError(
+                f"cannot read feature bank {path}: not an HDF5 file, or truncated ({exc})"
+            ) from None
+        try:
+            _check_complete(h5, path)
+            return cls(path, h5)
+        except BaseException:
+            h5.close()
+            raise
+
+    def __len__(self) -> int:
+        return int(self._h5["features"].shape[0])
+
+    def __repr__(self) -> str:
+        shape = f"n={len(self)}, dim={self.dim}, dtype={self.dtype}"
+        return f"FeatureBank('{self.path}', {shape}, data='{self.data_spec}')"
+
+    @property
+    def dim(self) -> int:
+        return int(self._h5["features"].shape[1])
+
+    @property
+    def dtype(self) -> np.dtype:
+        """Stored feature type (float32 or float16)."""
+        return self._h5["features"].dtype
+
+    @property
+    def normalized(self) -> bool:
+        return bool(self.attrs.get("normalized", False))
+
+    def features(self, start: int = 0, stop: int | None = None, dtype: Any = np.float32) -> np.ndarray:
+        """Rows ``start:stop`` as ``dtype`` (float32 by default; None keeps the stored type)."""
+        rows = self._h5["features"][start:stop]
+        return rows if dtype is None else rows.astype(dtype, copy=False)
+
+    def labels(self) -> np.ndarray:
+        return self._h5["labels"][...]
+
+    def indices(self) -> np.ndarray:
+        return self._h5["indices"][...]
+
+    def paths(self) -> list[str]:
+        return self._h5["paths"].asstr()[...].tolist()
+
+    def close(self) -> None:
+        self._h5.close()
+
+    def __enter__(self) -> FeatureBank:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _check_complete(h5: h5py.File, path: Path) -> None:
+    fmt = _plain(h5.attrs.get("format"))
+    if fmt != BANK_FORMAT:
+        what = "no format attribute" if fmt is None else f"format {fmt!r}"
+        raise BankError(f"{path} is not a feature bank ({what}; expected {BANK_FORMAT})")
+    missing = [name for name in ("features", "labels", "indices", "paths") if name not in h5]
+    if missing:
+        raise BankError(f"feature bank {path} is corrupt: missing dataset(s) {', '.join(missing)}")
+    rows_done = int(h5.attrs.get("rows_done", 0))
+    if not bool(h5.attrs.get("complete", False)):
+        total = int(h5.attrs.get("items_total", h5["features"].shape[0]))
+        raise BankError(
+            f"bank {path} is incomplete ({rows_done} of {total} rows): rerun the export to finish it"
+        )
+    lengths = {name: int(h5[name].shape[0]) for name in ("features", "labels", "indices", "paths")}
+    if any(n != rows_done for n in lengths.values()):
+        raise BankError(
+            f"feature bank {path} is corrupt: rows_done={rows_done} but dataset lengths {lengths}"
+        )
+
+
+# --------------------------------------------------------------------------------------- export
+@dataclass
+class ExportResult:
+    path: Path
+    rows: int  # rows in the finished bank
+    skipped: int  # unreadable images skipped (whole bank)
+    seconds: float  # this call
+    images_per_s: float  # images processed by this call per second (0 when there was nothing to do)
+    resumed_from: int = 0  # rows found already written by an interrupted export
+
+
+class _SafeItems(Dataset):
+    """Items ``start..stop-1`` of a dataset; an unreadable image becomes a zero image and its error text."""
+
+    def __init__(self, dataset: ImageDataset, start: int, stop: int) -> None:
+        self.dataset, self.start, self.stop = dataset, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, int, int, str]:
+        i = self.start + int(k)
+        try:
+            image, label, index = self.dataset[i]
+            return image, label, index, ""
+        except DataError as exc:
+            h, w = self.dataset.image_size
+            return torch.zeros((3, h, w), dtype=torch.uint8), int(self.dataset.labels[i]), i, str(exc)
+
+
+def _batches(
+    dataset: ImageDataset, start: int, stop: int, batch_size: int, workers: int, pin: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str] | None]]:
+    """(uint8 images, labels, dataset indices, error texts or None) for items start..stop-1, in order."""
+    if isinstance(dataset, ArrayDataset):  # in memory: slice the tensor, no loader
+        for a in range(start, stop, batch_size):
+            b = min(a + batch_size, stop)
+            yield dataset.images[a:b], dataset.labels[a:b], torch.arange(a, b), None
+        return
+    loader = DataLoader(
+        _SafeItems(dataset, start, stop),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=max(0, workers),
+        pin_memory=pin,
+    )
+    for images, labels, indices, errors in loader:
+        yield images, labels, indices, list(errors)
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(device)
+
+
+def _input_affine(header: EncoderHeader) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """eval_view normalises with ImageNet mean/std; map that to the header's when they differ."""
+    if tuple(header.mean) == IMAGENET_MEAN and tuple(header.std) == IMAGENET_STD:
+        return None
+    m_in, s_in = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    m, s = torch.tensor(header.mean), torch.tensor(header.std)
+    return (s_in / s).view(1, 3, 1, 1), ((m_in - m) / s).view(1, 3, 1, 1)
+
+
+def _embed(
+    model: nn.Module,
+    images: torch.Tensor,
+    preset: str,
+    device: torch.device,
+    affine: tuple[torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """L2-normalised float32 CPU features of a uint8 batch."""
+    x = eval_view(images.to(device, non_blocking=True), preset)
+    if affine is not None:
+        x = x * affine[0].to(device) + affine[1].to(device)
+    if device.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = model(x.contiguous(memory_format=torch.channels_last))
+    else:
+        y = model(x)
+    return F.normalize(y.float(), dim=1).cpu()
+
+
+def _open_data(data: str | DataSpec | ImageDataset, preset: str) -> ImageDataset:
+    if isinstance(data, ImageDataset):
+        return data
+    spec = parse_spec(data)
+    if preset == "imagenet" and spec.kind in ("folder", "list") and spec.size is None:
+        spec = dataclasses.replace(spec, size=IMAGENET_EVAL_SIZE)
+    return open_dataset(spec)
+
+
+def _items_sha256(dataset: ImageDataset, lo: int, hi: int) -> str:
+    """First 16 hex digits of a SHA-256 over the names of items lo..hi-1: a resume must see the same files."""
+    digest = hashlib.sha256()
+    for i in range(lo, hi):
+        digest.update(dataset.path(i).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _check_existing(out: Path, expect: dict[str, Any]) -> bool:
+    """Whether ``out`` holds a complete matching bank (False: a partial one to resume); else BankError."""
+    try:
+        h5 = h5py.File(out, "r")
+    except OSError as exc:
+        if "lock" in str(exc).lower():
+            raise BankError(f"{out} is locked: is another export still writing it? ({exc})") from None
+        raise BankError(
+            f"{out} exists but cannot be opened as an HDF5 file ({exc}); {_DELETE_HINT}"
+        ) from None
+    with h5:
+        if _plain(h5.attrs.get("format")) != BANK_FORMAT:
+            raise BankError(f"{out} exists and is not a feature bank: {_DELETE_HINT}")
+        if any(name not in h5 for name in ("features", "labels", "indices", "paths")):
+            raise BankError(f"{out} is a corrupt feature bank (datasets missing): {_DELETE_HINT}")
+        found = {
+            "fingerprint": _plain(h5.attrs.get("fingerprint")),
+            "data": _plain(h5.attrs.get("data_spec")),
+            "dtype": str(h5["features"].dtype),
+            "shard": "/".join(map(str, json.loads(_plain(h5.attrs.get("shard", "[0, 1]"))))),
+            "dim": int(h5["features"].shape[1]),
+        }
+        if "items_total" in h5.attrs:
+            found["images"] = int(h5.attrs["items_total"])
+        if "items_sha256" in h5.attrs:  # not in joined banks
+            found["file list sha256"] = _plain(h5.attrs["items_sha256"])
+        complete = bool(h5.attrs.get("complete", False))
+    diffs = [
+        f"{key} {found[key]} (wanted {want})"
+        for key, want in expect.items()
+        if key in found and found[key] != want
+    ]
+    if diffs:
+        state = "complete" if complete else "partial"
+        raise BankError(f"{out} holds a {state} bank of another export ({'; '.join(diffs)}): {_DELETE_HINT}")
+    return complete
+
+
+def export_bank(
+    encoder: str | Path,
+    data: str | DataSpec | ImageDataset,
+    out: str | Path,
+    *,
+    which: str = "student",
+    dtype: str = "float32",
+    batch_size: int = 256,
+    device: str = "auto",
+    workers: int = 2,
+    on_bad_image: str = "error",
+    shard: tuple[int, int] | None = None,
+    progress: bool = False,
+) -> ExportResult:
+    """Export the L2-normalised features of ``encoder`` over dataset ``data`` to the bank ``out``.
+
+    Resumable: an incomplete ``out`` of the same encoder, data, dtype and shard is continued from its
+    ``rows_done``; a complete matching one is returned as is; anything else at ``out`` is a BankError.
+    ``on_bad_image="skip"`` skips (and records) unreadable images instead of raising DataError.
+    ``shard=(rank, world)`` exports the contiguous block ``[rank*N//world, (rank+1)*N//world)``; without it,
+    torchrun's RANK/WORLD_SIZE (when WORLD_SIZE > 1) pick the block and the file ``shard_path(out, ...)``.
+    """
+    started = time.perf_counter()
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise ValueError(f"on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, got {on_bad_image!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    out = Path(out)
+    if shard is None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:
+            shard = (int(os.environ.get("RANK", "0")), world)
+            out = shard_path(out, *shard)
+    rank, world = shard or (0, 1)
+    if not (world >= 1 and 0 <= rank < world):
+        raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
+
+    model, header = load_backbone(encoder, which=which)
+    fingerprint = encoder_fingerprint(model, header)
+    preset = preset_for(header)
+    dataset = _open_data(data, preset)
+    n = len(dataset)
+    lo, hi = rank * n // world, (rank + 1) * n // world
+    dim = int(getattr(model, "feature_dim", header.feature_dim))
+    expect = {
+        "fingerprint": fingerprint,
+        "data": str(dataset.spec),
+        "dtype": dtype,
+        "shard": f"{rank}/{world}",
+        "dim": dim,
+        "images": hi - lo,
+        "file list sha256": _items_sha256(dataset, lo, hi),
+    }
+    if out.exists():
+        if _check_existing(out, expect):
+            with FeatureBank.open(out) as bank:
+                rows, skipped = len(bank), bank.skipped
+            return ExportResult(out, rows, skipped, time.perf_counter() - started, 0.0, rows)
+    else:
+        with _atomic_h5(out) as f:
+            _create_layout(f, hi - lo, dim, dtype)
+            base = _base_attrs(
+                fingerprint=fingerprint,
+                encoder=header,
+                transform=f"eval:{preset}",
+                data_spec=str(dataset.spec),
+                classes=dataset.classes,
+                normalized=True,
+            )
+            _write_attrs(f, **base, skipped=0, skipped_paths="[]", shard=json.dumps([rank, world]))
+            _write_attrs(f, items_done=0, items_total=hi - lo, items_sha256=expect["file list sha256"])
+            _write_attrs(f, rows_done=0, complete=False)
+
+    run_device = _resolve_device(device)
+    model = model.to(run_device)
+    if run_device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    affine = _input_affine(header)
+    try:
+        h5 = h5py.File(out, "r+")
+    except OSError as exc:
+        raise BankError(f"cannot open {out} for writing (another export writing it?): {exc}") from None
+    with h5:
+        rows, resumed_from, items, skipped = (
+            int(h5.attrs["rows_done"]),
+            int(h5.attrs["rows_done"]),
+            int(h5.attrs["items_done"]),
+            int(h5.attrs["skipped"]),
+        )
+        skipped_paths = list(json.loads(_plain(h5.attrs["skipped_paths"])))
+        processed = 0
+        with _progress_bar(progress, total=hi - lo, done=items) as advance, torch.inference_mode():
+            batches = _batches(dataset, lo + items, hi, batch_size, workers, run_device.type == "cuda")
+            for images, labels, indices, errors in batches:
+                keep = np.ones(len(indices), dtype=bool)
+                if errors is not None and any(errors):
+                    bad = [k for k, text in enumerate(errors) if text]
+                    if on_bad_image == "error":
+                        raise DataError(errors[bad[0]])
+                    keep[bad] = False
+                    skipped += len(bad)
+                    room = MAX_SKIPPED_PATHS - len(skipped_paths)
+                    skipped_paths += [dataset.path(int(indices[k])) for k in bad[: max(0, room)]]
+                feats = _embed(model, images, preset, run_device, affine)
+                if not torch.isfinite(feats[torch.from_numpy(keep)]).all():
+                    a, b = int(indices[0]), int(indices[-1])
+                    raise BankError(f"the encoder produced non-finite features for dataset items {a}..{b}")
+                k = int(keep.sum())
+                index_array = indices.numpy()[keep].astype(np.int64)
+                h5["features"][rows : rows + k] = feats.numpy()[keep].astype(dtype, copy=False)
+                h5["labels"][rows : rows + k] = labels.numpy()[keep].astype(np.int64)
+                h5["indices"][rows : rows + k] = index_array
+                h5["paths"][rows : rows + k] = np.array(
+                    [dataset.path(int(i)) for i in index_array], dtype=object
+                )
+                h5.flush()  # rows first, then the marker that covers them
+                rows, items, processed = rows + k, items + len(indices), processed + len(indices)
+                h5.attrs.modify("rows_done", np.int64(rows))
+                h5.attrs.modify("items_done", np.int64(items))
+                if not keep.all():
+                    h5.attrs.modify("skipped", np.int64(skipped))
+                    h5.attrs.modify("skipped_paths", json.dumps(skipped_paths))
+                h5.flush()
+                advance(len(indices), processed / max(time.perf_counter() - started, 1e-9))
+        for name in ("features", "labels", "indices", "paths"):
+            h5[name].resize(rows, axis=0)
+        h5.flush()
+        fsync_path(out)
+        h5.attrs.modify("complete", True)
+        h5.flush()
+    fsync_path(out)
+    seconds = time.perf_counter() - started
+    return ExportResult(
+        out, rows, skipped, seconds, processed / seconds if seconds > 0 else 0.0, resumed_from
+    )
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool, *, total: int, done: int) -> Iterator[Any]:
+    """A rich bar with images/s; yields ``advance(n_images, rate)``."""
+    if not enabled:
+        yield lambda n, rate: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (
+        TextColumn("export"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} img/s"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns) as bar:
+        task = bar.add_task("export", total=total, completed=done, rate="-")
+        yield lambda n, rate: bar.update(task, advance=n, rate=f"{rate:,.0f}")
+
+
+# ----------------------------------------------------------------------------------------- join
+def join_shards(shards: Sequence[str | Path], out: str | Path) -> Path:
+    """Concatenate the complete shard banks of one export, in rank order, into the bank ``out`` (atomic).
+
+    All shards must share fingerprint, data spec, transform, dtype and dimension, and be ranks 0..w-1 of
+    the same w; the joined rows are in dataset-index order.
+    """
+    out = Path(out)
+    if not shards:
+        raise BankError("join_shards needs at least one shard bank")
+    banks: list[FeatureBank] = []
+    try:
+        for path in shards:
+            banks.append(FeatureBank.open(path))
+        first = banks[0]
+        for bank in banks[1:]:
+            for what in ("fingerprint", "data_spec", "transform", "dtype", "dim"):
+                if getattr(bank, what) != getattr(first, what):
+                    raise BankError(
+                        f"shard {bank.path} does not match {first.path}: {what} "
+                        f"{getattr(bank, what)} vs {getattr(first, what)}"
+                    )
+        world = first.shard[1]
+        ranks = sorted(bank.shard[0] for bank in banks)
+        if any(bank.shard[1] != world for bank in banks) or ranks != list(range(world)):
+            found = ", ".join(f"{b.shard[0]}/{b.shard[1]}" for b in banks)
+            raise BankError(f"shards must be ranks 0..{world - 1} of {world} exactly once, got {found}")
+        banks.sort(key=lambda bank: bank.shard[0])
+        index = np.concatenate([bank.indices() for bank in banks])
+        if np.any(np.diff(index) <= 0):
+            raise BankError("shard rows overlap or are out of dataset-index order")
+        n, skipped_paths = len(index), [p for bank in banks for p in bank.skipped_paths]
+        with _atomic_h5(out) as f:
+            _create_layout(f, n, first.dim, str(first.dtype))
+            row = 0
+            for bank in banks:
+                size = len(bank)
+                for a in range(0, size, _COPY_ROWS):
+                    b = min(a + _COPY_ROWS, size)
+                    f["features"][row + a : row + b] = bank.features(a, b, dtype=None)
+                f["labels"][row : row + size] = bank.labels()
+                f["paths"][row : row + size] = np.array(bank.paths(), dtype=object)
+                row += size
+            f["indices"][...] = index
+            keep = ("format", "fingerprint", "encoder", "transform", "data_spec", "classes", "normalized")
+            _write_attrs(f, **{key: first.attrs[key] for key in keep if key in first.attrs})
+            _write_attrs(
+                f,
+                skipped=sum(bank.skipped for bank in banks),
+                skipped_paths=json.dumps(skipped_paths[:MAX_SKIPPED_PATHS]),
+                shard="[0, 1]",
+                created=datetime.now(UTC).isoformat(timespec="seconds"),
+                versions=_versions(),
+                items_done=sum(int(bank.attrs.get("items_total", len(bank))) for bank in banks),
+                items_total=sum(int(bank.attrs.get("items_total", len(bank))) for bank in banks),
+                rows_done=n,
+                complete=True,
+            )
+    finally:
+        for bank in banks:
+            bank.close()
+    return out

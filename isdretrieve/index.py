@@ -1,0 +1,624 @@
+"""FAISS index over a feature bank: choose, build, tune, save, load, search, and recall against exact search.
+
+An index directory holds three files:
+
+- ``bank.h5``: the feature bank the index was built from (a hard link or a copy of it),
+- ``index.faiss``: the FAISS index, whose ids are the bank's row numbers,
+- ``manifest.json``: what was built and how well it does (factory, search parameters, bank fingerprint,
+  measured recall@k against exact search, timings, sizes). It is written last, so a directory without
+  it is an unfinished build.
+
+The metric is always the inner product; on the L2-normalised rows of a bank that is cosine similarity.
+Approximate indices are tuned after building: the search knob (``nprobe`` for IVF, ``efSearch`` for HNSW)
+is raised until recall@k on rows sampled from the bank reaches the target, and that recall is recorded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+
+from isdretrieve import __version__
+from isdretrieve.bank import FeatureBank
+from isdretrieve.errors import BankError, IsdError
+
+INDEX_FORMAT = "isdretrieve.index/1"
+METRIC = "inner_product"
+BANK_FILE, INDEX_FILE, MANIFEST_FILE = "bank.h5", "index.faiss", "manifest.json"
+
+FLAT_MAX_ROWS = 1_000_000  # above this, exact search costs too much per query on a CPU
+HNSW_MAX_ROWS = 2_000_000  # above this, building an HNSW graph on a CPU takes too long
+HNSW_M = 32  # graph degree; level 0 keeps 2*M int32 links per vector
+EF_SEARCH = (16, 32, 64, 128, 256, 512, 1024, 2048)
+GPU_MAX_K = 2048  # FAISS GPU selection limit for k and nprobe
+BLOCK_ROWS = 65_536  # bank rows read at a time
+MIN_POINTS_PER_CENTROID = 39  # FAISS k-means warns below this
+
+
+# ------------------------------------------------------------------------------------------- choice
+@dataclass(frozen=True)
+class IndexPlan:
+    """A FAISS factory string, why it was chosen, and the memory it should take."""
+
+    factory: str
+    reason: str
+    estimated_bytes: int
+
+
+def default_memory_budget() -> int:
+    """Half of the machine's physical memory, in bytes."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+
+
+def ivf_lists(n: int) -> int:
+    """Number of IVF lists for ``n`` vectors: 4·sqrt(n) rounded to a power of two, clamped to 256..65536.
+
+    About 4·sqrt(n) lists balances the cost of scanning the centroids against the cost of scanning the
+    lists. The count is lowered further when ``n`` is too small to give k-means 39 points per centroid.
+    """
+    lists = 2 ** round(math.log2(4 * math.sqrt(n)))
+    lists = min(max(lists, 256), 65_536)
+    enough_points = 2 ** int(math.log2(max(n // MIN_POINTS_PER_CENTROID, 1)))
+    return min(lists, enough_points)
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:,.0f} MiB"
+
+
+def choose_index(n: int, dim: int, *, memory_budget: int | None = None) -> IndexPlan:
+    """Pick the index for ``n`` vectors of ``dim`` floats whose memory stays within ``memory_budget`` bytes.
+
+    The rule keeps as much of each vector as the budget allows:
+
+    1. ``Flat`` (exact) when ``n`` <= 1M and the raw vectors (n·dim·4 bytes) fit. At this scale exact
+       search is one matrix product per query batch and needs neither training nor tuning.
+    2. ``HNSW32`` when ``n`` <= 2M and vectors plus graph links (about n·(4·dim + 256) bytes) fit: the
+       fastest queries at high recall on a CPU, but slow to build beyond a couple of million vectors.
+    3. ``IVF{c},Flat`` when the raw vectors plus 8-byte ids in inverted lists fit (only possible above 1M
+       rows, where Flat is ruled out by speed rather than memory): recall limited only by ``nprobe``.
+    4. ``IVF{c},SQ8``: one byte per dimension. On unit vectors 8-bit scalar quantisation loses little, so
+       this keeps recall high at a quarter of the memory.
+    5. ``IVF{c},PQ{m}``: ``m`` bytes per vector, ``m`` the largest divisor of ``dim`` with m <= dim/2 that
+       fits. Residuals to the IVF centroid are product-quantised, which is what makes it accurate enough.
+
+    ``c`` comes from :func:`ivf_lists`. The default budget is half the physical memory. Raises
+    :class:`IsdError` if even ``IVF{c},PQ1`` does not fit.
+    """
+    if n <= 0 or dim <= 0:
+        raise ValueError(f"n and dim must be positive, got n={n}, dim={dim}")
+    budget = default_memory_budget() if memory_budget is None else int(memory_budget)
+    within = f"within the {_mib(budget)} budget"
+    flat = n * dim * 4
+    if n <= FLAT_MAX_ROWS and flat <= budget:
+        return IndexPlan("Flat", f"exact search: {n:,} x {dim} float32 ({_mib(flat)}) fits {within}", flat)
+    why_not_flat = (
+        f"{n:,} rows > {FLAT_MAX_ROWS:,} make exact search slow"
+        if n > FLAT_MAX_ROWS
+        else f"Flat needs {_mib(flat)}, over the {_mib(budget)} budget"
+    )
+    hnsw = n * (4 * dim + 2 * HNSW_M * 4)
+    if n <= HNSW_MAX_ROWS and hnsw <= budget:
+        return IndexPlan(f"HNSW{HNSW_M}", f"{why_not_flat}; HNSW{HNSW_M} needs {_mib(hnsw)}, {within}", hnsw)
+    lists = ivf_lists(n)
+    centroids = lists * dim * 4
+    candidates = [("Flat", 4 * dim), ("SQ8", dim)]
+    candidates += [(f"PQ{m}", m) for m in range(dim // 2, 0, -1) if dim % m == 0]
+    for code, code_bytes in candidates:
+        need = n * (code_bytes + 8) + centroids + (256 * dim * 4 if code.startswith("PQ") else 0)
+        if need <= budget:
+            factory = f"IVF{lists},{code}"
+            return IndexPlan(factory, f"{why_not_flat}; {factory} needs {_mib(need)}, {within}", need)
+    raise IsdError(f"no index of {n:,} x {dim} vectors fits a memory budget of {_mib(budget)}")
+
+
+# ---------------------------------------------------------------------------------------- manifest
+@dataclass
+class IndexManifest:
+    """Contents of ``manifest.json``: what was built, over which bank, and how well it searches."""
+
+    factory: str
+    params: dict[str, int]  # search parameters: {"nprobe": ...} or {"efSearch": ...} or {}
+    bank_fingerprint: str
+    count: int
+    dim: int
+    recall_k: int
+    recall: float  # measured recall@k against exact search (1.0 for Flat)
+    recall_queries: int
+    recall_target: float
+    build_seconds: float  # training + adding
+    tune_seconds: float  # ground truth + parameter search
+    index_bytes: int  # size of index.faiss
+    gpu: bool  # searched on a GPU when built (GPU FAISS, or torch for Flat)
+    reason: str = ""  # why this factory (choose_index's reason, or "given")
+    train_rows: int = 0
+    format: str = INDEX_FORMAT
+    metric: str = METRIC
+    bank_file: str = BANK_FILE
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    versions: dict[str, str] = field(default_factory=lambda: _versions())
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        return json.dumps({"format": data.pop("format"), **data}, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> IndexManifest:
+        """Parse ``manifest.json``; unknown keys are ignored; a missing key or another format: IsdError."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise IsdError(f"index manifest is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise IsdError(f"index manifest has format {found!r}, expected {INDEX_FORMAT!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{key: value for key, value in data.items() if key in names})
+        except TypeError as exc:
+            raise IsdError(f"index manifest is incomplete: {exc}") from exc
+
+
+def _versions() -> dict[str, str]:
+    return {
+        "isdretrieve": __version__,
+        "faiss": faiss.__version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+    }
+
+
+# ------------------------------------------------------------------------------------- exact search
+def faiss_has_gpu() -> bool:
+    """True when the installed FAISS has GPU support and sees at least one GPU."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+_gpu_resources: Any = None
+
+
+def _gpu_res() -> Any:
+    global _gpu_resources
+    if _gpu_resources is None:
+        _gpu_resources = faiss.StandardGpuResources()
+    return _gpu_resources
+
+
+def exact_search_torch(
+    bank_features: torch.Tensor, queries: torch.Tensor, k: int, *, chunk: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k with chunked fp32 matmul + ``topk`` on the bank tensor's device.
+
+    ``chunk`` query rows are scored at a time (default: enough for a 2^28-element score block).
+    """
+    bank = bank_features.to(torch.float32)
+    queries = queries.to(bank.device, torch.float32)
+    chunk = chunk or max(1, (1 << 28) // max(1, bank.shape[0]))
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # no TF32: this is ground truth
+    try:
+        with torch.no_grad():
+            parts = [
+                torch.topk(queries[s : s + chunk] @ bank.T, k, dim=1) for s in range(0, len(queries), chunk)
+            ]
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    scores = torch.cat([p.values for p in parts]) if parts else torch.zeros(0, k)
+    rows = torch.cat([p.indices for p in parts]) if parts else torch.zeros(0, k, dtype=torch.int64)
+    return scores.cpu().numpy().astype(np.float32), rows.cpu().numpy().astype(np.int64)
+
+
+def exact_search(
+    bank_features: np.ndarray | torch.Tensor,
+    queries: np.ndarray | torch.Tensor,
+    k: int,
+    *,
+    device: str = "auto",
+    chunk: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k: (scores [Q,k] float32, rows [Q,k] int64 into ``bank_features``).
+
+    ``device`` "auto" means CUDA when torch sees one. On CUDA: GPU FAISS when installed (and k <= 2048),
+    else :func:`exact_search_torch`. On the CPU: FAISS's brute-force ``knn`` (BLAS).
+    """
+    if not 1 <= k <= len(bank_features):
+        raise IsdError(f"k must be between 1 and {len(bank_features)} (the number of bank rows), got {k}")
+    cuda = torch.cuda.is_available() if device == "auto" else torch.device(device).type == "cuda"
+    if cuda and not (faiss_has_gpu() and k <= GPU_MAX_K):
+        return exact_search_torch(
+            torch.as_tensor(bank_features, device="cuda"), torch.as_tensor(queries), k, chunk=chunk
+        )
+    xb, xq = _as_float32(bank_features), _as_float32(queries)
+    if cuda:
+        scores, rows = faiss.knn_gpu(_gpu_res(), xq, xb, k, metric=faiss.METRIC_INNER_PRODUCT)
+    else:
+        scores, rows = faiss.knn(xq, xb, k, metric=faiss.METRIC_INNER_PRODUCT)
+    return scores.astype(np.float32, copy=False), rows.astype(np.int64, copy=False)
+
+
+def _as_float32(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().to(torch.float32).numpy()
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------- bank helpers
+def _blocks(bank: FeatureBank) -> Iterator[tuple[int, np.ndarray]]:
+    for start in range(0, len(bank), BLOCK_ROWS):
+        yield start, bank.features(start, min(start + BLOCK_ROWS, len(bank)))
+
+
+def _sample_rows(n: int, size: int, seed: int) -> np.ndarray:
+    """``size`` distinct sorted row numbers out of ``n``, fixed by ``seed``."""
+    return np.sort(np.random.default_rng(seed).choice(n, size=min(size, n), replace=False))
+
+
+def _read_rows(bank: FeatureBank, rows: np.ndarray) -> np.ndarray:
+    """Features of sorted ``rows``, read block by block."""
+    parts = []
+    for start, x in _blocks(bank):
+        inside = rows[(rows >= start) & (rows < start + len(x))]
+        parts.append(x[inside - start])
+    return np.ascontiguousarray(np.concatenate(parts))
+
+
+def _bank_exact_search(bank: FeatureBank, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k over the whole bank, one block at a time, keeping the best k seen so far."""
+    scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    rows = np.full((len(queries), k), -1, dtype=np.int64)
+    for start, x in _blocks(bank):
+        s, r = exact_search(x, queries, min(k, len(x)))
+        scores, rows = np.concatenate([scores, s], axis=1), np.concatenate([rows, r + start], axis=1)
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        scores, rows = np.take_along_axis(scores, best, 1), np.take_along_axis(rows, best, 1)
+    return scores, rows
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean fraction of each query's true top-k rows that appear among its found top-k rows."""
+    hits = [len(np.intersect1d(f, t)) for f, t in zip(found, truth, strict=True)]
+    return float(np.mean(hits) / truth.shape[1])
+
+
+# ----------------------------------------------------------------------------------- faiss helpers
+def _faiss_message(exc: BaseException) -> str:
+    """The useful part of a FAISS C++ error, on one line."""
+    text = str(exc).strip()
+    match = re.search(r"failed: (.*)", text) or re.search(r"Error: (.*)", text)
+    lines = (match.group(1) if match else text).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def make_index(factory: str, dim: int) -> faiss.Index:
+    """``faiss.index_factory`` with the inner-product metric; a bad string is an IsdError."""
+    try:
+        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise IsdError(f"invalid index factory {factory!r}: {_faiss_message(exc)}") from exc
+
+
+def _innermost(index: faiss.Index) -> faiss.Index:
+    """The index under pre-transforms and refinement wrappers."""
+    index = faiss.downcast_index(index)
+    while isinstance(index, faiss.IndexPreTransform | faiss.IndexRefine):
+        inner = index.index if isinstance(index, faiss.IndexPreTransform) else index.base_index
+        index = faiss.downcast_index(inner)
+    return index
+
+
+def _is_exact(index: faiss.Index) -> bool:
+    return isinstance(faiss.downcast_index(index), faiss.IndexFlat)
+
+
+def _search_knob(index: faiss.Index) -> tuple[str, list[int]] | None:
+    """The parameter that trades speed for recall, with the values to try, or None."""
+    try:
+        lists = faiss.extract_index_ivf(index).nlist
+    except RuntimeError:
+        lists = 0
+    if lists:
+        return "nprobe", sorted({min(2**i, lists) for i in range(lists.bit_length() + 1)})
+    if isinstance(_innermost(index), faiss.IndexHNSW):
+        return "efSearch", list(EF_SEARCH)
+    return None
+
+
+def _set_params(index: faiss.Index, params: dict[str, int], gpu: bool) -> None:
+    space = faiss.GpuParameterSpace() if gpu else faiss.ParameterSpace()
+    for name, value in params.items():
+        space.set_index_parameter(index, name, value)
+
+
+def _to_gpu(index: faiss.Index) -> faiss.Index | None:
+    """A GPU copy of a Flat/IVF index when GPU FAISS is usable, else None (HNSW stays on the CPU)."""
+    if not faiss_has_gpu() or isinstance(_innermost(index), faiss.IndexHNSW):
+        return None
+    try:
+        return faiss.index_cpu_to_gpu(_gpu_res(), 0, index)
+    except RuntimeError:  # a layout the GPU does not support (e.g. some PQ sizes)
+        return None
+
+
+def _read_index(path: Path) -> faiss.Index:
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as exc:
+        raise IsdError(f"cannot read FAISS index {path}: {_faiss_message(exc)}") from exc
+
+
+def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Call ``write(tmp)`` on a temp file next to ``path``, then rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _place_bank(source: Path, target: Path) -> None:
+    """Make ``target`` the bank at ``source``: a hard link where possible, else a copy."""
+    if target.exists() and os.path.samefile(source, target):
+        return
+
+    def link_or_copy(tmp: Path) -> None:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+
+    _atomic_write(target, link_or_copy)
+
+
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        from rich.console import Console
+
+        Console(stderr=True).log(message)
+
+
+# ------------------------------------------------------------------------------------------ build
+def _train(index: faiss.Index, bank: FeatureBank, train_size: int | None, seed: int, progress: bool) -> int:
+    """Train on min(n, train_size) sampled rows (default max(40·nlist, 50k)); returns the row count."""
+    if index.is_trained:
+        return 0
+    if train_size is None:
+        try:
+            lists = faiss.extract_index_ivf(index).nlist
+        except RuntimeError:
+            lists = 0
+        train_size = max(40 * lists, 50_000)
+    x = _read_rows(bank, _sample_rows(len(bank), train_size, seed + 1))
+    _say(progress, f"training on {len(x):,} rows")
+    try:
+        index.train(x)
+    except RuntimeError as exc:
+        raise IsdError(f"cannot train the index: {_faiss_message(exc)}") from exc
+    return len(x)
+
+
+def _add(index: faiss.Index, bank: FeatureBank, progress: bool) -> None:
+    from rich.progress import track
+
+    blocks = track(_blocks(bank), "adding", total=math.ceil(len(bank) / BLOCK_ROWS), disable=not progress)
+    for _, x in blocks:
+        index.add(x)
+
+
+def _tune(
+    index: faiss.Index,
+    gpu_index: faiss.Index | None,
+    queries: np.ndarray,
+    truth: np.ndarray,
+    target: float,
+    progress: bool,
+) -> tuple[dict[str, int], float]:
+    """Raise the index's search knob until recall@k reaches ``target``; returns (params, recall).
+
+    Searches run on ``gpu_index`` when given; the chosen parameters are set on both copies.
+    """
+    searcher, k = index if gpu_index is None else gpu_index, truth.shape[1]
+    knob = _search_knob(index)
+    if knob is None:
+        return {}, recall_at_k(searcher.search(queries, k)[1], truth)
+    name, values = knob
+    if gpu_index is not None:
+        values = [v for v in values if v <= GPU_MAX_K]
+    for value in values:
+        params = {name: value}
+        _set_params(index, params, gpu=False)
+        if gpu_index is not None:
+            _set_params(gpu_index, params, gpu=True)
+        recall = recall_at_k(searcher.search(queries, k)[1], truth)
+        _say(progress, f"{name}={value}: recall@{k} = {recall:.4f}")
+        if recall >= target:
+            break
+    else:
+        warnings.warn(f"{name}={value} reaches only recall@{k} = {recall:.4f} < {target}", stacklevel=3)
+    return params, recall
+
+
+def build_index(
+    bank_path: str | Path,
+    out_dir: str | Path,
+    *,
+    factory: str = "auto",
+    recall_target: float = 0.95,
+    k: int = 10,
+    memory_budget: int | None = None,
+    train_size: int | None = None,
+    queries: int = 1000,
+    seed: int = 0,
+    progress: bool = False,
+) -> IndexManifest:
+    """Build, tune and save an index over the bank at ``bank_path`` into ``out_dir``.
+
+    ``factory`` is "auto" (:func:`choose_index` under ``memory_budget``) or any FAISS factory string.
+    Untrained indices are trained on ``train_size`` rows sampled with ``seed``. Tuning measures recall@k
+    on ``queries`` bank rows (self-matches count on both sides) against exact search and raises
+    nprobe/efSearch until ``recall_target`` is met; Flat is exact (recall 1.0). Writes ``index.faiss``,
+    places the bank at ``out_dir/bank.h5`` (hard link or copy) and writes ``manifest.json`` last.
+    """
+    bank_path, out_dir = Path(bank_path), Path(out_dir)
+    if not 0 < recall_target <= 1 or queries < 1:
+        raise IsdError(f"need 0 < recall_target <= 1 and queries >= 1, got {recall_target} and {queries}")
+    with FeatureBank.open(bank_path) as bank:
+        n, dim, fingerprint = len(bank), bank.dim, bank.fingerprint
+        if not 1 <= k <= n:
+            raise IsdError(f"k must be between 1 and {n} (the bank's size), got {k}")
+        if factory == "auto":
+            plan = choose_index(n, dim, memory_budget=memory_budget)
+            factory, reason = plan.factory, plan.reason
+            _say(progress, f"auto: {factory} ({reason})")
+        else:
+            reason = "given"
+        index = make_index(factory, dim)
+        started = time.perf_counter()
+        train_rows = _train(index, bank, train_size, seed, progress)
+        _add(index, bank, progress)
+        build_seconds = time.perf_counter() - started
+
+        started = time.perf_counter()
+        gpu_index = _to_gpu(index)
+        if _is_exact(index):
+            params, recall, recall_queries = {}, 1.0, 0
+        else:
+            xq = _read_rows(bank, _sample_rows(n, queries, seed))  # as SearchIndex.recall(seed=seed)
+            truth = _bank_exact_search(bank, xq, k)[1]
+            params, recall = _tune(index, gpu_index, xq, truth, recall_target, progress)
+            recall_queries = len(xq)
+        tune_seconds = time.perf_counter() - started
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # the directory is unfinished until the new one lands
+    _atomic_write(out_dir / INDEX_FILE, lambda tmp: faiss.write_index(index, str(tmp)))
+    _place_bank(bank_path, out_dir / BANK_FILE)
+    manifest = IndexManifest(
+        factory=factory,
+        params=params,
+        bank_fingerprint=fingerprint,
+        count=n,
+        dim=dim,
+        recall_k=k,
+        recall=recall,
+        recall_queries=recall_queries,
+        recall_target=recall_target,
+        build_seconds=round(build_seconds, 3),
+        tune_seconds=round(tune_seconds, 3),
+        index_bytes=(out_dir / INDEX_FILE).stat().st_size,
+        gpu=gpu_index is not None or (_is_exact(index) and torch.cuda.is_available()),
+        reason=reason,
+        train_rows=train_rows,
+    )
+    _atomic_write(out_dir / MANIFEST_FILE, lambda tmp: tmp.write_text(manifest.to_json()))
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------- search
+class SearchIndex:
+    """A built index directory, opened for search: ``manifest``, ``bank`` and ``search``."""
+
+    def __init__(self, directory: Path, manifest: IndexManifest, index: faiss.Index, bank: FeatureBank):
+        self.directory = directory
+        self.manifest = manifest
+        self.bank = bank
+        self._index = index
+        self._gpu_index = _to_gpu(index)
+        if self._gpu_index is not None:
+            _set_params(self._gpu_index, manifest.params, gpu=True)
+        self._torch_exact = self._gpu_index is None and _is_exact(index) and torch.cuda.is_available()
+        self._cuda_features: torch.Tensor | None = None
+
+    @classmethod
+    def open(cls, index_dir: str | Path) -> SearchIndex:
+        """Open ``index_dir``; a bank whose fingerprint differs from the manifest's is a BankError."""
+        directory = Path(index_dir)
+        if not directory.is_dir():
+            raise IsdError(f"index directory not found: {directory}")
+        for name in (MANIFEST_FILE, INDEX_FILE, BANK_FILE):
+            if not (directory / name).is_file():
+                raise IsdError(f"{directory} is not a finished index directory: {name} is missing")
+        manifest = IndexManifest.from_json((directory / MANIFEST_FILE).read_text())
+        bank = FeatureBank.open(directory / BANK_FILE)
+        try:
+            if bank.fingerprint != manifest.bank_fingerprint:
+                raise BankError(
+                    f"bank {directory / BANK_FILE} was made by another encoder (fingerprint "
+                    f"{bank.fingerprint} != {manifest.bank_fingerprint}): rebuild the index"
+                )
+            index = _read_index(directory / INDEX_FILE)
+            if not len(bank) == index.ntotal == manifest.count or bank.dim != index.d:
+                raise BankError(
+                    f"bank {directory / BANK_FILE} has {len(bank):,} x {bank.dim} rows but the index holds "
+                    f"{index.ntotal:,} x {index.d}: rebuild the index"
+                )
+            _set_params(index, manifest.params, gpu=False)
+        except BaseException:
+            bank.close()
+            raise
+        return cls(directory, manifest, index, bank)
+
+    def __len__(self) -> int:
+        return self.manifest.count
+
+    def search(self, queries: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k bank rows for each query: (scores [Q,k] float32, rows [Q,k] int64).
+
+        Queries ([Q,D] or [D]) are L2-normalised first, so on a normalised bank scores are cosines.
+        An approximate index may return fewer than k hits; missing ones have row -1.
+        """
+        if not 1 <= k <= len(self):
+            raise IsdError(f"k must be between 1 and {len(self)} (the bank's size), got {k}")
+        x = _as_float32(queries)
+        x = x[None] if x.ndim == 1 else x
+        if x.ndim != 2 or x.shape[1] != self.manifest.dim:
+            raise IsdError(f"queries must have shape [Q, {self.manifest.dim}], got {list(x.shape)}")
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        if self._torch_exact:
+            return exact_search_torch(self._features_on_cuda(), torch.from_numpy(x), k)
+        index = self._gpu_index if self._gpu_index is not None and k <= GPU_MAX_K else self._index
+        scores, rows = index.search(x, k)
+        return scores.astype(np.float32, copy=False), rows.astype(np.int64, copy=False)
+
+    def _features_on_cuda(self) -> torch.Tensor:
+        """The bank's features on the GPU (loaded on first use), for Flat search without GPU FAISS."""
+        if self._cuda_features is None:
+            features = torch.empty(len(self), self.manifest.dim, device="cuda")
+            for start, x in _blocks(self.bank):
+                features[start : start + len(x)] = torch.from_numpy(x)
+            self._cuda_features = features
+        return self._cuda_features
+
+    def recall(self, k: int = 10, queries: int = 1000, seed: int = 0) -> float:
+        """Re-measure recall@k against exact search on ``queries`` bank rows sampled with ``seed``."""
+        if not 1 <= k <= len(self):
+            raise IsdError(f"k must be between 1 and {len(self)} (the bank's size), got {k}")
+        xq = _read_rows(self.bank, _sample_rows(len(self), queries, seed))
+        truth = _bank_exact_search(self.bank, xq, k)[1]
+        return recall_at_k(self.search(xq, k)[1], truth)
+
+    def close(self) -> None:
+        self._cuda_features = None
+        self.bank.close()
+
+    def __enter__(self) -> SearchIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

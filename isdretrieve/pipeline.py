@@ -1,0 +1,80 @@
+"""From a checkpoint to a searchable index directory: encoder export, bank export, FAISS index.
+
+``indices/NAME/`` ends up holding ``encoder.pt`` (backbone only, used by ``Retriever`` to embed queries),
+``bank.h5`` and ``index.faiss`` + ``manifest.json``. Every step is resumable or idempotent, so rerunning
+the same command after a crash finishes the job.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from isdretrieve.bank import encoder_fingerprint, export_bank
+from isdretrieve.errors import BankError, IsdError
+from isdretrieve.index import IndexManifest, build_index
+from isdretrieve.models import export_encoder, load_backbone
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'512MB', '4G', '1.5GiB', '1000000' -> bytes."""
+    m = _SIZE.match(text)
+    if not m:
+        raise IsdError(f"bad size '{text}': expected e.g. 512MB or 4G")
+    return int(float(m.group(1)) * 1024 ** "_kmgt".index(m.group(2).lower() or "_"))
+
+
+def export_index_encoder(checkpoint: str | Path, out_dir: Path, *, which: str = "student") -> Path:
+    """Write the backbone of ``checkpoint`` as ``out_dir/encoder.pt`` (kept if it holds the same weights)."""
+    backbone, header = load_backbone(checkpoint, which=which)
+    target = out_dir / "encoder.pt"
+    if target.exists():
+        existing, existing_header = load_backbone(target)
+        if encoder_fingerprint(existing, existing_header) == encoder_fingerprint(backbone, header):
+            return target
+        raise BankError(f"{out_dir} already holds another encoder: delete it or choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    export_encoder(backbone, header, target)
+    return target
+
+
+def build_index_from_checkpoint(
+    checkpoint: str | Path,
+    data: str,
+    out_dir: str | Path,
+    *,
+    which: str = "student",
+    factory: str = "auto",
+    recall_target: float = 0.95,
+    memory_budget: int | None = None,
+    dtype: str = "float32",
+    batch_size: int = 256,
+    device: str = "auto",
+    workers: int = 2,
+    on_bad_image: str = "error",
+    progress: bool = False,
+) -> IndexManifest:
+    """Encoder export → bank export (resumable) → index build, all inside ``out_dir``."""
+    out_dir = Path(out_dir)
+    encoder = export_index_encoder(checkpoint, out_dir, which=which)
+    export_bank(
+        encoder,
+        data,
+        out_dir / "bank.h5",
+        dtype=dtype,
+        batch_size=batch_size,
+        device=device,
+        workers=workers,
+        on_bad_image=on_bad_image,
+        progress=progress,
+    )
+    return build_index(
+        out_dir / "bank.h5",
+        out_dir,
+        factory=factory,
+        recall_target=recall_target,
+        memory_budget=memory_budget,
+        progress=progress,
+    )
