@@ -23,7 +23,7 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from isdretrieve import __version__
+from isdretrieve.atomic import atomic_path
 from isdretrieve.bank import FeatureBank
 from isdretrieve.errors import BankError, IsdError
 
@@ -46,7 +47,7 @@ HNSW_MAX_ROWS = 2_000_000  # above this, building an HNSW graph on a CPU takes t
 HNSW_M = 32  # graph degree; level 0 keeps 2*M int32 links per vector
 EF_SEARCH = (16, 32, 64, 128, 256, 512, 1024, 2048)
 GPU_MAX_K = 2048  # FAISS GPU selection limit for k and nprobe
-BLOCK_ROWS = 65_536  # bank rows read at a time
+BLOCK_BYTES = 64 << 20  # bank rows are read about this many float32 bytes at a time
 MIN_POINTS_PER_CENTROID = 39  # FAISS k-means warns below this
 
 
@@ -258,9 +259,15 @@ def _as_float32(x: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------- bank helpers
+def _block_rows(dim: int) -> int:
+    return max(1, BLOCK_BYTES // (4 * dim))
+
+
 def _blocks(bank: FeatureBank) -> Iterator[tuple[int, np.ndarray]]:
-    for start in range(0, len(bank), BLOCK_ROWS):
-        yield start, bank.features(start, min(start + BLOCK_ROWS, len(bank)))
+    """(first row, float32 features) of consecutive blocks of about 64 MiB."""
+    step = _block_rows(bank.dim)
+    for start in range(0, len(bank), step):
+        yield start, bank.features(start, min(start + step, len(bank)))
 
 
 def _sample_rows(n: int, size: int, seed: int) -> np.ndarray:
@@ -361,29 +368,18 @@ def _read_index(path: Path) -> faiss.Index:
         raise IsdError(f"cannot read FAISS index {path}: {_faiss_message(exc)}") from exc
 
 
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Call ``write(tmp)`` on a temp file next to ``path``, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _place_bank(source: Path, target: Path) -> None:
-    """Make ``target`` the bank at ``source``: a hard link where possible, else a copy."""
+    """Make ``target`` the bank at ``source``: a hard link where possible, else a copy.
+
+    A link is safe: a complete bank is never written in place (exports only resume incomplete ones).
+    """
     if target.exists() and os.path.samefile(source, target):
         return
-
-    def link_or_copy(tmp: Path) -> None:
+    with atomic_path(target) as tmp:
         try:
             os.link(source, tmp)
         except OSError:
             shutil.copyfile(source, tmp)
-
-    _atomic_write(target, link_or_copy)
 
 
 def _say(progress: bool, message: str) -> None:
@@ -416,7 +412,9 @@ def _train(index: faiss.Index, bank: FeatureBank, train_size: int | None, seed: 
 def _add(index: faiss.Index, bank: FeatureBank, progress: bool) -> None:
     from rich.progress import track
 
-    blocks = track(_blocks(bank), "adding", total=math.ceil(len(bank) / BLOCK_ROWS), disable=not progress)
+    blocks = track(
+        _blocks(bank), "adding", total=math.ceil(len(bank) / _block_rows(bank.dim)), disable=not progress
+    )
     for _, x in blocks:
         index.add(x)
 
@@ -507,7 +505,8 @@ def build_index(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # the directory is unfinished until the new one lands
-    _atomic_write(out_dir / INDEX_FILE, lambda tmp: faiss.write_index(index, str(tmp)))
+    with atomic_path(out_dir / INDEX_FILE) as tmp:
+        faiss.write_index(index, str(tmp))
     _place_bank(bank_path, out_dir / BANK_FILE)
     manifest = IndexManifest(
         factory=factory,
@@ -526,7 +525,8 @@ def build_index(
         reason=reason,
         train_rows=train_rows,
     )
-    _atomic_write(out_dir / MANIFEST_FILE, lambda tmp: tmp.write_text(manifest.to_json()))
+    with atomic_path(out_dir / MANIFEST_FILE) as tmp:
+        tmp.write_text(manifest.to_json())
     return manifest
 
 

@@ -114,3 +114,26 @@ def test_index_refuses_a_bank_from_another_encoder(digits_indices, tmp_path):
     write_bank(target / "bank.h5", feats, labels=labels, fingerprint="0123456789abcdef")
     result = CliRunner().invoke(index_cli, ["info", str(target)])
     assert result.exit_code == 2 and "another encoder" in result.output
+
+
+def test_sharded_export_then_join_equals_one_export(digits_indices, tmp_path, monkeypatch):
+    from isdretrieve.bank import FeatureBank
+
+    runner, enc = CliRunner(), str(digits_indices / "enc.pt")
+    args = ["export", "--checkpoint", enc, "--data", "digits,split=test", "--quiet"]
+    for rank in (0, 1):  # what two torchrun processes do
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        result = runner.invoke(index_cli, [*args, "--out", str(tmp_path / "bank.h5")])
+        assert result.exit_code == 0, result.output
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    shards = sorted(str(p) for p in tmp_path.glob("bank.shard*.h5"))
+    assert len(shards) == 2
+    joined = runner.invoke(index_cli, ["join", *shards, "--out", str(tmp_path / "joined.h5")])
+    assert joined.exit_code == 0 and "450 rows from 2 shards" in joined.output
+    with (
+        FeatureBank.open(tmp_path / "joined.h5") as a,
+        FeatureBank.open(digits_indices / "test" / "bank.h5") as b,
+    ):
+        assert np.array_equal(a.features(), b.features()) and a.paths() == b.paths()

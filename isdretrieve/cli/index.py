@@ -95,6 +95,59 @@ def build(
 
 
 @main.command(context_settings=CONTEXT)
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--data", "data", required=True, help="Data SPEC to encode.")
+@click.option(
+    "--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="bank.h5 to write."
+)
+@click.option("--teacher", is_flag=True, help="Encode with the checkpoint's teacher.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--batch-size", default=256, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--workers", default=2, show_default=True)
+@click.option("--on-bad-image", type=click.Choice(["error", "skip"]), default="error", show_default=True)
+@click.option("--quiet", is_flag=True)
+@verbose_option
+@user_errors
+def export(
+    checkpoint: Path,
+    data: str,
+    out: Path,
+    teacher: bool,
+    dtype: str,
+    batch_size: int,
+    device: str,
+    workers: int,
+    on_bad_image: str,
+    quiet: bool,
+) -> None:
+    """Export a bank only (resumable). Under torchrun each process writes its shard; join them after."""
+    from isdretrieve.bank import export_bank
+
+    result = export_bank(
+        checkpoint, data, out, which="teacher" if teacher else "student", dtype=dtype, batch_size=batch_size,
+        device=device, workers=workers, on_bad_image=on_bad_image, progress=not quiet,
+    )  # fmt: skip
+    skipped = f", {result.skipped} unreadable images skipped" if result.skipped else ""
+    click.echo(f"{result.path}: {result.rows:,} rows, {result.images_per_s:,.0f} images/s{skipped}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("shards", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="bank.h5 to write."
+)
+@verbose_option
+@user_errors
+def join(shards: tuple[Path, ...], out: Path) -> None:
+    """Join the shard banks of a torchrun export into one bank."""
+    from isdretrieve.bank import FeatureBank, join_shards
+
+    with FeatureBank.open(join_shards(list(shards), out)) as bank:
+        click.echo(f"{out}: {len(bank):,} rows from {len(shards)} shards")
+
+
+@main.command(context_settings=CONTEXT)
 @click.argument("index_dir", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @verbose_option
