@@ -85,9 +85,15 @@ def knn_evaluate(
     if exclude_self:
         sims, rows = drop_self_matches(sims, rows, np.arange(len(test)))
     results = classify(
-        sims, rows, train_labels, test_labels, ks=ks, temperature=temperature, weighting=weighting,
+        sims,
+        rows,
+        train_labels,
+        test_labels,
+        ks=ks,
+        temperature=temperature,
+        weighting=weighting,
         class_names=train.bank.classes,
-    )  # fmt: skip
+    )
     probe = None
     if linear is not None:
         probe = linear_probe(

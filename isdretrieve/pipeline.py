@@ -78,3 +78,21 @@ def build_index_from_checkpoint(
         memory_budget=memory_budget,
         progress=progress,
     )
+
+
+def knn_banks_from_checkpoint(
+    checkpoint: str | Path, data: str, work_dir: str | Path, *, which: str = "student", **export: object
+) -> tuple[Path, Path]:
+    """Exact index over the train split of ``data`` and a bank of its test split, inside ``work_dir``.
+
+    Returns (train index directory, test bank path); rerunning with the same work_dir reuses them.
+    """
+    from isdretrieve.bank import export_bank
+    from isdretrieve.data import parse_spec
+
+    spec, work_dir = parse_spec(data), Path(work_dir)
+    train_dir, test_bank = work_dir / "train", work_dir / "test" / "bank.h5"
+    train_spec, test_spec = str(spec.with_split("train")), str(spec.with_split("test"))
+    build_index_from_checkpoint(checkpoint, train_spec, train_dir, which=which, factory="Flat", **export)
+    export_bank(train_dir / "encoder.pt", test_spec, test_bank, **export)
+    return train_dir, test_bank

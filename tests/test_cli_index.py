@@ -137,3 +137,22 @@ def test_sharded_export_then_join_equals_one_export(digits_indices, tmp_path, mo
         FeatureBank.open(digits_indices / "test" / "bank.h5") as b,
     ):
         assert np.array_equal(a.features(), b.features()) and a.paths() == b.paths()
+
+
+def test_knn_from_checkpoint_builds_banks_on_the_fly(digits_indices, tmp_path):
+    args = [
+        "--checkpoint",
+        str(digits_indices / "enc.pt"),
+        "--data",
+        "digits",
+        "--json",
+        str(tmp_path / "k.json"),
+    ]
+    result = CliRunner().invoke(knn_cli, [*args, "--work-dir", str(tmp_path / "work")])
+    assert result.exit_code == 0, result.output
+    on_the_fly = json.loads((tmp_path / "k.json").read_text())["results"][0]
+    prebuilt = ["--train", str(digits_indices / "train"), "--test", str(digits_indices / "test")]
+    CliRunner().invoke(knn_cli, [*prebuilt, "--json", str(tmp_path / "p.json")])
+    assert on_the_fly == json.loads((tmp_path / "p.json").read_text())["results"][0]
+    both = CliRunner().invoke(knn_cli, [*args, *prebuilt])
+    assert both.exit_code == 2 and "give --train and --test, or --checkpoint with --data" in both.output

@@ -84,10 +84,20 @@ def build(
         if not (checkpoint and data):
             raise click.UsageError("give --checkpoint and --data (or --bank)")
         manifest = build_index_from_checkpoint(
-            checkpoint, data, out, which="teacher" if teacher else "student", factory=factory,
-            recall_target=recall_target, memory_budget=budget, dtype=dtype, batch_size=batch_size,
-            device=device, workers=workers, on_bad_image=on_bad_image, progress=not quiet,
-        )  # fmt: skip
+            checkpoint,
+            data,
+            out,
+            which="teacher" if teacher else "student",
+            factory=factory,
+            recall_target=recall_target,
+            memory_budget=budget,
+            dtype=dtype,
+            batch_size=batch_size,
+            device=device,
+            workers=workers,
+            on_bad_image=on_bad_image,
+            progress=not quiet,
+        )
     click.echo(
         f"{out}: {manifest.factory} over {manifest.count:,} x {manifest.dim}, "
         f"recall@{manifest.recall_k} {manifest.recall:.4f}, built in {manifest.build_seconds:.1f} s"
@@ -125,9 +135,17 @@ def export(
     from isdretrieve.bank import export_bank
 
     result = export_bank(
-        checkpoint, data, out, which="teacher" if teacher else "student", dtype=dtype, batch_size=batch_size,
-        device=device, workers=workers, on_bad_image=on_bad_image, progress=not quiet,
-    )  # fmt: skip
+        checkpoint,
+        data,
+        out,
+        which="teacher" if teacher else "student",
+        dtype=dtype,
+        batch_size=batch_size,
+        device=device,
+        workers=workers,
+        on_bad_image=on_bad_image,
+        progress=not quiet,
+    )
     skipped = f", {result.skipped} unreadable images skipped" if result.skipped else ""
     click.echo(f"{result.path}: {result.rows:,} rows, {result.images_per_s:,.0f} images/s{skipped}")
 

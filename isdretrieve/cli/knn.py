@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import tempfile
 from pathlib import Path
 
 import click
@@ -11,46 +13,78 @@ import click
 from isdretrieve.cli.common import user_errors, verbose_option
 from isdretrieve.knn import PRESETS
 
+PathType = click.Path(path_type=Path)
+FileType = click.Path(dir_okay=False, path_type=Path)
+EITHER = "give --train and --test, or --checkpoint with --data"
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--train", "train_dir", type=PathType, help="Index directory of the memory.")
+@click.option("--test", "test_path", type=PathType, help="Index directory or bank.h5 of the queries.")
 @click.option(
-    "--train",
-    "train_dir",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Index directory of the memory.",
+    "--checkpoint", type=FileType, help="Instead of --train/--test: encode --data with this checkpoint."
 )
 @click.option(
-    "--test",
-    "test_path",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Index directory or bank.h5 of the queries.",
+    "--data", help="Data SPEC for --checkpoint: its train split is the memory, its test split the queries."
+)
+@click.option(
+    "--work-dir", type=PathType, help="Keep the banks built from --checkpoint here (default: temporary)."
 )
 @click.option("-k", "ks", multiple=True, type=int, help="k (repeatable); default from --preset.")
 @click.option("--temperature", "-T", type=float, help="T of the exp weighting.")
 @click.option("--weighting", type=click.Choice(["exp", "uniform"]))
-@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="dino", show_default=True,
-              help="dino: k=20 T=0.07 exp; instdisc: k=200 T=0.1 exp; isd: k=1,20 uniform.")  # fmt: skip
+@click.option(
+    "--preset",
+    type=click.Choice(sorted(PRESETS)),
+    default="dino",
+    show_default=True,
+    help="dino: k=20 T=0.07 exp; instdisc: k=200 T=0.1 exp; isd: k=1,20 uniform.",
+)
 @click.option("--linear", is_flag=True, help="Also train the ISD linear probe on the train bank.")
 @click.option("--per-class", is_flag=True, help="Print per-class top-1.")
-@click.option(
-    "--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write every number here."
-)
+@click.option("--json", "json_out", type=FileType, help="Write every number here.")
 @verbose_option
 @user_errors
-def main(train_dir, test_path, ks, temperature, weighting, preset, linear, per_class, json_out):  # fmt: skip
-    """k-NN top-1/top-5 of the TEST bank's rows against the TRAIN index."""
+def main(
+    train_dir: Path | None,
+    test_path: Path | None,
+    checkpoint: Path | None,
+    data: str | None,
+    work_dir: Path | None,
+    ks: tuple[int, ...],
+    temperature: float | None,
+    weighting: str | None,
+    preset: str,
+    linear: bool,
+    per_class: bool,
+    json_out: Path | None,
+) -> None:
+    """k-NN top-1/top-5 of the TEST bank's rows against the TRAIN index (or of a checkpoint on --data)."""
     from isdretrieve.evaluation import knn_evaluate, open_test_bank
     from isdretrieve.index import SearchIndex
     from isdretrieve.linear_probe import ProbeConfig
 
     preset_ks, preset_t, preset_w = PRESETS[preset]
-    with SearchIndex.open(train_dir) as train, open_test_bank(test_path) as test:
+    with contextlib.ExitStack() as stack:
+        if checkpoint or data:
+            if not (checkpoint and data) or train_dir or test_path:
+                raise click.UsageError(EITHER)
+            from isdretrieve.pipeline import knn_banks_from_checkpoint
+
+            work = work_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="isd-knn-")))
+            train_dir, test_path = knn_banks_from_checkpoint(checkpoint, data, work)
+        elif not (train_dir and test_path):
+            raise click.UsageError(EITHER)
+        train = stack.enter_context(SearchIndex.open(train_dir))
+        test = stack.enter_context(open_test_bank(test_path))
         report = knn_evaluate(
-            train, test, ks=tuple(ks) or preset_ks, temperature=temperature or preset_t,
-            weighting=weighting or preset_w, linear=ProbeConfig() if linear else None,
-        )  # fmt: skip
+            train,
+            test,
+            ks=ks or preset_ks,
+            temperature=temperature or preset_t,
+            weighting=weighting or preset_w,
+            linear=ProbeConfig() if linear else None,
+        )
     self_note = ", self-matches excluded" if report.exclude_self else ""
     click.echo(f"{report.test_size:,} queries vs {report.train_size:,} ({report.search}{self_note})")
     for r in report.results:
@@ -59,8 +93,8 @@ def main(train_dir, test_path, ks, temperature, weighting, preset, linear, per_c
         if per_class:
             click.echo("  " + "  ".join(f"{name} {acc:.3f}" for name, acc in r.per_class.items()))
     if report.linear is not None:
-        click.echo(f"linear probe (ISD protocol, no augmentation): top-1 {report.linear.top1:.4f}  "
-                   f"top-5 {report.linear.top5:.4f}")  # fmt: skip
+        p = report.linear
+        click.echo(f"linear probe (ISD protocol, no augmentation): top-1 {p.top1:.4f}  top-5 {p.top5:.4f}")
     if json_out:
         json_out.write_text(json.dumps(dataclasses.asdict(report), indent=2) + "\n")
 
