@@ -17,15 +17,40 @@ def main() -> None:
     """Build and use feature banks and FAISS indices."""
 
 
+def export_options(command):
+    """The options that control encoding a data set into a bank (shared by build and export)."""
+    options = [
+        click.option(
+            "--teacher", is_flag=True, help="Encode with the checkpoint's teacher, not the student."
+        ),
+        click.option(
+            "--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True
+        ),
+        click.option("--batch-size", default=256, show_default=True),
+        click.option("--device", default="auto", show_default=True),
+        click.option("--workers", default=2, show_default=True, help="Image-decoding worker processes."),
+        click.option(
+            "--on-bad-image", type=click.Choice(["error", "skip"]), default="error", show_default=True
+        ),
+        click.option("--quiet", is_flag=True, help="No progress bars."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def export_kwargs(teacher: bool, quiet: bool, **options: object) -> dict[str, object]:
+    """CLI export options as keyword arguments of ``export_bank``."""
+    return {"which": "teacher" if teacher else "student", "progress": not quiet, **options}
+
+
 @main.command(context_settings=CONTEXT)
 @click.option(
     "--checkpoint",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Training checkpoint, encoder.pt, official ISD or MoCo file.",
 )
-@click.option(
-    "--data", "data", help="Data SPEC to encode (with --checkpoint), e.g. cifar10:ROOT,split=train."
-)
+@click.option("--data", help="Data SPEC to encode (with --checkpoint), e.g. cifar10:ROOT,split=train.")
 @click.option(
     "--bank",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -37,20 +62,14 @@ def main() -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Index directory, e.g. indices/NAME.",
 )
-@click.option("--teacher", is_flag=True, help="Encode with the checkpoint's teacher instead of the student.")
 @click.option(
     "--index", "factory", default="auto", show_default=True, help="auto, or any FAISS factory string."
 )
 @click.option(
-    "--recall-target", default=0.95, show_default=True, help="recall@10 the approximate index is tuned to."
+    "--recall-target", default=0.95, show_default=True, help="recall@10 an approximate index is tuned to."
 )
 @click.option("--memory-budget", help="Index memory budget for auto, e.g. 4G (default: half the RAM).")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
-@click.option("--batch-size", default=256, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--workers", default=2, show_default=True, help="Image-decoding worker processes.")
-@click.option("--on-bad-image", type=click.Choice(["error", "skip"]), default="error", show_default=True)
-@click.option("--quiet", is_flag=True)
+@export_options
 @verbose_option
 @user_errors
 def build(
@@ -58,27 +77,27 @@ def build(
     data: str | None,
     bank: Path | None,
     out: Path,
-    teacher: bool,
     factory: str,
     recall_target: float,
     memory_budget: str | None,
-    dtype: str,
-    batch_size: int,
-    device: str,
-    workers: int,
-    on_bad_image: str,
-    quiet: bool,
+    **export: object,
 ) -> None:
     """Encode a data set into OUT/bank.h5 and build OUT/index.faiss (resumable: rerun to finish)."""
     from isdretrieve.index import build_index
     from isdretrieve.pipeline import build_index_from_checkpoint, parse_size
 
     budget = parse_size(memory_budget) if memory_budget else None
+    options = export_kwargs(**export)
     if bank is not None:
         if checkpoint or data:
             raise click.UsageError("give either --bank, or --checkpoint with --data")
         manifest = build_index(
-            bank, out, factory=factory, recall_target=recall_target, memory_budget=budget, progress=not quiet
+            bank,
+            out,
+            factory=factory,
+            recall_target=recall_target,
+            memory_budget=budget,
+            progress=options["progress"],
         )
     else:
         if not (checkpoint and data):
@@ -87,16 +106,10 @@ def build(
             checkpoint,
             data,
             out,
-            which="teacher" if teacher else "student",
             factory=factory,
             recall_target=recall_target,
             memory_budget=budget,
-            dtype=dtype,
-            batch_size=batch_size,
-            device=device,
-            workers=workers,
-            on_bad_image=on_bad_image,
-            progress=not quiet,
+            **options,
         )
     click.echo(
         f"{out}: {manifest.factory} over {manifest.count:,} x {manifest.dim}, "
@@ -106,46 +119,18 @@ def build(
 
 @main.command(context_settings=CONTEXT)
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--data", "data", required=True, help="Data SPEC to encode.")
+@click.option("--data", required=True, help="Data SPEC to encode.")
 @click.option(
     "--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="bank.h5 to write."
 )
-@click.option("--teacher", is_flag=True, help="Encode with the checkpoint's teacher.")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
-@click.option("--batch-size", default=256, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--workers", default=2, show_default=True)
-@click.option("--on-bad-image", type=click.Choice(["error", "skip"]), default="error", show_default=True)
-@click.option("--quiet", is_flag=True)
+@export_options
 @verbose_option
 @user_errors
-def export(
-    checkpoint: Path,
-    data: str,
-    out: Path,
-    teacher: bool,
-    dtype: str,
-    batch_size: int,
-    device: str,
-    workers: int,
-    on_bad_image: str,
-    quiet: bool,
-) -> None:
+def export(checkpoint: Path, data: str, out: Path, **options: object) -> None:
     """Export a bank only (resumable). Under torchrun each process writes its shard; join them after."""
     from isdretrieve.bank import export_bank
 
-    result = export_bank(
-        checkpoint,
-        data,
-        out,
-        which="teacher" if teacher else "student",
-        dtype=dtype,
-        batch_size=batch_size,
-        device=device,
-        workers=workers,
-        on_bad_image=on_bad_image,
-        progress=not quiet,
-    )
+    result = export_bank(checkpoint, data, out, **export_kwargs(**options))
     skipped = f", {result.skipped} unreadable images skipped" if result.skipped else ""
     click.echo(f"{result.path}: {result.rows:,} rows, {result.images_per_s:,.0f} images/s{skipped}")
 
