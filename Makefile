@@ -20,7 +20,7 @@ $(BIN)/isd-train: pyproject.toml
 venv: $(BIN)/isd-train
 
 demo: venv
-	$(BIN)/isd-train training/digits-isd.yaml --out runs/demo
+	$(BIN)/isd-train training/digits-isd.yaml --out runs/demo --resume
 
 lint: venv
 	$(BIN)/ruff check isdretrieve tests benchmarks
