@@ -26,15 +26,27 @@ def fsync_path(path: Path) -> None:
 
 
 @contextlib.contextmanager
+def names_file(path: str | Path) -> Iterator[None]:
+    """Re-raise an OSError that names no file (a failed write: disk full) as one that names ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path to write; on success it replaces ``path``, on failure it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        yield tmp
-        fsync_path(tmp)
-        os.replace(tmp, path)
+        with names_file(path):  # a failed write (disk full) names no file: name the one being written
+            yield tmp
+            fsync_path(tmp)
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

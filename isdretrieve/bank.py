@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from isdretrieve import __version__
-from isdretrieve.atomic import atomic_path, fsync_path
+from isdretrieve.atomic import atomic_path, fsync_path, names_file
 from isdretrieve.data import IMAGENET_MEAN, IMAGENET_STD, ArrayDataset, ImageDataset, eval_view, open_dataset
 from isdretrieve.data.specs import DataSpec, parse_spec
 from isdretrieve.errors import BankError, CheckpointError, DataError
@@ -577,7 +577,7 @@ def export_bank(
         h5 = h5py.File(out, "r+")
     except OSError as exc:
         raise BankError(f"cannot open {out} for writing (another export writing it?): {exc}") from None
-    with h5:
+    with h5, names_file(out):
         rows, resumed_from, items, skipped = (
             int(h5.attrs["rows_done"]),
             int(h5.attrs["rows_done"]),

@@ -1,5 +1,7 @@
 """The exceptions a user can cause; the CLI turns them into one clear line and a non-zero exit."""
 
+import signal
+
 
 class IsdError(Exception):
     """Base class for every error caused by user input (bad path, bad recipe, bad checkpoint, ...)."""
@@ -23,3 +25,13 @@ class TrainingDiverged(IsdError):
 
 class BankError(IsdError):
     """A feature bank is missing, incomplete, corrupt or does not match."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped on SIGTERM/SIGINT after saving a checkpoint; the CLI exits with 128 + signal."""
+
+    def __init__(self, signum: int, checkpoint: object) -> None:
+        self.signum, self.checkpoint = signum, checkpoint
+        self.exit_code = 128 + signum
+        name = signal.Signals(signum).name
+        super().__init__(f"interrupted by {name}: checkpoint saved to {checkpoint}; continue with --resume")

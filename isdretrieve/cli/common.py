@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -25,11 +26,19 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except (IsdError, OSError) as exc:
             if verbose:
                 traceback.print_exc()
-            message = str(exc) if isinstance(exc, IsdError) else f"{exc.strerror or exc}: {exc.filename}"
+            message = str(exc) if isinstance(exc, IsdError) else _os_message(exc)
             click.echo(f"error: {message}", err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as exc:  # Ctrl-C, or training's ``Interrupted`` (checkpoint saved)
+            click.echo(str(exc) or "interrupted", err=True)
+            sys.exit(getattr(exc, "exit_code", 130))
 
     return wrapper
+
+
+def _os_message(exc: OSError) -> str:
+    """``No space left on device: PATH``; without a file name just the reason (never ``: None``)."""
+    reason = exc.strerror or str(exc)
+    if isinstance(exc, FileExistsError) and exc.filename and os.path.isfile(exc.filename):
+        reason = "a file is in the way of a folder"  # mkdir of OUT's parent: 'File exists' confuses
+    return f"{reason}: {exc.filename}" if exc.filename is not None else reason

@@ -71,9 +71,9 @@ class BatchSource:
             for s in range(self.steps_per_epoch)
         ]
 
-    def epoch(self, epoch: int) -> Iterator[StepBatch]:
-        """The batches of ``epoch`` for this rank, in order."""
-        local = self._local_indices(epoch)
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[StepBatch]:
+        """The batches of ``epoch`` for this rank, in order, from step ``start`` (a mid-epoch resume)."""
+        local = self._local_indices(epoch)[start:]
         if self.images is not None:
             for idx in local:
                 idx = idx.to(self.device)

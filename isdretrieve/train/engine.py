@@ -5,7 +5,10 @@ It knows nothing method-specific: a method takes a ``Batch`` of views and return
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from isdretrieve.data import augment_views, open_dataset, parse_spec, view_config
-from isdretrieve.errors import CheckpointError, RecipeError, TrainingDiverged
+from isdretrieve.errors import CheckpointError, Interrupted, RecipeError, TrainingDiverged
 from isdretrieve.models import EncoderHeader, build_backbone, export_encoder
 from isdretrieve.train import distributed
 from isdretrieve.train.batches import BatchSource, epoch_generator
@@ -85,6 +88,8 @@ class Trainer:
             weight_decay=recipe.optim.weight_decay,
         )
         self.epoch, self.step, self.finished = 0, 0, False
+        self.epoch_step, self.aug_state = 0, None  # set by a mid-epoch (signal) checkpoint on resume
+        self.stop_signal: int | None = None
         self.knn_init: KnnResult | None = None
         self.knn: KnnResult | None = None
         self.checkpoint: Path | None = None
@@ -163,12 +168,23 @@ class Trainer:
             self._load_state(*found)
 
     def _load_state(self, path: Path, state: dict[str, Any]) -> None:
+        saved = state.get("recipe", {})
+        for key, now in (("method.name", self.recipe.method.name), ("model.arch", self.recipe.model.arch)):
+            section, name = key.split(".")
+            was = saved.get(section, {}).get(name, now)
+            if was != now:
+                raise CheckpointError(
+                    f"cannot resume from {path}: it was trained with {key}={was}, this recipe has {now}"
+                )
         try:
             self.method.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, KeyError, ValueError) as exc:
-            raise CheckpointError(f"cannot resume from {path}: it does not fit this recipe ({exc})") from None
+            raise CheckpointError(
+                f"cannot resume from {path}: it does not fit this recipe ({_one_line(exc)})"
+            ) from None
         self.epoch, self.step, self.finished = state["epoch"], state["step"], state.get("finished", False)
+        self.epoch_step, self.aug_state = state.get("epoch_step", 0), state.get("aug_rng")
         self.knn_init = KnnResult(**state["knn_init"]) if state.get("knn_init") else None
         self.knn = KnnResult(**state["knn"]) if state.get("knn") else None
         self.checkpoint = path
@@ -177,25 +193,55 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         """Train to the recipe's budget, checkpointing as configured; returns where things ended up."""
-        try:
+        with self._stop_on_signals():
             if self.monitor is not None and self.knn_init is None:
                 self.knn_init = self._evaluate()
                 self.log.write({"epoch": 0, "step": self.step, **_prefixed("knn_", self.knn_init)})
                 self.log.info(f"k-NN before training: top-1 {self.knn_init.top1:.4f}")
-            while not self.finished:
-                self._train_epoch()
-            return self._finish()
+            try:
+                while not self.finished:
+                    self._train_epoch()
+                return self._finish()
+            finally:
+                self.log.close()
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """While training, SIGTERM/SIGINT only set a flag: the loop ends its step, checkpoints and stops."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum: int, frame: Any) -> None:
+            self.stop_signal = signum
+
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
         finally:
-            self.log.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _should_stop(self, at_log_step: bool) -> bool:
+        if not self.dist.enabled:
+            return self.stop_signal is not None
+        if not at_log_step:  # every rank must agree: only ask at the steps that already synchronise
+            return False
+        flag = torch.tensor(float(self.stop_signal is not None), device=self.device)
+        return bool(distributed.all_reduce_mean(flag) > 0)
 
     def _train_epoch(self) -> None:
-        recipe, epoch = self.recipe, self.epoch
-        steps = min(self.batches.steps_per_epoch, self.total_steps - self.step)
+        recipe, epoch, start = self.recipe, self.epoch, self.epoch_step
+        steps = min(self.batches.steps_per_epoch, self.total_steps - (self.step - start))
         self.log.start_epoch(epoch, recipe.optim.epochs, steps)
         aug_gen = epoch_generator(recipe.engine.seed, epoch, self.device, stream=1 + self.dist.rank)
+        if self.aug_state is not None:  # resuming mid-epoch: continue the epoch's augmentation stream
+            aug_gen.set_state(self.aug_state)
+            self.log.advance(start)
+        self.epoch_step, self.aug_state = 0, None
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         t0, seen = time.perf_counter(), 0
-        for i, (images, labels, indices) in enumerate(self.batches.epoch(epoch)):
+        for i, (images, labels, indices) in enumerate(self.batches.epoch(epoch, start), start=start):
             if i >= steps:
                 break
             lr = learning_rate(recipe.optim, self.step, self.batches.steps_per_epoch, self.total_steps)
@@ -213,6 +259,11 @@ class Trainer:
                 self._log_step(out, lr, grad_norm, rate)
                 self.log.advance(0, f"loss {out.loss.item():.4f}  {rate:,.0f} img/s")
             self.log.advance(1)
+            if self._should_stop(grad_norm is not None) and i + 1 < steps:
+                self._check_finite(nonfinite)
+                self._save(epoch_step=i + 1, aug_rng=aug_gen.get_state())
+                self.log.end_epoch()
+                raise Interrupted(self.stop_signal or signal.SIGTERM, self.checkpoint)
         self._check_finite(nonfinite)
         self.log.end_epoch()
         self.epoch += 1
@@ -227,8 +278,11 @@ class Trainer:
         self.log.write(record)
         knn = f", k-NN top-1 {self.knn.top1:.4f}" if "knn_top1" in record else ""
         self.log.info(f"epoch {self.epoch}: {record['images_per_s']:,.0f} img/s, {elapsed:.1f} s{knn}")
-        if self.epoch % recipe.engine.checkpoint_every == 0 or self.finished:
+        stop = self._should_stop(at_log_step=True)
+        if self.epoch % recipe.engine.checkpoint_every == 0 or self.finished or stop:
             self._save()
+        if stop and not self.finished:
+            raise Interrupted(self.stop_signal or signal.SIGTERM, self.checkpoint)
 
     def optimize(self, batch: Batch, want_grad_norm: bool = False) -> tuple[Any, float | None]:
         """One optimisation step on ``batch``: forward (method), backward, SGD step."""
@@ -275,7 +329,7 @@ class Trainer:
     def _evaluate(self) -> KnnResult:
         return self.monitor.evaluate(self.method.feature_backbone, self.autocast_dtype)
 
-    def _save(self) -> None:
+    def _save(self, epoch_step: int = 0, aug_rng: torch.Tensor | None = None) -> None:
         if self.dist.is_main:
             state = {
                 "method": self.recipe.method.name,
@@ -289,8 +343,10 @@ class Trainer:
                 "knn_init": to_dict(self.knn_init) if self.knn_init else None,
                 "knn": to_dict(self.knn) if self.knn else None,
             }
+            if epoch_step:  # a mid-epoch (signal) checkpoint: where to pick the epoch up again
+                state.update(epoch_step=epoch_step, aug_rng=aug_rng.cpu())
             self.checkpoint = save_checkpoint(
-                self.out_dir, state, self.epoch, self.recipe.engine.keep_checkpoints
+                self.out_dir, state, self.epoch, self.recipe.engine.keep_checkpoints, epoch_step
             )
         distributed.barrier()
 
@@ -312,6 +368,13 @@ _NO_BUFFER_SYNC = (
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
     else {"broadcast_buffers": False}
 )
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    """The gist of a (possibly many-line) error: torch's state_dict errors list every key on new lines."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    text = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _prefixed(prefix: str, result: KnnResult) -> dict[str, Any]:
