@@ -134,9 +134,9 @@ def classify(
         scores = vote(
             torch.from_numpy(sims[:, :k]), neighbour_labels[:, :k], num_classes, temperature, weighting
         )
-        ranked = scores.topk(min(5, num_classes), dim=1).indices
+        top_scores, ranked = scores.topk(min(5, num_classes), dim=1)
         hit1 = ranked[:, 0] == truth
-        hit5 = (ranked == truth[:, None]).any(dim=1)
+        hit5 = ((ranked == truth[:, None]) & (top_scores > 0)).any(dim=1)  # a class without votes is no guess
         per_class = {}
         for c in np.unique(test_labels):
             name = class_names[c] if class_names and c < len(class_names) else str(int(c))

@@ -91,3 +91,10 @@ def test_linear_probe_learns_digits(digits_features):
     (train, train_y), (test, test_y) = digits_features["train"], digits_features["test"]
     result = linear_probe(*(torch.from_numpy(a) for a in (train, train_y, test, test_y)))
     assert result.top1 > 0.85 and result.top5 >= result.top1 and result.train_top1 > 0.9
+
+
+def test_top5_counts_only_classes_that_got_votes():
+    sims, rows = np.array([[0.9], [0.8]]), np.array([[0], [1]])
+    labels = np.array([7, 7])
+    (r,) = classify(sims, rows, labels, np.array([7, 0]), ks=(1,), temperature=0.1, weighting="exp")
+    assert r.top1 == 0.5 and r.top5 == 0.5  # class 0 got no vote: not a top-5 hit by tie order
