@@ -39,3 +39,12 @@ def _few_threads():
     """Tests run on 2-core machines: keep torch from oversubscribing them."""
     torch.set_num_threads(2)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, 2 threads stall on each other's barriers."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
