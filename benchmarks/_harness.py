@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import statistics
+import tarfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -17,6 +18,20 @@ from typing import Any
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+REPO = RESULTS.parents[1]
+CIFAR_TARBALL = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+CIFAR_DIR = REPO / ".data" / "cifar10-jpeg"  # git-ignored
+
+
+def cifar_root() -> Path | None:
+    """The shared CIFAR-10 JPEG copy (train/, test/), unpacked into .data/ on first use; None if absent."""
+    if not (CIFAR_DIR / "train").is_dir():
+        if not CIFAR_TARBALL.exists():
+            return None
+        CIFAR_DIR.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(CIFAR_TARBALL) as tar:
+            tar.extractall(CIFAR_DIR, filter="data")
+    return CIFAR_DIR
 
 
 def _cpu_model() -> str:

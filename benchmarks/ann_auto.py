@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -26,15 +25,13 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from _harness import machine_info, write_result  # noqa: E402
+from _harness import CIFAR_TARBALL, cifar_root, machine_info, write_result  # noqa: E402
 
 from isdretrieve.bank import encoder_fingerprint, write_bank  # noqa: E402
 from isdretrieve.data import IMAGENET_MEAN, IMAGENET_STD, augment_views, open_dataset, view_config  # noqa: E402
 from isdretrieve.index import SearchIndex, build_index, recall_at_k  # noqa: E402
 from isdretrieve.models import EncoderHeader, build_backbone, load_backbone  # noqa: E402
 
-DATA = REPO / ".data" / "cifar10-jpeg"
-TARBALL = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 ENCODER = REPO / "runs" / "cifar-small" / "encoder.pt"
 OUT = REPO / "indices" / "cifar10-views-500k"
 VIEWS, BATCH, SEED = 10, 1024, 0
@@ -44,11 +41,10 @@ K, TARGET, QUERIES, REPEATS = 10, 0.95, 1000, 3
 
 def cifar_train() -> tuple[torch.Tensor, torch.Tensor, str]:
     """All 50,000 CIFAR-10 train images (uint8) and labels, unpacking the shared JPEG copy if needed."""
-    if not (DATA / "train").is_dir():
-        DATA.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(TARBALL) as tar:
-            tar.extractall(DATA, filter="data")
-    spec = f"folder:{DATA.relative_to(REPO)},split=train"
+    root = cifar_root()
+    if root is None:
+        raise SystemExit(f"the shared CIFAR-10 copy is missing: {CIFAR_TARBALL}")
+    spec = f"folder:{root.relative_to(REPO)},split=train"
     dataset = open_dataset(spec)
     return dataset.load_all(num_workers=2), dataset.labels, spec
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # the harness, and this checkout's isdretrieve
-from _harness import summary, timed, write_result  # noqa: E402
+from _harness import cifar_root, summary, timed, write_result  # noqa: E402
 
 from isdretrieve.bank import export_bank, preset_for  # noqa: E402
 from isdretrieve.data import ArrayDataset, eval_view, open_dataset  # noqa: E402
@@ -36,18 +35,6 @@ from isdretrieve.models import (  # noqa: E402
 
 REPO = HERE.parent
 TARGET = 1.10
-
-
-def cifar_root() -> Path | None:
-    """The unpacked shared CIFAR-10 JPEG copy (unpacked into .cache/ as the tests do), or None."""
-    cache, tarball = REPO / ".cache" / "cifar10-jpeg", REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-    if not (cache / ".unpacked").exists():
-        if not tarball.exists():
-            return None
-        with tarfile.open(tarball) as tar:
-            tar.extractall(cache, filter="data")
-        (cache / ".unpacked").write_text("unpacked by benchmarks/export_overhead.py\n")
-    return next(p.parent for p in cache.rglob("test") if p.is_dir() and (p.parent / "train").is_dir())
 
 
 class InMemory(ArrayDataset):
@@ -70,7 +57,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     root = cifar_root()
-    spec, size = (f"folder:{root},split=test", 32) if root else ("digits", 16)
+    spec, size = (f"folder:{root.relative_to(REPO)},split=test", 32) if root else ("digits", 16)
     data = InMemory(open_dataset(spec))
     bs = args.batch_size
     with tempfile.TemporaryDirectory() as tmp:

@@ -21,14 +21,13 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
-from _harness import summary, write_result  # noqa: E402
+from _harness import cifar_root, summary, write_result  # noqa: E402
 
 from isdretrieve.bank import write_bank  # noqa: E402
 from isdretrieve.data import open_dataset  # noqa: E402
 from isdretrieve.evaluation import knn_evaluate, open_test_bank  # noqa: E402
 from isdretrieve.index import SearchIndex, build_index  # noqa: E402
 
-CIFAR = HERE.parent / ".data" / "cifar10-jpeg"
 DIM, TARGET = 512, 1.2
 
 
@@ -45,10 +44,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     projection = torch.randn(3 * 32 * 32, DIM, generator=torch.Generator().manual_seed(0))
-    has_cifar = (CIFAR / "train").is_dir()
+    root = cifar_root()
+    has_cifar = root is not None
     specs = ("digits", "digits,split=test")
     if has_cifar:
-        specs = (f"folder:{CIFAR},split=train", f"folder:{CIFAR},split=test")
+        specs = (f"folder:{root},split=train", f"folder:{root},split=test")
     train = projected(specs[0], 50_000, projection)
     test = projected(specs[1], 10_000, projection)
     with tempfile.TemporaryDirectory() as tmp:
