@@ -160,7 +160,8 @@ def _base_attrs(
     }
 
 
-def _plain(value: Any) -> Any:
+def attr_value(value: Any) -> Any:
+    """An HDF5 attribute as a plain Python value (bytes decoded, NumPy scalars and arrays unwrapped)."""
     if isinstance(value, bytes):
         return value.decode()
     if isinstance(value, np.generic):
@@ -250,7 +251,7 @@ class FeatureBank:
     def __init__(self, path: Path, h5: h5py.File) -> None:
         self.path = path
         self._h5 = h5
-        self.attrs: dict[str, Any] = {key: _plain(value) for key, value in h5.attrs.items()}
+        self.attrs: dict[str, Any] = {key: attr_value(value) for key, value in h5.attrs.items()}
         self.fingerprint: str = str(self.attrs.get("fingerprint", ""))
         self.transform: str = str(self.attrs.get("transform", ""))
         self.data_spec: str = str(self.attrs.get("data_spec", ""))
@@ -331,7 +332,7 @@ class FeatureBank:
 
 
 def _check_complete(h5: h5py.File, path: Path) -> None:
-    fmt = _plain(h5.attrs.get("format"))
+    fmt = attr_value(h5.attrs.get("format"))
     if fmt != BANK_FORMAT:
         what = "no format attribute" if fmt is None else f"format {fmt!r}"
         raise BankError(f"{path} is not a feature bank ({what}; expected {BANK_FORMAT})")
@@ -446,7 +447,7 @@ def _open_data(data: str | DataSpec | ImageDataset, preset: str) -> ImageDataset
     return open_dataset(spec)
 
 
-def _items_sha256(dataset: ImageDataset, lo: int, hi: int) -> str:
+def items_sha256(dataset: ImageDataset, lo: int, hi: int) -> str:
     """First 16 hex digits of a SHA-256 over the names of items lo..hi-1: a resume must see the same files."""
     digest = hashlib.sha256()
     for i in range(lo, hi):
@@ -466,21 +467,21 @@ def _check_existing(out: Path, expect: dict[str, Any]) -> bool:
             f"{out} exists but cannot be opened as an HDF5 file ({exc}); {_DELETE_HINT}"
         ) from None
     with h5:
-        if _plain(h5.attrs.get("format")) != BANK_FORMAT:
+        if attr_value(h5.attrs.get("format")) != BANK_FORMAT:
             raise BankError(f"{out} exists and is not a feature bank: {_DELETE_HINT}")
         if any(name not in h5 for name in ("features", "labels", "indices", "paths")):
             raise BankError(f"{out} is a corrupt feature bank (datasets missing): {_DELETE_HINT}")
         found = {
-            "fingerprint": _plain(h5.attrs.get("fingerprint")),
-            "data": _plain(h5.attrs.get("data_spec")),
+            "fingerprint": attr_value(h5.attrs.get("fingerprint")),
+            "data": attr_value(h5.attrs.get("data_spec")),
             "dtype": str(h5["features"].dtype),
-            "shard": "/".join(map(str, json.loads(_plain(h5.attrs.get("shard", "[0, 1]"))))),
+            "shard": "/".join(map(str, json.loads(attr_value(h5.attrs.get("shard", "[0, 1]"))))),
             "dim": int(h5["features"].shape[1]),
         }
         if "items_total" in h5.attrs:
             found["images"] = int(h5.attrs["items_total"])
         if "items_sha256" in h5.attrs:  # not in joined banks
-            found["file list sha256"] = _plain(h5.attrs["items_sha256"])
+            found["file list sha256"] = attr_value(h5.attrs["items_sha256"])
         complete = bool(h5.attrs.get("complete", False))
     diffs = [
         f"{key} {found[key]} (wanted {want})"
@@ -546,7 +547,7 @@ def export_bank(
         "shard": f"{rank}/{world}",
         "dim": dim,
         "images": hi - lo,
-        "file list sha256": _items_sha256(dataset, lo, hi),
+        "file list sha256": items_sha256(dataset, lo, hi),
     }
     if out.exists():
         if _check_existing(out, expect):
@@ -584,7 +585,7 @@ def export_bank(
             int(h5.attrs["items_done"]),
             int(h5.attrs["skipped"]),
         )
-        skipped_paths = list(json.loads(_plain(h5.attrs["skipped_paths"])))
+        skipped_paths = list(json.loads(attr_value(h5.attrs["skipped_paths"])))
         processed = 0
         with _progress_bar(progress, total=hi - lo, done=items) as advance, torch.inference_mode():
             batches = _batches(dataset, lo + items, hi, batch_size, workers, run_device.type == "cuda")

@@ -284,7 +284,7 @@ def _read_rows(bank: FeatureBank, rows: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(parts))
 
 
-def _bank_exact_search(bank: FeatureBank, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def bank_exact_search(bank: FeatureBank, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k over the whole bank, one block at a time, keeping the best k seen so far."""
     scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
     rows = np.full((len(queries), k), -1, dtype=np.int64)
@@ -498,7 +498,7 @@ def build_index(
             params, recall, recall_queries = {}, 1.0, 0
         else:
             xq = _read_rows(bank, _sample_rows(n, queries, seed))  # as SearchIndex.recall(seed=seed)
-            truth = _bank_exact_search(bank, xq, k)[1]
+            truth = bank_exact_search(bank, xq, k)[1]
             params, recall = _tune(index, gpu_index, xq, truth, recall_target, progress)
             recall_queries = len(xq)
         tune_seconds = time.perf_counter() - started
@@ -610,7 +610,7 @@ class SearchIndex:
         if not 1 <= k <= len(self):
             raise IsdError(f"k must be between 1 and {len(self)} (the bank's size), got {k}")
         xq = _read_rows(self.bank, _sample_rows(len(self), queries, seed))
-        truth = _bank_exact_search(self.bank, xq, k)[1]
+        truth = bank_exact_search(self.bank, xq, k)[1]
         return recall_at_k(self.search(xq, k)[1], truth)
 
     def close(self) -> None:

@@ -3,6 +3,8 @@
     r = Retriever.open("indices/cifar10-train")
     hits = r.search(["query.jpg"], k=5)        # or PIL images, a uint8/float image batch, or features
     hits[0][0].path, hits[0][0].score, hits[0][0].label
+    found = r.neighbours([17, "query.jpg", "more/"], k=8)   # bank rows (self left out), files, folders
+    found = r.neighbours(r.sample_rows(16, seed=0), k=8)    # a random sample of bank rows
 
 Images are embedded with the index's own encoder (``encoder.pt`` in the index directory, checked against
 the bank's fingerprint) and its eval transform.
@@ -24,6 +26,15 @@ from isdretrieve.data import decode_image, eval_view, pil_to_tensor
 from isdretrieve.errors import BankError, DataError
 from isdretrieve.index import SearchIndex
 from isdretrieve.models import EncoderHeader, load_backbone
+from isdretrieve.neighbours import (
+    Neighbour,
+    NeighbourQuery,
+    NeighbourResult,
+    QueryError,
+    QueryItem,
+    expand_queries,
+    label_differs,
+)
 
 ImageLike = str | Path | Image.Image
 Queries = ImageLike | Sequence[ImageLike] | torch.Tensor | np.ndarray
@@ -59,6 +70,11 @@ class Retriever:
     @property
     def dim(self) -> int:
         return self.index.bank.dim
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names of the bank's labels (empty when the data set had none)."""
+        return self.index.bank.classes
 
     def _load_encoder(self) -> tuple[torch.nn.Module, EncoderHeader]:
         if self._encoder is None:
@@ -96,6 +112,67 @@ class Retriever:
             ]
             for score_row, row_row in zip(scores, rows, strict=True)
         ]
+
+    def sample_rows(self, n: int, seed: int = 0) -> list[int]:
+        """``n`` distinct bank rows (all rows when ``n`` >= the bank's size) drawn with ``seed``, sorted."""
+        if n < 1:
+            raise QueryError(f"the sample size must be at least 1, got {n}")
+        rng = np.random.default_rng(seed)
+        return sorted(
+            int(r) for r in rng.choice(len(self.index), size=min(n, len(self.index)), replace=False)
+        )
+
+    def neighbours(self, queries: QueryItem | Sequence[QueryItem], k: int = 10) -> list[NeighbourResult]:
+        """The k nearest bank rows of each query, in the order given: bank rows (``int``, each left out of
+        its own neighbours), image paths, folders (their images, sorted) or PIL images."""
+        items = expand_queries(queries)
+        n = len(self.index)
+        has_rows = any(isinstance(item, int) for item in items)
+        most = n - 1 if has_rows else n
+        if not 1 <= k <= most:
+            raise QueryError(f"k must be between 1 and {most} for this bank of {n:,} rows, got {k}")
+        described = [self._describe(number, item) for number, item in enumerate(items)]
+        features = np.zeros((len(items), self.dim), dtype=np.float32)
+        images = [i for i, query in enumerate(described) if query.row is None]
+        for start in range(0, len(images), 256):  # bounded memory for large query folders
+            chunk = images[start : start + 256]
+            features[chunk] = self.encode([items[i] for i in chunk]).numpy()
+        for i, query in enumerate(described):
+            if query.row is not None:
+                features[i] = self.index.bank.features(query.row, query.row + 1)[0]
+        scores, rows = self.index.search(features, min(k + 1, n) if has_rows else k)
+        return [
+            NeighbourResult(query, self._hits(query, score_row, row_row, k))
+            for query, score_row, row_row in zip(described, scores, rows, strict=True)
+        ]
+
+    def _describe(self, number: int, item: QueryItem) -> NeighbourQuery:
+        """The query ``item`` (the ``number``-th) with its row, dataset index, label and path."""
+        if isinstance(item, int):
+            if not 0 <= item < len(self.index):
+                raise QueryError(f"unknown bank row {item}: the bank has rows 0..{len(self.index) - 1}")
+            index, label = int(self._indices[item]), int(self._labels[item])
+            return NeighbourQuery(f"row {item}", item, index, label, self._paths[item])
+        if isinstance(item, Image.Image):
+            return NeighbourQuery(f"image {number}", None, None, -1, "", item)
+        return NeighbourQuery(str(item), None, None, -1, str(item))
+
+    def _hits(
+        self, query: NeighbourQuery, scores: np.ndarray, rows: np.ndarray, k: int
+    ) -> tuple[Neighbour, ...]:
+        """The first k found rows other than the query's own row (missing ones, row -1, dropped)."""
+        kept = [(float(s), int(r)) for s, r in zip(scores, rows, strict=True) if r >= 0 and r != query.row]
+        return tuple(
+            Neighbour(
+                row,
+                int(self._indices[row]),
+                score,
+                int(self._labels[row]),
+                self._paths[row],
+                label_differs(query.label, int(self._labels[row])),
+            )
+            for score, row in kept[:k]
+        )
 
     def _as_features(self, queries: Queries) -> np.ndarray:
         if (

@@ -1,4 +1,5 @@
-"""Shared fixtures: the CIFAR-10 copy from ../shared/data, unpacked once into a git-ignored cache."""
+"""Shared fixtures: the CIFAR-10 copy from ../shared/data (unpacked once into a git-ignored cache),
+thread limits, and random-init encoders for bank/index tests."""
 
 from __future__ import annotations
 
@@ -48,3 +49,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def random_encoder(path: Path, *, image_size: int = 16, seed: int = 0) -> Path:
+    """A random-init small CNN exported as an ``encoder.pt`` for ``image_size`` inputs (ImageNet stats)."""
+    from isdretrieve.models import EncoderHeader, build_backbone, export_encoder
+    from isdretrieve.models.checkpoints import IMAGENET_MEAN, IMAGENET_STD
+
+    torch.manual_seed(seed)
+    header = EncoderHeader("small_cnn", False, 256, image_size, IMAGENET_MEAN, IMAGENET_STD)
+    export_encoder(build_backbone("small_cnn"), header, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_encoder():
+    """:func:`random_encoder`, for tests that need an encoder file."""
+    return random_encoder

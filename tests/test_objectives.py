@@ -64,6 +64,46 @@ def test_info_nce_multi_positive_with_mask_matches_formula():
     assert np.isclose(got.item(), expected, rtol=1e-9)
 
 
+def test_info_nce_positive_mask_drops_a_positive_from_numerator_and_denominator():
+    qv, pos, queue = _unit(3, 5, 3), _unit(6, 5, 4).reshape(3, 2, 5), _unit(10, 5, 5)
+    keep = np.array([[True, True], [True, False], [True, False]])
+    tau = 0.2
+    expected = 0.0
+    for b in range(3):
+        kept = [pos[b, p] for p in range(2) if keep[b, p]]
+        denom = sum(np.exp(qv[b] @ c / tau) for c in kept + list(queue))
+        expected += -np.mean([np.log(np.exp(qv[b] @ c / tau) / denom) for c in kept])
+    expected /= 3
+    args = (torch.tensor(qv), torch.tensor(pos), torch.tensor(queue), tau)
+    got = info_nce(*args, positive_mask=torch.tensor(keep))
+    assert np.isclose(got.item(), expected, rtol=1e-9)
+    # a row whose second positive is dropped scores exactly as MoCo's single-positive loss
+    single = info_nce(args[0][1:2], args[1][1:2, 0], args[2], tau)
+    alone = info_nce(args[0][1:2], args[1][1:2], args[2], tau, positive_mask=torch.tensor(keep[1:2]))
+    assert torch.isclose(single, alone, rtol=1e-12)
+
+
+def test_similarity_distillation_extra_anchor_per_sample_matches_formula():
+    s, t, q, extra = _unit(4, 8, 0), _unit(4, 8, 1), _unit(30, 8, 2), _unit(4, 8, 3)
+    keep = np.array([True, False, True, True])
+    tau_s, tau_t = 0.1, 0.02
+    expected = 0.0
+    for b in range(4):
+        anchors = np.concatenate([q, extra[b : b + 1]]) if keep[b] else q
+        p_s = _softmax((s[b] @ anchors.T / tau_s)[None])[0]
+        p_t = _softmax((t[b] @ anchors.T / tau_t)[None])[0]
+        expected += np.sum(p_t * (np.log(p_t) - np.log(p_s)))
+    expected /= 4
+    got = similarity_distillation(
+        *(torch.tensor(a) for a in (s, t, q)),
+        tau_s,
+        tau_t,
+        extra_anchors=torch.tensor(extra).unsqueeze(1),
+        extra_mask=torch.tensor(keep).unsqueeze(1),
+    )
+    assert np.isclose(got.item(), expected, rtol=1e-9, atol=1e-12)
+
+
 def test_normalized_mse_is_two_minus_two_cosine():
     p, z = np.random.default_rng(0).normal(size=(2, 7, 16))
     cos = np.sum(p * z, axis=1) / (np.linalg.norm(p, axis=1) * np.linalg.norm(z, axis=1))

@@ -27,6 +27,7 @@ from isdretrieve.cli.index import main as index_main
 from isdretrieve.cli.train import main as train_main
 from isdretrieve.errors import BankError, Interrupted, IsdError
 from isdretrieve.index import SearchIndex, build_index
+from isdretrieve.mining import MiningParams, Pairs, mine_pairs
 from isdretrieve.models import EncoderHeader, build_backbone, export_encoder, safe_load
 from isdretrieve.models.checkpoints import IMAGENET_MEAN, IMAGENET_STD
 from isdretrieve.train import Trainer, load_recipe
@@ -382,5 +383,78 @@ def test_index_build_killed_is_never_opened_and_rerun_completes(
         np.testing.assert_array_equal(da, db)
 
 
-def test_mining_output_killed_then_rerun() -> None:
-    pytest.skip("mining does not exist yet: its crash-safety test arrives with the mining issue")
+_MINE_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    import isdretrieve.mining as mining
+
+    real, calls = mining.drop_self_matches, [0]
+
+    def die_after(*args):
+        calls[0] += 1
+        if calls[0] > int(sys.argv[3]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args)
+
+    mining.drop_self_matches = die_after
+    mining.mine_pairs(sys.argv[1], sys.argv[2], mining.MiningParams(k=4, mutual=True), chunk_rows=50)
+    """
+)
+
+
+def _pairs_arrays(path: Path) -> tuple:
+    pairs = Pairs.open(path)
+    return tuple(
+        getattr(pairs, name).tobytes()
+        for name in ("offsets", "rows", "similarities", "candidate_rows", "candidate_similarities")
+    )
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mining_killed_at_a_random_chunk_then_rerun_is_identical(
+    seed: int, straight_bank: Path, tmp_path: Path
+) -> None:
+    chunks = random.Random(seed).randrange(0, 9)  # 450 rows in chunks of 50
+    params = MiningParams(k=4, mutual=True)
+    reference = tmp_path / "ref.h5"
+    mine_pairs(straight_bank, reference, params, chunk_rows=50)
+    out = tmp_path / "pairs.h5"
+    args = [sys.executable, "-c", _MINE_CHILD, str(straight_bank), str(out), str(chunks)]
+    child = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert not out.exists()  # pairs.h5 appears only complete (atomic rename)
+    with pytest.raises(BankError, match="not found"):
+        Pairs.open(out)
+    done = []
+    mine_pairs(straight_bank, out, params, chunk_rows=50, progress=lambda rows, n: done.append(rows))
+    assert done[0] == 50 * (chunks + 1)  # resumed after the chunks that were on disk
+    assert _pairs_arrays(out) == _pairs_arrays(reference)
+
+
+def test_disk_full_while_mining_is_one_line_and_the_rerun_resumes(
+    straight_bank: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import h5py
+
+    real_setitem, writes = h5py.Dataset.__setitem__, [0]
+
+    def setitem(self, key, value):
+        if self.name == "/rows":
+            writes[0] += 1
+            if writes[0] == 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_setitem(self, key, value)
+
+    out = tmp_path / "pairs.h5"
+    args = ["mine", str(straight_bank), "--out", str(out), "-k", "4", "--chunk-rows", "50", "--quiet"]
+    with monkeypatch.context() as patch:
+        patch.setattr(h5py.Dataset, "__setitem__", setitem)
+        result = CliRunner().invoke(index_main, args)
+    assert result.exit_code == 2
+    partial = out.with_name("pairs.h5.partial")
+    assert result.output.strip().splitlines() == [f"error: {os.strerror(errno.ENOSPC)}: {partial}"]
+    assert not out.exists()
+    resumed = CliRunner().invoke(index_main, args)
+    assert resumed.exit_code == 0, resumed.output
+    mine_pairs(straight_bank, tmp_path / "ref.h5", MiningParams(k=4), chunk_rows=50)
+    assert _pairs_arrays(out) == _pairs_arrays(tmp_path / "ref.h5")

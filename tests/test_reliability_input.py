@@ -361,8 +361,23 @@ def test_bank_from_another_encoder_in_an_index(tmp_path: Path, work: Path, index
     assert "was made by another encoder (fingerprint" in line and line.endswith("rebuild the index")
 
 
-def test_pairs_from_another_bank() -> None:
-    pytest.skip("mining (pairs.h5) does not exist yet: this case arrives with the mining issue")
+def test_pairs_from_another_bank(tmp_path: Path, work: Path, encoder: Path, index_dir: Path) -> None:
+    from isdretrieve.mining import MiningParams, mine_pairs
+
+    pairs = tmp_path / "pairs.h5"
+    mine_pairs(index_dir / "bank.h5", pairs, MiningParams(k=2))  # mined over digits,split=test
+    recipe = tmp_path / "sepp.yaml"
+    recipe.write_text(
+        f"method: {{name: sepp, pairs: {pairs}}}\ndata: {{train: 'digits,split=train'}}\n"
+        "monitor: {every: 0}\n"
+    )
+    result = CliRunner().invoke(train_main, [str(recipe), "--out", str(tmp_path / "run"), "--quiet"])
+    line = _fails(result, f"method.pairs: {pairs} was mined over 450 images")
+    assert line.endswith("the training set has 1347: mine the bank of data.train")
+    other = _encoder(tmp_path / "other.pt", seed=1)  # the same pairs file against another bank
+    bank = export_bank(other, "digits,split=test", tmp_path / "b.h5", batch_size=150, workers=0).path
+    rerun = CliRunner().invoke(index_main, ["mine", str(bank), "--out", str(pairs), "-k", "2"])
+    assert "holds pairs mined from another bank or with other settings" in _fails(rerun, str(pairs))
 
 
 def test_verbose_shows_the_traceback(tmp_path: Path, encoder: Path) -> None:

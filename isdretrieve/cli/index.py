@@ -8,6 +8,8 @@ from pathlib import Path
 import click
 
 from isdretrieve.cli.common import user_errors, verbose_option
+from isdretrieve.cli.mine import mine
+from isdretrieve.cli.neighbours import neighbours
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -193,6 +195,9 @@ def recall(index_dir: Path, k: int, queries: int, seed: int) -> None:
             f"recall@{k} = {value:.4f} ({index.manifest.factory}, {min(queries, len(index)):,} queries)"
         )
 
+
+main.add_command(mine)
+main.add_command(neighbours)
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,7 @@ from isdretrieve.models.checkpoints import (
     load_backbone,
     safe_load,
 )
-from isdretrieve.models.heads import isd_base_predictor, projection_mlp
+from isdretrieve.models.heads import dino_head, isd_base_predictor, projection_mlp
 
 __all__ = [
     "ARCHS",
@@ -26,6 +26,7 @@ __all__ = [
     "SmallCNN",
     "atomic_save",
     "build_backbone",
+    "dino_head",
     "export_encoder",
     "extract_backbone_state",
     "feature_dim",

@@ -4,14 +4,19 @@ Small data sets (digits, CIFAR) are loaded once into device memory and indexed t
 waits for a loader; large ones stream through a DataLoader whose workers decode on CPU. Either way the
 epoch's order is a permutation drawn from (seed, epoch) and rank r takes its slice of each global batch,
 so a run on N processes sees the same global batches as a run on one.
+
+Methods that pair images (SePP, AdaSim) hand over a partner map once per epoch: one dataset index per
+image as a compact [N] array. In memory the partner images are gathered on the device; streamed, the
+workers decode them next to the batch's own images.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from isdretrieve.data import ImageDataset
 from isdretrieve.errors import RecipeError
@@ -19,7 +24,28 @@ from isdretrieve.train.distributed import DistContext
 
 IN_MEMORY_LIMIT_BYTES = 4 << 30  # "auto" keeps data sets up to 4 GiB of uint8 pixels on the device
 
-StepBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images uint8 [b,3,H,W], labels, indices
+
+class StepBatch(NamedTuple):
+    images: torch.Tensor  # uint8 [b,3,H,W]
+    labels: torch.Tensor  # [b]
+    indices: torch.Tensor  # dataset index of each image [b]
+    partner_images: torch.Tensor | None = None  # uint8 [b,3,H,W] of each image's partner
+    partners: torch.Tensor | None = None  # dataset index of each partner [b]
+
+
+class _WithPartners(Dataset):
+    """Items of ``dataset`` followed by the partner's image and index (decoded only when not itself)."""
+
+    def __init__(self, dataset: ImageDataset, partners: torch.Tensor) -> None:
+        self.dataset, self.partners = dataset, partners.cpu().share_memory_()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int, torch.Tensor, int]:
+        image, label, index = self.dataset[i]
+        j = int(self.partners[index])
+        return image, label, index, (image if j == index else self.dataset[j][0]), j
 
 
 def epoch_generator(
@@ -71,24 +97,29 @@ class BatchSource:
             for s in range(self.steps_per_epoch)
         ]
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[StepBatch]:
-        """The batches of ``epoch`` for this rank, in order, from step ``start`` (a mid-epoch resume)."""
+    def epoch(self, epoch: int, start: int = 0, partners: torch.Tensor | None = None) -> Iterator[StepBatch]:
+        """The batches of ``epoch`` for this rank, in order, from step ``start`` (a mid-epoch resume),
+        with each image's partner when a partner map ([N] dataset indices) is given."""
         local = self._local_indices(epoch)[start:]
+        if partners is not None and partners.shape != (len(self.dataset),):
+            shape, n = tuple(partners.shape), len(self.dataset)
+            raise ValueError(f"partner map has shape {shape}, expected ({n},)")
         if self.images is not None:
+            partners = partners.to(self.device) if partners is not None else None
             for idx in local:
                 idx = idx.to(self.device)
-                yield self.images[idx], self.labels[idx], idx
+                if partners is None:
+                    yield StepBatch(self.images[idx], self.labels[idx], idx)
+                else:
+                    pidx = partners[idx]
+                    yield StepBatch(self.images[idx], self.labels[idx], idx, self.images[pidx], pidx)
             return
         loader = DataLoader(
-            self.dataset,
+            self.dataset if partners is None else _WithPartners(self.dataset, partners),
             batch_sampler=[idx.tolist() for idx in local],
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
         )
-        for images, labels, idx in loader:
-            yield (
-                images.to(self.device, non_blocking=True),
-                labels.to(self.device, non_blocking=True),
-                idx.to(self.device, non_blocking=True),
-            )
+        for tensors in loader:
+            yield StepBatch(*(t.to(self.device, non_blocking=True) for t in tensors))

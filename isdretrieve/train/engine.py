@@ -18,13 +18,14 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from isdretrieve.bank import items_sha256
 from isdretrieve.data import augment_views, open_dataset, parse_spec, view_config
 from isdretrieve.errors import CheckpointError, Interrupted, RecipeError, TrainingDiverged
 from isdretrieve.models import EncoderHeader, build_backbone, export_encoder
 from isdretrieve.train import distributed
-from isdretrieve.train.batches import BatchSource, epoch_generator
+from isdretrieve.train.batches import BatchSource, StepBatch, epoch_generator
 from isdretrieve.train.checkpointing import load_latest_checkpoint, save_checkpoint
-from isdretrieve.train.methods import Batch, Method, build_method
+from isdretrieve.train.methods import Batch, DataContext, Method, build_method
 from isdretrieve.train.monitor import KnnMonitor, KnnResult
 from isdretrieve.train.recipe import Recipe
 from isdretrieve.train.run_log import RunLog
@@ -78,7 +79,9 @@ class Trainer:
 
         torch.manual_seed(eng.seed)
         backbone = self._build_backbone()
-        self.method: Method = build_method(recipe.method, backbone, seed=eng.seed).to(device)
+        items = items_sha256(self.dataset, 0, len(self.dataset))
+        context = DataContext(len(self.dataset), self.dataset.labels.cpu(), eng.seed, items)
+        self.method: Method = build_method(recipe.method, backbone, context).to(device)
         if self.channels_last:
             self.method.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.SGD(
@@ -241,18 +244,18 @@ class Trainer:
         self.epoch_step, self.aug_state = 0, None
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         t0, seen = time.perf_counter(), 0
-        for i, (images, labels, indices) in enumerate(self.batches.epoch(epoch, start), start=start):
+        partners = self.method.partner_map(epoch)
+        for i, data in enumerate(self.batches.epoch(epoch, start, partners), start=start):
             if i >= steps:
                 break
             lr = learning_rate(recipe.optim, self.step, self.batches.steps_per_epoch, self.total_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            views = [self._view(images, s, aug_gen) for s in self.method.views]
-            batch = Batch(views, indices, labels, progress=self.step / max(self.total_steps, 1))
+            batch = self._batch(data, aug_gen)
             out, grad_norm = self.optimize(batch, want_grad_norm=(i + 1) % recipe.engine.log_every == 0)
             nonfinite |= ~torch.isfinite(out.loss.detach())
             self.step += 1
-            seen += images.shape[0] * self.dist.world_size
+            seen += data.images.shape[0] * self.dist.world_size
             if grad_norm is not None:
                 self._check_finite(nonfinite)
                 rate = seen / (time.perf_counter() - t0)
@@ -266,11 +269,13 @@ class Trainer:
                 raise Interrupted(self.stop_signal or signal.SIGTERM, self.checkpoint)
         self._check_finite(nonfinite)
         self.log.end_epoch()
+        diagnostics = self.method.end_epoch(epoch)
         self.epoch += 1
         elapsed = time.perf_counter() - t0
         self.finished = self.epoch >= recipe.optim.epochs or self.step >= self.total_steps
         record: dict[str, Any] = {"epoch": self.epoch, "step": self.step, "epoch_seconds": round(elapsed, 3)}
         record["images_per_s"] = round(seen / max(elapsed, 1e-9), 1)
+        record.update(diagnostics)
         every = recipe.monitor.every
         if self.monitor is not None and (self.epoch % every == 0 or self.finished):
             self.knn = self._evaluate()
@@ -298,6 +303,16 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf")).item()
         self.optimizer.step()
         return out, grad_norm
+
+    def _batch(self, data: StepBatch, generator: torch.Generator) -> Batch:
+        """Augment a step's images (and partners' images) into the views the method asks for."""
+        views = [self._view(data.images, s, generator) for s in self.method.views]
+        batch = Batch(views, data.indices, data.labels, progress=self.step / max(self.total_steps, 1))
+        if data.partner_images is not None:
+            wanted = self.method.partner_views
+            batch.partner_views = [self._view(data.partner_images, s, generator) for s in wanted]
+            batch.partners = data.partners
+        return batch
 
     def _view(self, images: torch.Tensor, strength: str, generator: torch.Generator) -> torch.Tensor:
         view = augment_views(images, self.views[strength], generator)

@@ -9,17 +9,36 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+_MASKED = -1e9
+
 
 def similarity_distillation(
-    student: torch.Tensor, teacher: torch.Tensor, anchors: torch.Tensor, tau_s: float, tau_t: float
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    anchors: torch.Tensor,
+    tau_s: float,
+    tau_t: float,
+    extra_anchors: torch.Tensor | None = None,
+    extra_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ISD loss: mean over the batch of KL(p_t ‖ p_s), p = softmax(x · anchorsᵀ / τ) over the anchors.
 
     student [B, d] (gradient flows), teacher [B, d] (detached here), anchors [K, d] (detached here).
+    ``extra_anchors`` [B, P, d] are per-sample anchors added to each row's own candidates (SePP-ISD: the
+    mined positive's teacher embedding); ``extra_mask`` [B, P] keeps only those that are True.
     """
     anchors = anchors.detach()
-    log_p_s = F.log_softmax(student @ anchors.T / tau_s, dim=1)
-    log_p_t = F.log_softmax(teacher.detach() @ anchors.T / tau_t, dim=1)
+    logits_s, logits_t = student @ anchors.T / tau_s, teacher.detach() @ anchors.T / tau_t
+    if extra_anchors is not None:
+        extra = extra_anchors.detach()
+        extra_s = torch.einsum("bd,bpd->bp", student, extra) / tau_s
+        extra_t = torch.einsum("bd,bpd->bp", teacher.detach(), extra) / tau_t
+        if extra_mask is not None:  # a large finite negative: exp() is exactly 0 and no NaN appears
+            extra_s = extra_s.masked_fill(~extra_mask, _MASKED)
+            extra_t = extra_t.masked_fill(~extra_mask, _MASKED)
+        logits_s, logits_t = torch.cat([logits_s, extra_s], 1), torch.cat([logits_t, extra_t], 1)
+    log_p_s = F.log_softmax(logits_s, dim=1)
+    log_p_t = F.log_softmax(logits_t, dim=1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
 
 
@@ -29,13 +48,15 @@ def info_nce(
     queue: torch.Tensor,
     tau: float,
     negative_mask: torch.Tensor | None = None,
+    positive_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """InfoNCE with a queue of negatives, optionally with several positives per query (SePP).
 
     query [B, d]; positives [B, P, d] or [B, d] (P = 1); queue [K, d]. Multi-positive form (Khosla et
     al.): L = −1/P Σ_p log(exp(q·k_p/τ) / Σ_c exp(q·c/τ)), c running over all P positives and the queue;
     with P = 1 this is MoCo's loss. ``negative_mask`` [B, K] drops queue entries from a query's
-    candidates (True = drop).
+    candidates (True = drop); ``positive_mask`` [B, P] keeps only the positives that are True (each row
+    needs at least one), so P counts a row's kept positives.
     """
     if positives.dim() == 2:
         positives = positives.unsqueeze(1)
@@ -44,8 +65,12 @@ def info_nce(
     neg_logits = query @ queue.T / tau
     if negative_mask is not None:
         neg_logits = neg_logits.masked_fill(negative_mask, float("-inf"))
-    log_norm = torch.logsumexp(torch.cat([pos_logits, neg_logits], dim=1), dim=1, keepdim=True)
-    return -(pos_logits - log_norm).mean(dim=1).mean()
+    if positive_mask is None:
+        positive_mask = torch.ones_like(pos_logits, dtype=torch.bool)
+    candidates = torch.cat([pos_logits.masked_fill(~positive_mask, float("-inf")), neg_logits], dim=1)
+    log_prob = pos_logits - torch.logsumexp(candidates, dim=1, keepdim=True)
+    kept = positive_mask.to(log_prob.dtype)
+    return -((log_prob * kept).sum(dim=1) / kept.sum(dim=1)).mean()
 
 
 def normalized_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -53,3 +78,15 @@ def normalized_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tens
     p = F.normalize(prediction, dim=1)
     z = F.normalize(target.detach(), dim=1)
     return (2 - 2 * (p * z).sum(dim=1)).mean()
+
+
+def dino_cross_entropy(
+    student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, tau_s: float, tau_t: float
+) -> torch.Tensor:
+    """DINO loss for one (student view, teacher view) pair: mean over the batch of
+    H(softmax((t − c)/τ_t), softmax(s/τ_s)) = −Σ_k p_t,k log p_s,k.
+
+    student [B, K] logits (gradient flows), teacher [B, K] logits (detached here), center [1, K].
+    """
+    p_t = F.softmax((teacher.detach() - center) / tau_t, dim=1)
+    return -(p_t * F.log_softmax(student / tau_s, dim=1)).sum(dim=1).mean()

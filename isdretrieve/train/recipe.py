@@ -47,8 +47,73 @@ class ByolConfig:
     proj_dim: int = 256
 
 
-MethodConfig = IsdConfig | MocoConfig | ByolConfig
-METHOD_CONFIGS: dict[str, type] = {"isd": IsdConfig, "moco": MocoConfig, "byol": ByolConfig}
+@dataclass(frozen=True)
+class SeppConfig:
+    """SePP (Alkhalefi et al., TMLR 2024), as we design it (the paper's settings are not public): a
+    semantic positive mined offline (``pairs``, from ``isd-index mine``) joins each image's own views.
+
+    ``base: moco``: a view of the partner is a second positive of a multi-positive InfoNCE. ``base: isd``:
+    the partner's teacher embedding joins the anchors. ``partners: random`` is the control: the same
+    list sizes, filled with random images.
+    """
+
+    name: Literal["sepp"] = "sepp"
+    base: Literal["moco", "isd"] = "moco"
+    pairs: str = ""
+    partners: Literal["mined", "random"] = "mined"
+    partner_p: float = 1.0  # chance that an image with positives gets one in an epoch
+    mask_positives: bool = True  # drop a query's mined positives from its queue negatives (moco)
+    moco: MocoConfig = field(default_factory=MocoConfig)
+    isd: IsdConfig = field(default_factory=IsdConfig)
+
+
+@dataclass(frozen=True)
+class DinoConfig:
+    """DINO as AdaSim's base: head MLP (GELU) → bottleneck → L2 norm → weight-normalised linear to
+    ``out_dim``; teacher logits centred (EMA of the batch mean) and sharpened. Defaults: official code."""
+
+    momentum: float = 0.996
+    head_hidden: int = 2048
+    bottleneck: int = 256
+    out_dim: int = 65536
+    tau_student: float = 0.1
+    tau_teacher: float = 0.04
+    center_momentum: float = 0.9
+
+
+@dataclass(frozen=True)
+class AdasimConfig:
+    """AdaSim (Lebailly et al., ICCV 2023): each image is paired with a partner image sampled from its
+    neighbours' window-averaged similarity (``k`` candidates, ``window`` epochs, temperature ``tau``),
+    only when the image retrieves itself first. ``mode: naive`` pairs every image with its nearest
+    other neighbour; ``mode: plain`` is the plain base method (not "off": YAML reads that as false).
+    Defaults: the official code's."""
+
+    name: Literal["adasim"] = "adasim"
+    base: Literal["byol", "dino"] = "byol"
+    mode: Literal["adaptive", "naive", "plain"] = "adaptive"
+    k: int = 10
+    window: int = 50  # epochs averaged; bootstrapping starts after this many epochs
+    tau: float = 0.001
+    search_chunk: int = 65536  # memory rows per similarity matmul
+    byol: ByolConfig = field(default_factory=ByolConfig)
+    dino: DinoConfig = field(default_factory=DinoConfig)
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.window < 1 or self.search_chunk < 1:
+            raise ValueError("k, window and search_chunk must be positive")
+        if self.tau <= 0:
+            raise ValueError(f"tau must be positive, got {self.tau}")
+
+
+MethodConfig = IsdConfig | MocoConfig | ByolConfig | SeppConfig | AdasimConfig
+METHOD_CONFIGS: dict[str, type] = {
+    "isd": IsdConfig,
+    "moco": MocoConfig,
+    "byol": ByolConfig,
+    "sepp": SeppConfig,
+    "adasim": AdasimConfig,
+}
 
 
 @dataclass(frozen=True)

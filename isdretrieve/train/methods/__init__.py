@@ -4,17 +4,41 @@ from __future__ import annotations
 
 from torch import nn
 
-from isdretrieve.train.methods.base import Batch, Method, StepOutput
+from isdretrieve.train.methods.adasim import AdaSim
+from isdretrieve.train.methods.base import Batch, DataContext, Method, StepOutput
 from isdretrieve.train.methods.byol import BYOL
+from isdretrieve.train.methods.dino import DINO
 from isdretrieve.train.methods.isd import ISD
 from isdretrieve.train.methods.moco import MoCo
-from isdretrieve.train.recipe import ByolConfig, IsdConfig, MethodConfig, MocoConfig
+from isdretrieve.train.methods.sepp import SeppISD, SeppMoCo, build_sepp
+from isdretrieve.train.recipe import (
+    AdasimConfig,
+    ByolConfig,
+    IsdConfig,
+    MethodConfig,
+    MocoConfig,
+    SeppConfig,
+)
 
-__all__ = ["BYOL", "ISD", "Batch", "Method", "MoCo", "StepOutput", "build_method"]
+__all__ = [
+    "BYOL",
+    "DINO",
+    "ISD",
+    "AdaSim",
+    "Batch",
+    "DataContext",
+    "Method",
+    "MoCo",
+    "SeppISD",
+    "SeppMoCo",
+    "StepOutput",
+    "build_method",
+]
 
 
-def build_method(cfg: MethodConfig, backbone: nn.Module, seed: int = 0) -> Method:
+def build_method(cfg: MethodConfig, backbone: nn.Module, data: DataContext) -> Method:
     """The method named by ``cfg`` around ``backbone`` (its student), teacher and memory included."""
+    seed = data.seed
     match cfg:
         case IsdConfig():
             return ISD(backbone, cfg, seed)
@@ -22,4 +46,8 @@ def build_method(cfg: MethodConfig, backbone: nn.Module, seed: int = 0) -> Metho
             return MoCo(backbone, cfg, seed)
         case ByolConfig():
             return BYOL(backbone, cfg, seed)
+        case SeppConfig():
+            return build_sepp(backbone, cfg, data)
+        case AdasimConfig():
+            return AdaSim(backbone, cfg, data)
     raise TypeError(f"no method for {type(cfg).__name__}")

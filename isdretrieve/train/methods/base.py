@@ -19,6 +19,18 @@ class Batch:
     indices: torch.Tensor  # dataset index of each image [B]
     labels: torch.Tensor  # ground truth for logging only (−1 unknown) [B]
     progress: float  # fraction of training done, 0 → 1 (momentum schedules)
+    partner_views: list[torch.Tensor] = field(default_factory=list)  # of each image's partner
+    partners: torch.Tensor | None = None  # dataset index of each image's partner [B] (itself = none)
+
+
+@dataclass(frozen=True)
+class DataContext:
+    """What a method may know about its training set when it is built."""
+
+    num_images: int
+    labels: torch.Tensor  # [N] on CPU, −1 unknown; for logged diagnostics only, never for training
+    seed: int = 0
+    items_sha256: str = ""  # over the item names, as in bank.h5: pairs must come from these images
 
 
 @dataclass
@@ -79,9 +91,13 @@ class Method(nn.Module):
     ``views`` names the augmentation strength of each view the method wants ("strong" / "weak").
     ``all_gather`` is set by the engine under DDP: it concatenates a tensor over all ranks in rank order.
     ``feature_backbone`` is the network whose features are evaluated (the student backbone).
+
+    Methods that train on pairs of images (SePP, AdaSim) name the views they want of each image's
+    *partner* in ``partner_views`` and say who the partners are in ``partner_map``, once per epoch.
     """
 
     views: tuple[str, ...] = ("strong", "strong")
+    partner_views: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         super().__init__()
@@ -91,5 +107,41 @@ class Method(nn.Module):
     def feature_backbone(self) -> nn.Module:
         return self.student.backbone
 
+    def partner_map(self, epoch: int) -> torch.Tensor | None:
+        """Dataset index of every image's partner in ``epoch`` ([N] long; i itself = no partner).
+
+        Called at the start of every epoch, also of an epoch resumed mid-way, so it must depend only on
+        the seed, the epoch and state that changes in ``end_epoch``. None: no partners this epoch.
+        """
+        return None
+
+    def end_epoch(self, epoch: int) -> dict[str, float]:
+        """Called after the last step of ``epoch``, before its checkpoint; returns scalars to log."""
+        return {}
+
     def forward(self, batch: Batch) -> StepOutput:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+class PairMethod(Method):
+    """A symmetric two-view method (BYOL, DINO) whose ``pair_step`` AdaSim reuses with partner views."""
+
+    views = ("strong", "strong")
+
+    def forward(self, batch: Batch) -> StepOutput:
+        view_a, view_b = batch.views
+        return self.pair_step(view_a, view_b, batch.progress)[0]
+
+    def pair_step(
+        self, view_a: torch.Tensor, view_b: torch.Tensor, progress: float
+    ) -> tuple[StepOutput, torch.Tensor]:  # pragma: no cover - abstract
+        """The symmetric loss between two views, and the teacher's backbone features of ``view_a``."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def teacher_pair(
+        self, view_a: torch.Tensor, view_b: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The teacher's (backbone features of ``view_a``, output on ``view_a``, output on ``view_b``)."""
+        features_a = self.teacher.backbone(view_a)
+        return features_a, self.teacher.projector(features_a), self.teacher(view_b)

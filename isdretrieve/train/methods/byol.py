@@ -3,13 +3,13 @@ view (normalised MSE, symmetrised); the target momentum rises from ``momentum`` 
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from isdretrieve.models import projection_mlp
 from isdretrieve.train.methods.base import (
-    Batch,
     Encoder,
-    Method,
+    PairMethod,
     StepOutput,
     cosine_momentum,
     ema_copy,
@@ -19,9 +19,7 @@ from isdretrieve.train.objectives import normalized_mse
 from isdretrieve.train.recipe import ByolConfig
 
 
-class BYOL(Method):
-    views = ("strong", "strong")
-
+class BYOL(PairMethod):
     def __init__(self, backbone: nn.Module, cfg: ByolConfig, seed: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
@@ -29,11 +27,13 @@ class BYOL(Method):
         self.predictor = projection_mlp(cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim)
         self.teacher = ema_copy(self.student)
 
-    def forward(self, batch: Batch) -> StepOutput:
-        view_a, view_b = batch.views
-        momentum = cosine_momentum(self.cfg.momentum, batch.progress)
+    def pair_step(
+        self, view_a: torch.Tensor, view_b: torch.Tensor, progress: float
+    ) -> tuple[StepOutput, torch.Tensor]:
+        """The symmetric loss between two views, and the target's backbone features of ``view_a``."""
+        momentum = cosine_momentum(self.cfg.momentum, progress)
         pred_a, pred_b = self.predictor(self.student(view_a)), self.predictor(self.student(view_b))
         ema_update(self.teacher, self.student, momentum)
-        target_a, target_b = self.teacher(view_a).detach(), self.teacher(view_b).detach()
+        features_a, target_a, target_b = self.teacher_pair(view_a, view_b)
         loss = (normalized_mse(pred_a, target_b) + normalized_mse(pred_b, target_a)) / 2
-        return StepOutput(loss, {"momentum": loss.new_tensor(momentum)})
+        return StepOutput(loss, {"momentum": loss.new_tensor(momentum)}), features_a

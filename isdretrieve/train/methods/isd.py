@@ -5,6 +5,7 @@ queue of the teacher's past embeddings. ISD-base: no projection, predictor Linea
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -41,11 +42,15 @@ class ISD(Method):
         self.teacher = ema_copy(self.student)
         self.memory = EmbeddingQueue(cfg.queue_size, embed_dim, generator=seeded_generator(seed))
 
-    def forward(self, batch: Batch) -> StepOutput:
+    def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(student, teacher): the predicted student embedding, then (after the EMA step) the teacher's."""
         teacher_view, student_view = batch.views
         student = F.normalize(self.predictor(self.student(student_view)), dim=1)
         ema_update(self.teacher, self.student, self.cfg.momentum)
-        teacher = F.normalize(self.teacher(teacher_view), dim=1).detach()
+        return student, F.normalize(self.teacher(teacher_view), dim=1).detach()
+
+    def forward(self, batch: Batch) -> StepOutput:
+        student, teacher = self.encode(batch)
         anchors = self.memory.snapshot()
         loss = similarity_distillation(student, teacher, anchors, self.cfg.tau_student, self.cfg.tau_teacher)
         self.memory.push(self.all_gather(teacher), self.all_gather(batch.indices))

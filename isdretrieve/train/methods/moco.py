@@ -31,11 +31,15 @@ class MoCo(Method):
         self.teacher = ema_copy(self.student)
         self.memory = EmbeddingQueue(cfg.queue_size, cfg.proj_dim, generator=seeded_generator(seed))
 
-    def forward(self, batch: Batch) -> StepOutput:
+    def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query, key): the student's normalised query, then (after the EMA step) the teacher's key."""
         key_view, query_view = batch.views
         query = F.normalize(self.student(query_view), dim=1)
         ema_update(self.teacher, self.student, self.cfg.momentum)
-        key = F.normalize(self.teacher(key_view), dim=1).detach()
+        return query, F.normalize(self.teacher(key_view), dim=1).detach()
+
+    def forward(self, batch: Batch) -> StepOutput:
+        query, key = self.encode(batch)
         loss = info_nce(query, key, self.memory.snapshot(), self.cfg.tau)
         self.memory.push(self.all_gather(key), self.all_gather(batch.indices))
         with torch.no_grad():

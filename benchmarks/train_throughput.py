@@ -1,0 +1,307 @@
+r"""Training throughput: one full step of ours vs the bare forward+backward+SGD of the same networks.
+
+Ours = ``Trainer._batch`` (augment the method's views from the uint8 batch) + ``Trainer.optimize``
+(method forward: student, EMA update, teacher, queue/loss; backward; SGD), with a Trainer built from the
+CIFAR-10 recipe (training/cifar10-{isd,isd-mlp,moco,byol}.yaml) and ``--set``-style overrides: the shared
+CIFAR-10 copy decoded once and held in memory (digits when it is absent), monitor off, batch and arch from
+the flags, ``engine.compile`` off on CPU. Bare = on the *same already-augmented views* and the same modules:
+the student (backbone + projection + predictor, as the method uses them) forward and backward of a trivial
+loss (mean of squares), one SGD step (same lr, momentum, wd), plus the teacher's forward under no_grad;
+no augmentation, no EMA update, no queue, no real loss. ISD, ISD-MLP, MoCo: 1 student + 1 teacher forward;
+BYOL: 2 + 2 (symmetric). Steps alternate ours / bare; warm-up steps are excluded; figures are medians.
+
+Also timed, per method: the data pipeline alone (``augment_views`` for the method's views), the strong
+view with and without colour jitter, and the jitter itself (``color_jitter`` evaluates every op on every
+sample at each of its 4 order positions, for per-sample random order) against a variant that computes each
+op only on the samples that need it there (same output, checked; a measurement, not a change to augment.py).
+
+    .venv/bin/python benchmarks/train_throughput.py         # R18, batch 512 (the GPU run)
+    # the CPU run:
+    .venv/bin/python benchmarks/train_throughput.py --arch small_cnn resnet18 --batch 128 --steps 3 \
+        --warmup 1 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+from _harness import cifar_root, machine_info, write_result  # noqa: E402
+
+from isdretrieve.data import ArrayDataset, augment_views, open_dataset  # noqa: E402
+from isdretrieve.data.augment import (  # noqa: E402
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+    color_jitter,
+)
+from isdretrieve.train import engine  # noqa: E402
+from isdretrieve.train.batches import epoch_generator  # noqa: E402
+from isdretrieve.train.methods import BYOL  # noqa: E402
+from isdretrieve.train.recipe import load_recipe  # noqa: E402
+
+REPO = HERE.parent
+RECIPES = {
+    "isd": "cifar10-isd.yaml",
+    "isd-mlp": "cifar10-isd-mlp.yaml",
+    "moco": "cifar10-moco.yaml",
+    "byol": "cifar10-byol.yaml",
+}
+TARGET_IMAGES_PER_S = 17_000  # ISD R18 on an H100 (issue 6); no CPU target
+JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def shared_data() -> tuple[str, str, str]:
+    """The data SPEC and preset; every Trainer of this run reuses one decoded in-memory copy of it."""
+    root = cifar_root()
+    spec, preset = (f"folder:{root},split=train", "cifar") if root else ("digits", "digits")
+    source = open_dataset(spec)
+    decoded = ArrayDataset(source.spec, source.load_all(num_workers=2), source.labels, source.classes)
+    opened = engine.open_dataset
+    engine.open_dataset = lambda s, **kw: decoded if s == spec else opened(s, **kw)  # skip re-decoding
+    data = "CIFAR-10 (JPEG q75 copy), train split" if root else "digits, train split (CIFAR copy absent)"
+    return spec, preset, f"{data}, {len(decoded)} images decoded in memory"
+
+
+def build_trainer(method: str, arch: str, args, spec: str, preset: str, out: Path) -> engine.Trainer:
+    sets = [
+        f"data.train={spec}",
+        f"data.preset={preset}",
+        "data.in_memory='yes'",  # quoted: bare yes is YAML for true
+        f"model.arch={arch}",
+        f"optim.batch_size={args.batch}",
+        f"engine.device={args.device}",
+        f"engine.compile={str(args.compile).lower()}",
+        "monitor.every=0",
+    ]
+    recipe = load_recipe(REPO / "training" / RECIPES[method], sets)
+    return engine.Trainer(recipe, out / f"{method}-{arch}", quiet=True)
+
+
+def bare_step(trainer: engine.Trainer, optimizer: torch.optim.Optimizer, views: list[torch.Tensor]) -> None:
+    """Student forward + backward of a trivial loss + SGD, and the teacher's forward: nothing else."""
+    method = trainer.method
+    predictor = getattr(method, "predictor", None) or nn.Identity()
+    teacher_in, student_in = (views, views) if isinstance(method, BYOL) else ([views[0]], [views[1]])
+    dtype = trainer.autocast_dtype
+    with torch.autocast(trainer.device.type, dtype=dtype, enabled=dtype is not None):
+        outs = [predictor(method.student(v)) for v in student_in]
+        with torch.no_grad():
+            for v in teacher_in:
+                method.teacher(v)
+        loss = sum(o.float().square().mean() for o in outs)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def jitter_by_index(x, factors, order, apply, strengths):
+    """``color_jitter``'s output, computing each op only on the samples that apply it at that position."""
+    x = x.clone()
+    for step in range(4):
+        for op_index, op in enumerate(JITTER_OPS):
+            if strengths[op_index] > 0:
+                idx = (apply & (order[:, step] == op_index)).nonzero().squeeze(1)
+                if len(idx):
+                    x[idx] = op(x[idx], factors[idx, op_index])
+    return x
+
+
+def median_time(fn, device: torch.device, repeat: int) -> float:
+    fn()  # warm-up
+    runs = []
+    for _ in range(repeat):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        runs.append(time.perf_counter() - t0)
+    return statistics.median(runs)
+
+
+def pipeline(trainer: engine.Trainer, images: torch.Tensor, repeat: int) -> dict:
+    """Views/s of the method's views, of the strong view with/without jitter, and of the jitter alone."""
+    device, views = trainer.device, trainer.method.views
+    gen = torch.Generator(device=device).manual_seed(1)
+    strong = trainer.views["strong"]
+    no_jitter = replace(strong, jitter_p=0.0)
+    b = len(images)
+    t_views = median_time(
+        lambda: [augment_views(images, trainer.views[s], gen) for s in views], device, repeat
+    )
+    t_strong = median_time(lambda: augment_views(images, strong, gen), device, repeat)
+    t_plain = median_time(lambda: augment_views(images, no_jitter, gen), device, repeat)
+    x = torch.rand(images.shape, generator=gen, device=device)
+    factors = 0.6 + 0.8 * torch.rand((b, 4), generator=gen, device=device)
+    factors[:, 3] -= 1.0  # hue in [-0.4, 0.4]
+    order = torch.rand((b, 4), generator=gen, device=device).argsort(dim=1)
+    apply = torch.rand(b, generator=gen, device=device) < strong.jitter_p
+    t_jitter = median_time(lambda: color_jitter(x, factors, order, apply, strong.jitter), device, repeat)
+    t_index = median_time(lambda: jitter_by_index(x, factors, order, apply, strong.jitter), device, repeat)
+    same = torch.allclose(
+        color_jitter(x, factors, order, apply, strong.jitter),
+        jitter_by_index(x, factors, order, apply, strong.jitter),
+        atol=1e-5,
+    )
+    return {
+        "views": list(views),
+        "method_views_per_s": len(views) * b / t_views,
+        "strong_views_per_s": b / t_strong,
+        "strong_views_per_s_without_jitter": b / t_plain,
+        "jitter_share_of_strong_view": (t_strong - t_plain) / t_strong,
+        "color_jitter_s_per_batch": t_jitter,
+        "color_jitter_by_index_s_per_batch": t_index,
+        "by_index_same_output": same,
+        "_strong_jitter_s": t_strong - t_plain,
+    }
+
+
+def measure(trainer: engine.Trainer, args) -> dict:
+    """Alternate ours / bare on the same batches; seconds per step after warm-up, split for ours."""
+    device = trainer.device
+    params = [p for p in trainer.method.parameters() if p.requires_grad]
+    o = trainer.recipe.optim
+    bare_opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    gen = epoch_generator(trainer.recipe.engine.seed, 0, device, stream=1)
+    batches = trainer.batches.epoch(0)
+    aug, opt, bare, losses = [], [], [], []
+    for i in range(args.warmup + args.steps):
+        data = next(batches)
+        sync(device)
+        t0 = time.perf_counter()
+        batch = trainer._batch(data, gen)
+        sync(device)
+        t1 = time.perf_counter()
+        out, _ = trainer.optimize(batch)
+        sync(device)
+        t2 = time.perf_counter()
+        bare_step(trainer, bare_opt, batch.views)
+        sync(device)
+        t3 = time.perf_counter()
+        losses.append(float(out.loss.detach()))
+        if i >= args.warmup:
+            aug.append(t1 - t0)
+            opt.append(t2 - t1)
+            bare.append(t3 - t2)
+    step = [a + b for a, b in zip(aug, opt, strict=True)]
+    return {"augment_s": aug, "optimize_s": opt, "ours_step_s": step, "bare_s": bare, "losses": losses}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--arch", nargs="+", default=["resnet18"], choices=["resnet18", "small_cnn"])
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per method (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--pipeline-repeat", type=int, default=5)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile student and teacher (default: on CUDA only, as the recipes)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.compile is None:
+        args.compile = engine.resolve_device(args.device).type == "cuda"
+    begun, machine_at_start = time.perf_counter(), machine_info()
+    spec, preset, data_note = shared_data()
+
+    figures, ratios = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in args.arch:
+            for method in args.methods:
+                torch.manual_seed(0)
+                trainer = build_trainer(method, arch, args, spec, preset, Path(tmp))
+                runs = measure(trainer, args)
+                images = trainer.batches.images[: args.batch]
+                pipe = pipeline(trainer, images, args.pipeline_repeat)
+                step, opt, aug = (
+                    statistics.median(runs[k]) for k in ("ours_step_s", "optimize_s", "augment_s")
+                )
+                bare = statistics.median(runs["bare_s"])
+                b = args.batch
+                jitter_s = pipe.pop("_strong_jitter_s") * trainer.method.views.count("strong")
+                row = {
+                    "ours_images_per_s": b / step,
+                    "ours_optimize_only_images_per_s": b / opt,
+                    "bare_images_per_s": b / bare,
+                    "ratio_step_over_bare": step / bare,
+                    "ratio_optimize_over_bare": opt / bare,
+                    "augment_share_of_step": aug / step,
+                    "jitter_share_of_step": jitter_s / step,
+                    "pipeline": pipe,
+                    "device": str(trainer.device),
+                    "autocast": str(trainer.autocast_dtype),
+                    "channels_last": trainer.channels_last,
+                    "compile": args.compile,
+                    "losses_finite": all(torch.isfinite(torch.tensor(runs["losses"])).tolist()),
+                    "runs": runs,
+                }
+                figures.setdefault(arch, {})[method] = row
+                ratios[f"{arch}/{method}"] = round(step / bare, 3)
+                print(
+                    f"{arch:9s} {method:8s} ours {b / step:7.1f} img/s (optimize only {b / opt:7.1f}), "
+                    f"bare {b / bare:7.1f} img/s: ratio {step / bare:.3f} (optimize {opt / bare:.3f}); "
+                    f"augment {aug / step:.1%} of the step, jitter {jitter_s / step:.1%}; "
+                    f"views {pipe['method_views_per_s']:.0f}/s",
+                    flush=True,
+                )
+                del trainer
+
+    isd18 = figures.get("resnet18", {}).get("isd")
+    on_gpu = isd18 is not None and isd18["device"].startswith("cuda")
+    result = {
+        "protocol": {
+            "data": data_note,
+            "recipes": {m: f"training/{RECIPES[m]}" for m in args.methods},
+            "overrides": "data.train/preset/in_memory=yes, model.arch, optim.batch_size, engine.device, "
+            "engine.compile, monitor.every=0 (recipe lr/momentum/wd; lr not warmed up)",
+            "batch": args.batch,
+            "archs": args.arch,
+            "warmup_steps": args.warmup,
+            "timed_steps": args.steps,
+            "threads": torch.get_num_threads(),
+            "ours": "Trainer._batch (views from the uint8 batch) + Trainer.optimize (method forward incl. "
+            "EMA update, teacher, queue, loss; backward; SGD step)",
+            "bare": "same modules and already-augmented views: student (+projection/predictor) forward, "
+            "mean-of-squares loss, backward, SGD step (same hyper-parameters), teacher forward under "
+            "no_grad; ISD/ISD-MLP/MoCo 1 student + 1 teacher view, BYOL 2 + 2; no augmentation, EMA, "
+            "queue or real loss",
+            "timing": "ours and bare alternate on the same batches; medians over the timed steps; "
+            "ratio = ours seconds per step / bare seconds per step (>= 1 is our overhead)",
+            "pipeline": f"augment_views on one batch, median of {args.pipeline_repeat} after a warm-up; "
+            "jitter share = (strong view - strong view with jitter_p=0) x strong views / ours step",
+        },
+        "figures": figures,
+        "ratio": ratios,
+        "target": f">= {TARGET_IMAGES_PER_S} img/s for ISD R18 on an H100 (GPU only; none on CPU)",
+        "meets_target": (isd18["ours_images_per_s"] >= TARGET_IMAGES_PER_S) if on_gpu else None,
+        "machine_at_start": machine_at_start,
+        "total_seconds": round(time.perf_counter() - begun, 1),
+    }
+    print(write_result("train_throughput", result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,328 @@
+"""Semantic-positive mining: each bank row's nearest other rows, kept above a similarity threshold.
+
+The design is ours (SePP's paper does not publish its mining settings): exact cosine top-k of every row
+against the whole bank, self excluded; optionally only mutual neighbours; then a threshold, given as a
+similarity or as a quantile of all candidates' similarities. Labels are never used to choose pairs.
+
+Layout of ``pairs.h5`` (``format = "isdretrieve.pairs/1"``), N = bank rows, P = pairs:
+
+| dataset                    | shape   | meaning                                              |
+|----------------------------|---------|------------------------------------------------------|
+| `offsets`                  | [N+1]   | int64, row i's positives are entries offsets[i]:offsets[i+1] |
+| `rows`                     | [P]     | int64, the positive's bank row                       |
+| `similarities`             | [P]     | float32, cosine similarity                           |
+| `dataset_indices`          | [N]     | int64, the dataset index of each bank row            |
+| `candidates/rows`          | [N, k]  | int64, the top-k before filtering (for audits)       |
+| `candidates/similarities`  | [N, k]  | float32                                              |
+
+Attributes: the parameters (``k``, ``threshold`` as applied, ``quantile``, ``mutual``), the bank's
+``fingerprint``, ``data_spec``, ``dataset_size`` and ``items_sha256`` (its file list), ``bank``,
+``search_seconds``, ``created``.
+
+The search is resumable: the top-k lists go to ``OUT.partial`` chunk by chunk (``rows_done`` advances
+after each flushed chunk); a rerun continues there. ``pairs.h5`` itself is written atomically at the end,
+so it never exists half-written. No N×N matrix is ever held: queries go ``chunk_rows`` at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from isdretrieve.atomic import atomic_path, fsync_path, names_file
+from isdretrieve.bank import FeatureBank, attr_value
+from isdretrieve.errors import BankError, IsdError
+from isdretrieve.index import bank_exact_search, exact_search, exact_search_torch
+from isdretrieve.knn import drop_self_matches
+
+PAIRS_FORMAT = "isdretrieve.pairs/1"
+PARTIAL_FORMAT = "isdretrieve.pairs-partial/1"
+IN_MEMORY_BYTES = 4 << 30  # banks up to this many float32 bytes are searched from memory
+DEFAULT_CHUNK_ROWS = 16384
+
+
+@dataclass(frozen=True)
+class MiningParams:
+    """``k`` candidates per row; keep those ≥ ``threshold`` (or ≥ the ``quantile`` of all candidate
+    similarities); ``mutual``: keep j for i only if i is also among j's candidates."""
+
+    k: int = 5
+    threshold: float | None = None
+    quantile: float | None = None
+    mutual: bool = False
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise IsdError(f"k must be at least 1, got {self.k}")
+        if self.threshold is not None and self.quantile is not None:
+            raise IsdError("give a threshold or a quantile, not both")
+        if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
+            raise IsdError(f"threshold is a cosine similarity in [-1, 1], got {self.threshold}")
+        if self.quantile is not None and not 0.0 <= self.quantile <= 1.0:
+            raise IsdError(f"quantile must be in [0, 1], got {self.quantile}")
+
+
+@dataclass
+class Pairs:
+    """Mined positives in CSR form over bank rows (see the module docstring), fully in memory."""
+
+    offsets: np.ndarray
+    rows: np.ndarray
+    similarities: np.ndarray
+    dataset_indices: np.ndarray
+    candidate_rows: np.ndarray
+    candidate_similarities: np.ndarray
+    params: MiningParams
+    threshold: float  # as applied (−inf: none)
+    attrs: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path) -> Pairs:
+        path = Path(path)
+        if not path.is_file():
+            raise BankError(f"pairs file {path} not found")
+        try:
+            with h5py.File(path, "r") as f:
+                if attr_value(f.attrs.get("format")) != PAIRS_FORMAT:
+                    raise BankError(f"{path} is not a pairs file (expected format {PAIRS_FORMAT})")
+                attrs = {key: attr_value(value) for key, value in f.attrs.items()}
+                arrays = {
+                    name: f[name][...] for name in ("offsets", "rows", "similarities", "dataset_indices")
+                }
+                cand_rows, cand_sims = f["candidates/rows"][...], f["candidates/similarities"][...]
+        except (OSError, KeyError) as exc:
+            raise BankError(f"cannot read pairs file {path}: {exc}") from None
+        params = MiningParams(**json.loads(attrs["params"]))
+        return cls(
+            **arrays,
+            candidate_rows=cand_rows,
+            candidate_similarities=cand_sims,
+            params=params,
+            threshold=float(attrs["threshold"]),
+            attrs=attrs,
+        )
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def counts(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def coverage(self) -> float:
+        """Fraction of rows with at least one positive."""
+        return float((self.counts > 0).mean()) if len(self) else 0.0
+
+    def positives(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self.offsets[row], self.offsets[row + 1]
+        return self.rows[lo:hi], self.similarities[lo:hi]
+
+    def anchors(self) -> np.ndarray:
+        """The bank row of each pair's anchor, aligned with ``rows``."""
+        return np.repeat(np.arange(len(self)), self.counts)
+
+    def in_dataset_space(self, num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(offsets [num_images+1], members) over dataset indices: what training needs.
+
+        Images without a bank row (skipped at export) get empty lists.
+        """
+        ds = self.dataset_indices
+        if len(ds) and (ds.min() < 0 or ds.max() >= num_images):
+            raise BankError(
+                f"pairs were mined over dataset indices up to {int(ds.max())}, "
+                f"but the training set has {num_images} images"
+            )
+        counts = np.zeros(num_images, dtype=np.int64)
+        counts[ds] = self.counts
+        order = np.argsort(ds[self.anchors()], kind="stable")  # pairs grouped by the anchor's index
+        members = ds[self.rows][order]
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        return torch.from_numpy(offsets), torch.from_numpy(members.astype(np.int64))
+
+
+# ------------------------------------------------------------------------------------ filtering
+def keep_mask(
+    candidate_rows: np.ndarray, candidate_sims: np.ndarray, threshold: float, mutual: bool
+) -> np.ndarray:
+    """[N, k] True where candidate j of row i passes the threshold (and is mutual, if asked)."""
+    keep = candidate_sims >= threshold
+    if mutual:
+        n = len(candidate_rows)
+        anchors = np.repeat(np.arange(n, dtype=np.int64), candidate_rows.shape[1])
+        forward = anchors * n + candidate_rows.reshape(-1)
+        backward = candidate_rows.reshape(-1) * n + anchors
+        keep &= np.isin(backward, forward).reshape(candidate_rows.shape)
+    return keep
+
+
+def resolve_threshold(params: MiningParams, candidate_sims: np.ndarray) -> float:
+    if params.threshold is not None:
+        return float(params.threshold)
+    if params.quantile is not None and candidate_sims.size:
+        return float(np.quantile(candidate_sims, params.quantile))
+    return -math.inf
+
+
+# --------------------------------------------------------------------------------------- search
+def _searcher(bank: FeatureBank, device: str) -> Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]:
+    """Exact top-k of query rows against the whole bank, from memory when it fits, else streamed."""
+    cuda = torch.cuda.is_available() if device == "auto" else torch.device(device).type == "cuda"
+    if len(bank) * bank.dim * 4 > IN_MEMORY_BYTES:
+        return lambda queries, k: bank_exact_search(bank, queries, k)
+    features = bank.features()
+    if cuda:
+        on_gpu = torch.as_tensor(features, device="cuda")
+        return lambda queries, k: exact_search_torch(on_gpu, torch.as_tensor(queries), k)
+    return lambda queries, k: exact_search(features, queries, k, device="cpu")
+
+
+def _open_partial(path: Path, expect: dict[str, Any], n: int, k: int, chunk_rows: int) -> h5py.File:
+    """The partial top-k file, created or reopened; a partial of another search is replaced.
+
+    It keeps the chunk size it was started with: BLAS sums in another order for another query block,
+    so a resume continues in the same blocks to end with exactly the lists of an uninterrupted run.
+    """
+    if path.exists():
+        try:
+            f = h5py.File(path, "r+")
+            found = {key: attr_value(f.attrs.get(key)) for key in expect}
+            if attr_value(f.attrs.get("format")) == PARTIAL_FORMAT and found == expect:
+                return f
+            f.close()
+        except OSError:
+            pass
+        path.unlink()
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        chunk = (max(1, min(n, 1 << 14)), k)
+        f.create_dataset("rows", (n, k), dtype=np.int64, chunks=chunk)
+        f.create_dataset("similarities", (n, k), dtype=np.float32, chunks=chunk)
+        attrs = {"format": PARTIAL_FORMAT, **expect, "chunk_rows": chunk_rows, "rows_done": 0}
+        for key, value in attrs.items():
+            f.attrs[key] = value
+    return h5py.File(path, "r+")
+
+
+def search_candidates(
+    bank: FeatureBank,
+    k: int,
+    partial: Path,
+    *,
+    device: str = "auto",
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k other rows of every bank row, resumable through the file ``partial``."""
+    n = len(bank)
+    if k >= n:
+        raise IsdError(f"k must be smaller than the number of bank rows ({n}), got {k}")
+    expect = {"fingerprint": bank.fingerprint, "bank_rows": n, "k": k}
+    search = _searcher(bank, device)
+    with _open_partial(partial, expect, n, k, chunk_rows) as f, names_file(partial):
+        done, chunk_rows = int(f.attrs["rows_done"]), int(f.attrs["chunk_rows"])
+        while done < n:
+            stop = min(done + chunk_rows, n)
+            sims, rows = search(bank.features(done, stop), k + 1)
+            sims, rows = drop_self_matches(sims, rows, np.arange(done, stop))
+            order = np.lexsort((rows, -sims), axis=-1)  # exact ties: the lower row first
+            rows, sims = np.take_along_axis(rows, order, 1), np.take_along_axis(sims, order, 1)
+            f["rows"][done:stop], f["similarities"][done:stop] = rows, sims
+            f.flush()  # rows first, then the marker that covers them
+            f.attrs.modify("rows_done", np.int64(stop))
+            f.flush()
+            done = stop
+            if progress is not None:
+                progress(done, n)
+        return f["rows"][...], f["similarities"][...]
+
+
+# --------------------------------------------------------------------------------------- mining
+def mine_pairs(
+    bank_path: str | Path,
+    out: str | Path,
+    params: MiningParams,
+    *,
+    device: str = "auto",
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    progress: Callable[[int, int], None] | None = None,
+) -> Pairs:
+    """Mine positives of every row of the bank at ``bank_path`` into ``out`` (pairs.h5) and return them.
+
+    A complete ``out`` mined from the same bank with the same parameters is returned as is; any other
+    file at ``out`` is refused. An interrupted search resumes from ``out.partial``.
+    """
+    out = Path(out)
+    if chunk_rows < 1:
+        raise IsdError(f"chunk_rows must be positive, got {chunk_rows}")
+    with FeatureBank.open(bank_path) as bank:
+        if out.exists():
+            return _existing(out, bank.fingerprint, params)
+        started = time.perf_counter()
+        partial = out.with_name(out.name + ".partial")
+        cand_rows, cand_sims = search_candidates(
+            bank, params.k, partial, device=device, chunk_rows=chunk_rows, progress=progress
+        )
+        seconds = time.perf_counter() - started
+        threshold = resolve_threshold(params, cand_sims)
+        keep = keep_mask(cand_rows, cand_sims, threshold, params.mutual)
+        dataset_indices = bank.indices()
+        attrs = {
+            "format": PAIRS_FORMAT,
+            "params": json.dumps(asdict(params)),
+            "threshold": threshold,
+            "fingerprint": bank.fingerprint,
+            "bank": str(bank_path),
+            "data_spec": bank.data_spec,
+            "dataset_size": int(bank.attrs.get("items_total", len(bank))),
+            "items_sha256": str(bank.attrs.get("items_sha256", "")),
+            "search_seconds": round(seconds, 3),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+    _write_pairs(out, cand_rows, cand_sims, keep, dataset_indices, attrs)
+    partial.unlink(missing_ok=True)
+    return Pairs.open(out)
+
+
+def _write_pairs(
+    out: Path,
+    cand_rows: np.ndarray,
+    cand_sims: np.ndarray,
+    keep: np.ndarray,
+    dataset_indices: np.ndarray,
+    attrs: dict[str, Any],
+) -> None:
+    counts = keep.sum(axis=1)
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+        f["offsets"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        f["rows"] = cand_rows[keep].astype(np.int64)  # row-major: grouped by anchor, best first
+        f["similarities"] = cand_sims[keep].astype(np.float32)
+        f["dataset_indices"] = dataset_indices.astype(np.int64)
+        f["candidates/rows"] = cand_rows
+        f["candidates/similarities"] = cand_sims
+        for key, value in attrs.items():
+            f.attrs[key] = value
+    fsync_path(out.parent)
+
+
+def _existing(out: Path, fingerprint: str, params: MiningParams) -> Pairs:
+    pairs = Pairs.open(out)
+    if pairs.attrs.get("fingerprint") != fingerprint or pairs.params != params:
+        raise BankError(
+            f"{out} holds pairs mined from another bank or with other settings "
+            f"({pairs.params}): delete it or choose another --out"
+        )
+    return pairs
