@@ -76,8 +76,7 @@ def audit_pairs(pairs: Pairs, labels: np.ndarray, classes: list[str] | None = No
         raise BankError("the bank has no labels to audit the pairs against")
     rows, sims = pairs.candidate_rows, pairs.candidate_similarities
     mutual, k = pairs.params.mutual, rows.shape[1]
-    chosen_keep = np.zeros(rows.shape, dtype=bool)
-    chosen_keep[np.repeat(np.arange(len(pairs)), pairs.counts), _ranks(pairs)] = True
+    chosen_keep = keep_mask(rows, sims, pairs.threshold, mutual)  # exactly how mine_pairs chose them
     chosen = _point(chosen_keep, rows, labels, pairs.threshold, k)
 
     per_class = []
@@ -96,13 +95,6 @@ def audit_pairs(pairs: Pairs, labels: np.ndarray, classes: list[str] | None = No
         keep = keep_mask(rows[:, :kk], sims[:, :kk], pairs.threshold, mutual)
         k_curve.append(_point(keep, rows[:, :kk], labels, pairs.threshold, kk))
     return AuditReport(chosen, per_class, threshold_curve, k_curve)
-
-
-def _ranks(pairs: Pairs) -> np.ndarray:
-    """For each pair, its column in the candidate lists (pairs keep the candidates' order)."""
-    anchors = np.repeat(np.arange(len(pairs)), pairs.counts)
-    match = pairs.candidate_rows[anchors] == pairs.rows[:, None]
-    return match.argmax(axis=1)
 
 
 def write_audit(report: AuditReport, json_path: Path, png_path: Path) -> None:

@@ -72,14 +72,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     import isdretrieve.train.methods.isd as isd_module
 
     calls = {"n": 0}
-    real = isd_module.similarity_distillation
+    real = isd_module.distillation_kl
 
     def poisoned(*args):
         calls["n"] += 1
         loss = real(*args)
         return loss * float("nan") if calls["n"] > 30 else loss  # epoch 1 is steps 1-21
 
-    monkeypatch.setattr(isd_module, "similarity_distillation", poisoned)
+    monkeypatch.setattr(isd_module, "distillation_kl", poisoned)
     trainer = Trainer(recipe_from_data(tiny()), tmp_path, quiet=True)
     with pytest.raises(TrainingDiverged, match="NaN/inf in epoch 2.*epoch-0001.pt"):
         trainer.fit()

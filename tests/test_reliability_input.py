@@ -288,8 +288,8 @@ def test_k_larger_than_the_bank(index_dir: Path) -> None:
 def test_nan_loss_stops_with_one_line(tmp_path: Path, recipe: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import isdretrieve.train.methods.isd as isd_module
 
-    real = isd_module.similarity_distillation
-    monkeypatch.setattr(isd_module, "similarity_distillation", lambda *a: real(*a) * float("nan"))
+    real = isd_module.distillation_kl
+    monkeypatch.setattr(isd_module, "distillation_kl", lambda *a: real(*a) * float("nan"))
     result = CliRunner().invoke(train_main, [str(recipe), "--out", str(tmp_path / "run"), "--quiet"])
     _fails(result, "loss became NaN/inf in epoch 1 (by step 1); stopping, no checkpoint was written")
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "encoder.pt").exists()

@@ -12,6 +12,41 @@ import torch.nn.functional as F
 _MASKED = -1e9
 
 
+def similarity_logits(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    anchors: torch.Tensor,
+    tau_s: float,
+    tau_t: float,
+    extra_anchors: torch.Tensor | None = None,
+    extra_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student, teacher) logits x · anchorsᵀ / τ over the anchors [B, K (+P)], teacher detached.
+
+    student [B, d] (gradient flows), teacher [B, d], anchors [K, d] (detached here).
+    ``extra_anchors`` [B, P, d] are per-sample anchors added to each row's own candidates (SePP-ISD: the
+    mined positive's teacher embedding); ``extra_mask`` [B, P] keeps only those that are True.
+    """
+    anchors, teacher = anchors.detach(), teacher.detach()
+    logits_s, logits_t = student @ anchors.T / tau_s, teacher @ anchors.T / tau_t
+    if extra_anchors is not None:
+        extra = extra_anchors.detach()
+        extra_s = torch.einsum("bd,bpd->bp", student, extra) / tau_s
+        extra_t = torch.einsum("bd,bpd->bp", teacher, extra) / tau_t
+        if extra_mask is not None:  # a large finite negative: exp() is exactly 0 and no NaN appears
+            extra_s = extra_s.masked_fill(~extra_mask, _MASKED)
+            extra_t = extra_t.masked_fill(~extra_mask, _MASKED)
+        logits_s, logits_t = torch.cat([logits_s, extra_s], 1), torch.cat([logits_t, extra_t], 1)
+    return logits_s, logits_t
+
+
+def distillation_kl(logits_s: torch.Tensor, logits_t: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of KL(softmax(logits_t) ‖ softmax(logits_s))."""
+    log_p_s = F.log_softmax(logits_s, dim=1)
+    log_p_t = F.log_softmax(logits_t, dim=1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+
+
 def similarity_distillation(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -21,25 +56,10 @@ def similarity_distillation(
     extra_anchors: torch.Tensor | None = None,
     extra_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """ISD loss: mean over the batch of KL(p_t ‖ p_s), p = softmax(x · anchorsᵀ / τ) over the anchors.
-
-    student [B, d] (gradient flows), teacher [B, d] (detached here), anchors [K, d] (detached here).
-    ``extra_anchors`` [B, P, d] are per-sample anchors added to each row's own candidates (SePP-ISD: the
-    mined positive's teacher embedding); ``extra_mask`` [B, P] keeps only those that are True.
-    """
-    anchors = anchors.detach()
-    logits_s, logits_t = student @ anchors.T / tau_s, teacher.detach() @ anchors.T / tau_t
-    if extra_anchors is not None:
-        extra = extra_anchors.detach()
-        extra_s = torch.einsum("bd,bpd->bp", student, extra) / tau_s
-        extra_t = torch.einsum("bd,bpd->bp", teacher.detach(), extra) / tau_t
-        if extra_mask is not None:  # a large finite negative: exp() is exactly 0 and no NaN appears
-            extra_s = extra_s.masked_fill(~extra_mask, _MASKED)
-            extra_t = extra_t.masked_fill(~extra_mask, _MASKED)
-        logits_s, logits_t = torch.cat([logits_s, extra_s], 1), torch.cat([logits_t, extra_t], 1)
-    log_p_s = F.log_softmax(logits_s, dim=1)
-    log_p_t = F.log_softmax(logits_t, dim=1)
-    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+    """ISD loss: mean over the batch of KL(p_t ‖ p_s), p = softmax(x · anchorsᵀ / τ) over the anchors
+    (arguments as :func:`similarity_logits`)."""
+    logits = similarity_logits(student, teacher, anchors, tau_s, tau_t, extra_anchors, extra_mask)
+    return distillation_kl(*logits)
 
 
 def info_nce(

@@ -21,7 +21,7 @@ from isdretrieve.train.methods.base import (
     seeded_generator,
     softmax_entropy,
 )
-from isdretrieve.train.objectives import similarity_distillation
+from isdretrieve.train.objectives import distillation_kl, similarity_logits
 from isdretrieve.train.recipe import IsdConfig
 
 
@@ -52,8 +52,8 @@ class ISD(Method):
     def forward(self, batch: Batch) -> StepOutput:
         student, teacher = self.encode(batch)
         anchors = self.memory.snapshot()
-        loss = similarity_distillation(student, teacher, anchors, self.cfg.tau_student, self.cfg.tau_teacher)
-        self.memory.push(self.all_gather(teacher), self.all_gather(batch.indices))
-        return StepOutput(
-            loss, {"teacher_entropy": softmax_entropy(teacher @ anchors.T / self.cfg.tau_teacher)}
+        logits_s, logits_t = similarity_logits(
+            student, teacher, anchors, self.cfg.tau_student, self.cfg.tau_teacher
         )
+        self.memory.push(self.all_gather(teacher), self.all_gather(batch.indices))
+        return StepOutput(distillation_kl(logits_s, logits_t), {"teacher_entropy": softmax_entropy(logits_t)})

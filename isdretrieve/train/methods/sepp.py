@@ -18,7 +18,7 @@ from isdretrieve.mining import Pairs
 from isdretrieve.train.methods.base import Batch, DataContext, StepOutput, softmax_entropy
 from isdretrieve.train.methods.isd import ISD
 from isdretrieve.train.methods.moco import MoCo
-from isdretrieve.train.objectives import info_nce, similarity_distillation
+from isdretrieve.train.objectives import distillation_kl, info_nce, similarity_logits
 from isdretrieve.train.positives import PositiveLists
 from isdretrieve.train.recipe import SeppConfig
 
@@ -108,12 +108,12 @@ class SeppISD(_Partners, ISD):
             extra = F.normalize(self.teacher(batch.partner_views[0]), dim=1).detach().unsqueeze(1)
             extra_mask = has.unsqueeze(1)
         tau_s, tau_t = self.cfg.tau_student, self.cfg.tau_teacher
-        loss = similarity_distillation(student, teacher, anchors, tau_s, tau_t, extra, extra_mask)
+        logits_s, logits_t = similarity_logits(student, teacher, anchors, tau_s, tau_t, extra, extra_mask)
         self.memory.push(self.all_gather(teacher), self.all_gather(batch.indices))
         return StepOutput(
-            loss,
+            distillation_kl(logits_s, logits_t),
             {
-                "teacher_entropy": softmax_entropy(teacher @ anchors.T / tau_t),
+                "teacher_entropy": softmax_entropy(logits_t[:, : len(anchors)]),  # over the queue
                 "partner_rate": has.float().mean(),
             },
         )
