@@ -88,10 +88,11 @@ def timed(fn: Callable[[], Any], repeat: int = 3) -> dict[str, Any]:
 
 
 def write_result(name: str, result: dict[str, Any]) -> Path:
-    """Write ``benchmarks/results/NAME.json``: machine, device, versions, then ``result``."""
+    """Write ``benchmarks/results/NAME.json`` (``NAME_cuda.json`` on a machine with CUDA, so that a GPU
+    run never overwrites the CPU figures): machine, device, versions, then ``result``."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "written": datetime.now(UTC).isoformat(timespec="seconds")}
     payload |= {"machine": machine_info(), "device": device_name(), "versions": versions(), **result}
-    path = RESULTS / f"{name}.json"
+    path = RESULTS / (f"{name}_cuda.json" if torch.cuda.is_available() else f"{name}.json")
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

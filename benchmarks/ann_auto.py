@@ -91,9 +91,11 @@ def best_search_seconds(search, queries: np.ndarray) -> tuple[float, np.ndarray]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=500_000, help="bank rows, a multiple of 50,000")
+    parser.add_argument("--threads", type=int, default=2, help="torch and FAISS threads")
     args = parser.parse_args()
     os.chdir(REPO)  # the data SPEC is relative to the repository
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
     begun, machine_at_start = time.perf_counter(), machine_info()
     images, labels, spec = cifar_train()
     if args.rows <= 0 or args.rows % len(images):

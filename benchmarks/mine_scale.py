@@ -1,8 +1,8 @@
 """Mining at scale: time and peak memory of ``mine_pairs`` against a dense N×N baseline.
 
-Features: the first N rows of the 500k-view CIFAR-10 bank made by ``ann_auto.py`` (real small-CNN
-features, 256-d), copied into a bank of their own. Each measurement runs in a fresh subprocess so its
-peak RSS is its own.
+Features: the first N rows of the 500k-view CIFAR-10 bank made by ``ann_auto.py`` or of ``--source`` (real
+small-CNN features, 256-d), copied into a bank of their own. Each measurement runs in a fresh subprocess
+so its peak RSS is its own (and, on a GPU, its peak GPU memory).
 
 - ``ours``: ``mine_pairs(k=5, mutual, quantile 0.5)``, exact search in query chunks (never N×N).
 - ``dense``: the obvious NumPy baseline at the same N: ``X @ X.T`` (float32), diagonal masked,
@@ -49,22 +49,27 @@ else:
     result = {"rows": int(top.shape[0])}
 result["seconds"] = time.perf_counter() - start
 result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+import torch
+if torch.cuda.is_available():  # ours searches on the GPU there
+    result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
 print(json.dumps(result))
 """
 
 
-def subset_bank(rows: int) -> Path:
+def subset_bank(source: Path, rows: int) -> Path:
     from isdretrieve.bank import FeatureBank, write_bank
 
     out = WORK / f"bank-{rows}.h5"
     if not out.exists():
-        with FeatureBank.open(SOURCE) as bank:
+        with FeatureBank.open(source) as bank:
+            if rows > len(bank):
+                sys.exit(f"--rows {rows} is more than the {len(bank):,} rows of {source}")
             write_bank(
                 out,
                 bank.features(0, rows),
                 labels=bank.labels()[:rows],
                 fingerprint=bank.fingerprint,
-                data_spec=f"first {rows} rows of {SOURCE.name}",
+                data_spec=f"first {rows} rows of {source.parent.name}/{source.name}",
             )
     return out
 
@@ -82,13 +87,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, action="append", help="bank sizes (default 20000, 200000)")
     parser.add_argument("--dense-max", type=int, default=30000, help="largest N for the dense baseline")
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=SOURCE,
+        help="bank to take rows from (ann_auto.py --rows 1000000 writes indices/cifar10-views-1000k/bank.h5)",
+    )
     args = parser.parse_args()
-    if not SOURCE.exists():
-        sys.exit(f"{SOURCE} is missing: run benchmarks/ann_auto.py first")
+    if not args.source.exists():
+        sys.exit(f"{args.source} is missing: run benchmarks/ann_auto.py first")
     WORK.mkdir(parents=True, exist_ok=True)
     results = []
     for rows in args.rows or [20000, 200000]:
-        bank = subset_bank(rows)
+        bank = subset_bank(args.source, rows)
         entry = {"rows": rows, "dim": 256, "dense_matrix_mib": rows * rows * 4 / 2**20}
         entry["ours"] = measure("ours", bank, rows)
         if rows <= args.dense_max:

@@ -11,9 +11,9 @@ no augmentation, no EMA update, no queue, no real loss. ISD, ISD-MLP, MoCo: 1 st
 BYOL: 2 + 2 (symmetric). Steps alternate ours / bare; warm-up steps are excluded; figures are medians.
 
 Also timed, per method: the data pipeline alone (``augment_views`` for the method's views), the strong
-view with and without colour jitter, and the jitter itself (``color_jitter`` evaluates every op on every
-sample at each of its 4 order positions, for per-sample random order) against a variant that computes each
-op only on the samples that need it there (same output, checked; a measurement, not a change to augment.py).
+view with and without colour jitter, and the jitter itself in both of ``color_jitter``'s modes: masked
+(every op on the whole batch at each of its 4 order positions, masked; the GPU default: no host sync) and
+gather (each op only on the samples that take it there; the CPU default); their outputs are checked equal.
 
     .venv/bin/python benchmarks/train_throughput.py         # R18, batch 512 (the GPU run)
     # the CPU run:
@@ -39,13 +39,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 from _harness import cifar_root, machine_info, write_result  # noqa: E402
 
 from isdretrieve.data import ArrayDataset, augment_views, open_dataset  # noqa: E402
-from isdretrieve.data.augment import (  # noqa: E402
-    adjust_brightness,
-    adjust_contrast,
-    adjust_hue,
-    adjust_saturation,
-    color_jitter,
-)
+from isdretrieve.data.augment import color_jitter  # noqa: E402
 from isdretrieve.train import engine  # noqa: E402
 from isdretrieve.train.batches import epoch_generator  # noqa: E402
 from isdretrieve.train.methods import BYOL  # noqa: E402
@@ -59,7 +53,6 @@ RECIPES = {
     "byol": "cifar10-byol.yaml",
 }
 TARGET_IMAGES_PER_S = 17_000  # ISD R18 on an H100 (issue 6); no CPU target
-JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
 def sync(device: torch.device) -> None:
@@ -111,18 +104,6 @@ def bare_step(trainer: engine.Trainer, optimizer: torch.optim.Optimizer, views: 
     optimizer.step()
 
 
-def jitter_by_index(x, factors, order, apply, strengths):
-    """``color_jitter``'s output, computing each op only on the samples that apply it at that position."""
-    x = x.clone()
-    for step in range(4):
-        for op_index, op in enumerate(JITTER_OPS):
-            if strengths[op_index] > 0:
-                idx = (apply & (order[:, step] == op_index)).nonzero().squeeze(1)
-                if len(idx):
-                    x[idx] = op(x[idx], factors[idx, op_index])
-    return x
-
-
 def median_time(fn, device: torch.device, repeat: int) -> float:
     fn()  # warm-up
     runs = []
@@ -135,8 +116,9 @@ def median_time(fn, device: torch.device, repeat: int) -> float:
     return statistics.median(runs)
 
 
-def pipeline(trainer: engine.Trainer, images: torch.Tensor, repeat: int) -> dict:
-    """Views/s of the method's views, of the strong view with/without jitter, and of the jitter alone."""
+def pipeline(trainer: engine.Trainer, images: torch.Tensor, repeat: int, compiled: bool) -> dict:
+    """Views/s of the method's views, of the strong view with/without jitter, and of the jitter alone
+    (masked, gathered and, with ``compiled``, the masked one under torch.compile: a measurement only)."""
     device, views = trainer.device, trainer.method.views
     gen = torch.Generator(device=device).manual_seed(1)
     strong = trainer.views["strong"]
@@ -152,22 +134,33 @@ def pipeline(trainer: engine.Trainer, images: torch.Tensor, repeat: int) -> dict
     factors[:, 3] -= 1.0  # hue in [-0.4, 0.4]
     order = torch.rand((b, 4), generator=gen, device=device).argsort(dim=1)
     apply = torch.rand(b, generator=gen, device=device) < strong.jitter_p
-    t_jitter = median_time(lambda: color_jitter(x, factors, order, apply, strong.jitter), device, repeat)
-    t_index = median_time(lambda: jitter_by_index(x, factors, order, apply, strong.jitter), device, repeat)
-    same = torch.allclose(
-        color_jitter(x, factors, order, apply, strong.jitter),
-        jitter_by_index(x, factors, order, apply, strong.jitter),
-        atol=1e-5,
-    )
+
+    def jitter(gather: bool) -> torch.Tensor:
+        return color_jitter(x, factors, order, apply, strong.jitter, gather=gather)
+
+    t_masked = median_time(lambda: jitter(False), device, repeat)
+    t_gather = median_time(lambda: jitter(True), device, repeat)
+    same = torch.equal(jitter(False), jitter(True))
+    extra = {}
+    if compiled:
+        fused = torch.compile(color_jitter, dynamic=False)
+
+        def run_fused() -> torch.Tensor:
+            return fused(x, factors, order, apply, strong.jitter, gather=False)
+
+        extra["color_jitter_masked_compiled_s_per_batch"] = median_time(run_fused, device, repeat)
+        extra["compiled_max_abs_diff"] = float((run_fused() - jitter(False)).abs().max())
     return {
         "views": list(views),
         "method_views_per_s": len(views) * b / t_views,
         "strong_views_per_s": b / t_strong,
         "strong_views_per_s_without_jitter": b / t_plain,
         "jitter_share_of_strong_view": (t_strong - t_plain) / t_strong,
-        "color_jitter_s_per_batch": t_jitter,
-        "color_jitter_by_index_s_per_batch": t_index,
-        "by_index_same_output": same,
+        "color_jitter_masked_s_per_batch": t_masked,
+        "color_jitter_gather_s_per_batch": t_gather,
+        "jitter_default": "gather" if device.type == "cpu" else "masked",
+        "gather_same_output": same,
+        **extra,
         "_strong_jitter_s": t_strong - t_plain,
     }
 
@@ -235,7 +228,7 @@ def main() -> None:
                 trainer = build_trainer(method, arch, args, spec, preset, Path(tmp))
                 runs = measure(trainer, args)
                 images = trainer.batches.images[: args.batch]
-                pipe = pipeline(trainer, images, args.pipeline_repeat)
+                pipe = pipeline(trainer, images, args.pipeline_repeat, args.compile)
                 step, opt, aug = (
                     statistics.median(runs[k]) for k in ("ours_step_s", "optimize_s", "augment_s")
                 )

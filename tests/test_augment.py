@@ -187,12 +187,13 @@ def test_blur_kernel_size() -> None:
     assert [A.blur_kernel_size(s) for s in (16, 32, 96, 224)] == [1, 3, 9, 23]
 
 
-def test_color_jitter_masks_and_order() -> None:
+@pytest.mark.parametrize("gather", [True, False])
+def test_color_jitter_masks_and_order(gather: bool) -> None:
     images = torch.rand(6, 3, 8, 8, generator=_gen())
     factors = torch.tensor([[1.3, 0.7, 1.2, 0.05]] * 6)
     order = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0]] * 3)
     apply = torch.tensor([True, True, False, False, True, True])
-    out = A.color_jitter(images, factors, order, apply, (0.4, 0.4, 0.4, 0.1))
+    out = A.color_jitter(images, factors, order, apply, (0.4, 0.4, 0.4, 0.1), gather=gather)
     assert torch.equal(out[2:4], images[2:4])
     f = factors[0]
     forward = A.adjust_hue(
@@ -202,6 +203,24 @@ def test_color_jitter_masks_and_order() -> None:
         A.adjust_contrast(A.adjust_saturation(A.adjust_hue(images, f[3:]), f[2:3]), f[1:2]), f[:1]
     )
     assert torch.allclose(out[0], forward[0], atol=1e-6) and torch.allclose(out[1], backward[1], atol=1e-6)
+
+
+def test_color_jitter_gathered_and_masked_agree_exactly() -> None:
+    """The CPU path (each op on the samples that take it) and the GPU path (every op on the whole batch,
+    masked) give bit-identical batches, with random factors, orders, ops switched off and skipped samples."""
+    g = _gen()
+    images = torch.rand(64, 3, 12, 12, generator=g)
+    factors = 0.6 + 0.8 * torch.rand((64, 4), generator=g)
+    factors[:, 3] -= 1.0
+    order = torch.rand((64, 4), generator=g).argsort(dim=1)
+    apply = torch.rand(64, generator=g) < 0.8
+    for strengths in [(0.4, 0.4, 0.4, 0.1), (0.4, 0.0, 0.4, 0.0)]:
+        gathered = A.color_jitter(images, factors, order, apply, strengths, gather=True)
+        masked = A.color_jitter(images, factors, order, apply, strengths, gather=False)
+        assert torch.equal(gathered, masked) and not torch.equal(gathered, images)
+    before = images.clone()
+    A.color_jitter(images, factors, order, apply, (0.4, 0.4, 0.4, 0.1), gather=True)
+    assert torch.equal(images, before)  # the input batch is left as it was
 
 
 @pytest.mark.parametrize("field", ["jitter_p", "gray_p", "blur_p"])
