@@ -6,17 +6,18 @@
 #   bash benchmarks/device_session.sh prepare        # here, with network: fills the git-ignored .carry/
 #   # then on the device, from the repository root, carrying .carry/ (about 45 MiB):
 #   bash benchmarks/device_session.sh setup          # install and print versions only
-#   bash benchmarks/device_session.sh tests          # the test suite with CUDA present
-#   bash benchmarks/device_session.sh speed          # train_throughput.py + profile_step.py (ISD R18)
-#   bash benchmarks/device_session.sh lightly        # lightly_side_by_side.py, export and k-NN overheads
-#   bash benchmarks/device_session.sh search         # ann_auto.py and mine_scale.py at 1M rows
+#   bash benchmarks/device_session.sh speed          # train_throughput.py (4 methods, R18, batch 512)
 #   bash benchmarks/device_session.sh train [EPOCHS] # CIFAR-10 ISD R18 (default 60 epochs) with k-NN
+#   bash benchmarks/device_session.sh profile        # profile_step.py (ISD R18) + lightly_side_by_side.py
+#   bash benchmarks/device_session.sh tests          # the test suite with CUDA present
+#   bash benchmarks/device_session.sh search         # ann_auto.py + mine_scale.py at 1M; export, k-NN
 #
+# In that order of priority: a session's 30 device minutes hold about four of these stages.
 # Each device stage installs what it needs first, stops its own work before the 10-minute limit and
 # copies its JSON results and logs to $OUT (at most 8 files come back).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: device_session.sh prepare|setup|tests|speed|lightly|search|train [EPOCHS]}
+stage=${1:?usage: device_session.sh prepare|setup|speed|train [EPOCHS]|profile|tests|search}
 out=${OUT:-/tmp/isd-device-out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -66,23 +67,23 @@ case $stage in
     ;;
   speed)
     setup
-    run 360 speed.log python3 benchmarks/train_throughput.py
-    run 150 speed.log python3 benchmarks/profile_step.py --trace "$out/profile_isd_r18.json.gz"
-    results train_throughput_cuda.json profile_step_cuda.json
+    run 540 speed.log python3 benchmarks/train_throughput.py
+    results train_throughput_cuda.json
     ;;
-  lightly)
+  profile)
     setup
-    run 300 lightly.log python3 benchmarks/lightly_side_by_side.py --compile
-    run 120 lightly.log python3 benchmarks/export_overhead.py --threads 16
-    run 120 lightly.log python3 benchmarks/knn_overhead.py
-    results lightly_side_by_side_cuda.json export_overhead_cuda.json knn_overhead_cuda.json
+    run 150 profile.log python3 benchmarks/profile_step.py --trace "$out/profile_isd_r18.json.gz"
+    run 360 profile.log python3 benchmarks/lightly_side_by_side.py --compile
+    results profile_step_cuda.json lightly_side_by_side_cuda.json
     ;;
   search)
     setup
-    run 330 search.log python3 benchmarks/ann_auto.py --rows 1000000 --threads 16
-    run 200 search.log python3 benchmarks/mine_scale.py --rows 1000000 --dense-max 0 \
+    run 240 search.log python3 benchmarks/ann_auto.py --rows 1000000 --threads 16
+    run 120 search.log python3 benchmarks/mine_scale.py --rows 1000000 --dense-max 0 \
       --source indices/cifar10-views-1000k/bank.h5
-    results ann_auto_1000000_cuda.json mine_scale_cuda.json
+    run 60 search.log python3 benchmarks/export_overhead.py --device cuda --arch resnet18 --threads 16
+    run 90 search.log python3 benchmarks/knn_overhead.py
+    results ann_auto_1000000_cuda.json mine_scale_cuda.json export_overhead_cuda.json knn_overhead_cuda.json
     ;;
   train)
     setup
@@ -93,7 +94,7 @@ case $stage in
     cp runs/cifar10-isd-r18/metrics.jsonl runs/cifar10-isd-r18/recipe.yaml "$out/" || true
     ;;
   *)
-    echo "unknown stage '$stage' (prepare, setup, tests, speed, lightly, search, train)" >&2
+    echo "unknown stage '$stage' (prepare, setup, speed, train, profile, tests, search)" >&2
     exit 2
     ;;
 esac
