@@ -74,7 +74,7 @@ case $stage in
     setup
     run 150 profile.log python3 benchmarks/profile_step.py --trace "$out/profile_isd_r18.json.gz"
     run 360 profile.log python3 benchmarks/lightly_side_by_side.py --compile
-    results profile_step_cuda.json lightly_side_by_side_cuda.json
+    results profile_step_cuda.json lightly_side_by_side_compiled_cuda.json
     ;;
   search)
     setup

@@ -28,7 +28,7 @@ Ratios are images/s of ours / images/s of lightly (> 1: ours is faster); medians
 
     .venv/bin/python benchmarks/lightly_side_by_side.py      # R18, batch 512 -> lightly_side_by_side.json
     .venv/bin/python benchmarks/lightly_side_by_side.py --arch small_cnn --batch 128 --threads 1
-        # -> lightly_side_by_side_small_cnn.json
+        # -> lightly_side_by_side_small_cnn.json (with --compile: ..._small_cnn_compiled.json)
 """
 
 from __future__ import annotations
@@ -288,6 +288,7 @@ def main() -> None:
         "total_seconds": round(time.perf_counter() - begun, 1),
     }
     name = "lightly_side_by_side" + ("" if args.arch == "resnet18" else f"_{args.arch}")
+    name += "_compiled" if args.compile else ""
     path = write_result(name, result)
     print(
         f"{args.arch} batch {b} on {device}: step only ours {b / ours_step:.1f} vs lightly "

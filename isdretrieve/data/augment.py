@@ -242,8 +242,8 @@ def color_jitter(
     """Brightness, contrast, saturation, hue with per-sample ``factors`` [B,4] in per-sample ``order`` [B,4].
 
     Only samples where ``apply`` [B] is true change; ops whose strength is 0 are skipped. With ``gather``
-    (the default on CPU) each op runs only on the samples that take it at that position, about a quarter
-    of the work; without it (the default elsewhere) each op runs on the whole batch and a mask keeps its
+    (the default on CPU) each op runs only on the samples that take it at that position, a quarter of the
+    op evaluations; without it (the default elsewhere) each op runs on the whole batch and a mask keeps its
     result where it applies, which needs no host sync on a GPU. Both give the same values.
     """
     ops: list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = [
