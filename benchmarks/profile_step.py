@@ -88,13 +88,10 @@ def label_method(trainer: engine.Trainer) -> list[str]:
     return labels + ["method/ema"]
 
 
-def device_time(event) -> float:
-    """Device (CUDA) µs of a profiler average, across torch versions."""
-    return float(getattr(event, "device_time_total", getattr(event, "cuda_time_total", 0.0)) or 0.0)
-
-
-def self_device_time(event) -> float:
-    return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)) or 0.0)
+def device_time(event, prefix: str = "") -> float:
+    """Device (CUDA) µs of a profiler average (``prefix="self_"``: its own), across torch versions."""
+    old_name = getattr(event, f"{prefix}cuda_time_total", 0.0)
+    return float(getattr(event, f"{prefix}device_time_total", old_name) or 0.0)
 
 
 def step_once(trainer: engine.Trainer, batches, generator) -> None:
@@ -123,7 +120,7 @@ def breakdown(events, steps: int, labels: list[str], on_cuda: bool) -> tuple[dic
                 "device_ms_per_step": device_time(event) / 1e3 / steps,
             }
     own = set(STEP_PHASES) | set(METHOD_PARTS)
-    key = self_device_time if on_cuda else (lambda e: float(e.self_cpu_time_total))
+    key = (lambda e: device_time(e, "self_")) if on_cuda else (lambda e: float(e.self_cpu_time_total))
     ops = sorted((e for e in events if e.key not in own and not e.key.startswith("ProfilerStep")), key=key)
     top = [
         {

@@ -90,8 +90,9 @@ class AdaSim(Method):
             partners = nearest_other(own, self.history.latest())
         else:
             partners, gate = self._sample_partners(own, epoch)
-        self._partners = (epoch, partners.cpu(), None if gate is None else gate.cpu())
-        return partners.cpu()
+        partners = partners.cpu()
+        self._partners = (epoch, partners, None if gate is None else gate.cpu())
+        return partners
 
     def _sample_partners(self, own: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         k, device = self.cfg.k, own.device
