@@ -1,17 +1,48 @@
 """Training objectives as pure tensor functions (no state, no modules).
 
 Every function takes L2-normalised embeddings where the formula needs them and returns a scalar loss
-averaged over the batch.
+averaged over the batch. Each computes in fp32 whatever autocast is on (see :func:`in_fp32`).
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 
 _MASKED = -1e9
+_Fn = TypeVar("_Fn", bound=Callable)
 
 
+def in_fp32(fn: _Fn) -> _Fn:
+    """Run ``fn`` with its fp16/bf16 tensor arguments cast to fp32 and autocast off.
+
+    The logits here are cosine similarities divided by τ (down to 0.01). Under bf16 autocast a product's
+    *output* is rounded to 8 significant bits: at cos 0.8 and τ = 0.02 that is about 0.1–0.2 on a logit,
+    and on clustered embeddings (near neighbours at cos ≈ 0.8) ISD's gradient kept a cosine of only
+    0.5–0.8 with the fp32 one. Rounding the *inputs* to bf16 changed nothing measurable (cosine 1.0000),
+    so the network stays in bf16 and only these small products (B × K × d) run in fp32. Gradients flow
+    back in the inputs' own dtype.
+    """
+
+    def to_fp32(x):
+        low = isinstance(x, torch.Tensor) and x.is_floating_point() and torch.finfo(x.dtype).bits < 32
+        return x.float() if low else x
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        args, kwargs = [to_fp32(a) for a in args], {k: to_fp32(v) for k, v in kwargs.items()}
+        device = next(a for a in args if isinstance(a, torch.Tensor)).device.type
+        with torch.autocast(device, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@in_fp32
 def similarity_logits(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -40,6 +71,7 @@ def similarity_logits(
     return logits_s, logits_t
 
 
+@in_fp32
 def distillation_kl(logits_s: torch.Tensor, logits_t: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of KL(softmax(logits_t) ‖ softmax(logits_s))."""
     log_p_s = F.log_softmax(logits_s, dim=1)
@@ -62,6 +94,7 @@ def similarity_distillation(
     return distillation_kl(*logits)
 
 
+@in_fp32
 def info_nce(
     query: torch.Tensor,
     positives: torch.Tensor,
@@ -93,6 +126,7 @@ def info_nce(
     return -((log_prob * kept).sum(dim=1) / kept.sum(dim=1)).mean()
 
 
+@in_fp32
 def normalized_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """BYOL loss: mean over the batch of ‖p̂ − ẑ‖² = 2 − 2·cos(p, z), target detached."""
     p = F.normalize(prediction, dim=1)
@@ -100,6 +134,7 @@ def normalized_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return (2 - 2 * (p * z).sum(dim=1)).mean()
 
 
+@in_fp32
 def dino_cross_entropy(
     student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, tau_s: float, tau_t: float
 ) -> torch.Tensor:
