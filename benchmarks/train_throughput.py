@@ -15,8 +15,13 @@ view with and without colour jitter, and the jitter itself in both of ``color_ji
 (every op on the whole batch at each of its 4 order positions, masked; the GPU default: no host sync) and
 gather (each op only on the samples that take it there; the CPU default); their outputs are checked equal.
 
-    .venv/bin/python benchmarks/train_throughput.py         # R18, batch 512 (the GPU run)
-    # the CPU run:
+How near the hardware's limit: each method's matmul + convolution FLOPs per image (counted once by
+``torch.utils.flop_counter``), the TFLOP/s our step achieves, and that as a fraction of the device's dense
+GEMM rate in the step's precision (bf16 on CUDA, fp32 on CPU), measured in the same run.
+
+    .venv/bin/python benchmarks/train_throughput.py         # R18, batch 512: train_throughput.json
+    # the CPU runs (another batch writes train_throughput_bN.json):
+    .venv/bin/python benchmarks/train_throughput.py --steps 3 --warmup 1 --threads 1
     .venv/bin/python benchmarks/train_throughput.py --arch small_cnn resnet18 --batch 128 --steps 3 \
         --warmup 1 --threads 1
 """
@@ -24,6 +29,7 @@ gather (each op only on the samples that take it there; the CPU default); their 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -33,15 +39,16 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
-from _harness import cifar_root, machine_info, write_result  # noqa: E402
+from _harness import cifar_root, dense_gemm_tflops, machine_info, write_result  # noqa: E402
 
 from isdretrieve.data import ArrayDataset, augment_views, open_dataset  # noqa: E402
 from isdretrieve.data.augment import color_jitter  # noqa: E402
 from isdretrieve.train import engine  # noqa: E402
-from isdretrieve.train.batches import epoch_generator  # noqa: E402
+from isdretrieve.train.batches import StepBatch, epoch_generator  # noqa: E402
 from isdretrieve.train.methods import BYOL  # noqa: E402
 from isdretrieve.train.recipe import load_recipe  # noqa: E402
 
@@ -53,6 +60,7 @@ RECIPES = {
     "byol": "cifar10-byol.yaml",
 }
 TARGET_IMAGES_PER_S = 17_000  # ISD R18 on an H100 (issue 6); no CPU target
+DEFAULT_BATCH = 512  # the issue's protocol; other batches write their own result file
 
 
 def sync(device: torch.device) -> None:
@@ -165,6 +173,20 @@ def pipeline(trainer: engine.Trainer, images: torch.Tensor, repeat: int, compile
     }
 
 
+def flops_per_image(trainer: engine.Trainer, images: int = 16) -> float:
+    """Matmul and convolution FLOPs of one ``Trainer.optimize`` per image (forward incl. teacher and loss,
+    backward), counted by ``FlopCounterMode`` on a sub-batch of ``images`` run eagerly; every counted
+    product is linear in the batch. Elementwise work (BN, EMA, SGD) is not counted. Takes one real step."""
+    data = next(trainer.batches.epoch(1))
+    sub = StepBatch(*(t[:images] if t is not None else None for t in data))
+    batch = trainer._batch(sub, epoch_generator(0, 1, trainer.device))
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6: run compiled modules eagerly
+    eager = set_stance("force_eager") if set_stance else contextlib.nullcontext()
+    with eager, FlopCounterMode(display=False) as counter:
+        trainer.optimize(batch)
+    return counter.get_total_flops() / images
+
+
 def measure(trainer: engine.Trainer, args) -> dict:
     """Alternate ours / bare on the same batches; seconds per step after warm-up, split for ours."""
     device = trainer.device
@@ -200,7 +222,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--arch", nargs="+", default=["resnet18"], choices=["resnet18", "small_cnn"])
-    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument(
+        "--batch", type=int, default=DEFAULT_BATCH, help="another batch writes train_throughput_bN.json"
+    )
     parser.add_argument("--steps", type=int, default=5, help="timed steps per method (after warm-up)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--pipeline-repeat", type=int, default=5)
@@ -234,6 +258,8 @@ def main() -> None:
                 )
                 bare = statistics.median(runs["bare_s"])
                 b = args.batch
+                flops = flops_per_image(trainer)
+                device, dtype = trainer.device, trainer.autocast_dtype or torch.float32
                 jitter_s = pipe.pop("_strong_jitter_s") * trainer.method.views.count("strong")
                 row = {
                     "ours_images_per_s": b / step,
@@ -241,6 +267,8 @@ def main() -> None:
                     "bare_images_per_s": b / bare,
                     "ratio_step_over_bare": step / bare,
                     "ratio_optimize_over_bare": opt / bare,
+                    "gflops_per_image": flops / 1e9,
+                    "achieved_tflops": flops * b / step / 1e12,
                     "augment_share_of_step": aug / step,
                     "jitter_share_of_step": jitter_s / step,
                     "pipeline": pipe,
@@ -257,11 +285,16 @@ def main() -> None:
                     f"{arch:9s} {method:8s} ours {b / step:7.1f} img/s (optimize only {b / opt:7.1f}), "
                     f"bare {b / bare:7.1f} img/s: ratio {step / bare:.3f} (optimize {opt / bare:.3f}); "
                     f"augment {aug / step:.1%} of the step, jitter {jitter_s / step:.1%}; "
-                    f"views {pipe['method_views_per_s']:.0f}/s",
+                    f"views {pipe['method_views_per_s']:.0f}/s; {flops / 1e9:.2f} GFLOP/image, "
+                    f"{flops * b / step / 1e12:.3f} TFLOP/s",
                     flush=True,
                 )
                 del trainer
 
+    gemm = dense_gemm_tflops(device, dtype)
+    for rows in figures.values():
+        for row in rows.values():
+            row["fraction_of_gemm"] = row["achieved_tflops"] / gemm
     isd18 = figures.get("resnet18", {}).get("isd")
     on_gpu = isd18 is not None and isd18["device"].startswith("cuda")
     result = {
@@ -283,17 +316,23 @@ def main() -> None:
             "queue or real loss",
             "timing": "ours and bare alternate on the same batches; medians over the timed steps; "
             "ratio = ours seconds per step / bare seconds per step (>= 1 is our overhead)",
+            "flops": "matmul + convolution FLOPs of one optimize (forward incl. teacher and loss, backward) "
+            "per image, counted by torch.utils.flop_counter on a 16-image sub-batch run eagerly; "
+            "achieved TFLOP/s = FLOPs/image x ours images/s; fraction_of_gemm = achieved / the device's "
+            "square GEMM rate in the step's precision, measured in the same run (dense_gemm)",
             "pipeline": f"augment_views on one batch, median of {args.pipeline_repeat} after a warm-up; "
             "jitter share = (strong view - strong view with jitter_p=0) x strong views / ours step",
         },
         "figures": figures,
+        "dense_gemm": {"dtype": str(dtype), "tflops": gemm},
         "ratio": ratios,
         "target": f">= {TARGET_IMAGES_PER_S} img/s for ISD R18 on an H100 (GPU only; none on CPU)",
         "meets_target": (isd18["ours_images_per_s"] >= TARGET_IMAGES_PER_S) if on_gpu else None,
         "machine_at_start": machine_at_start,
         "total_seconds": round(time.perf_counter() - begun, 1),
     }
-    print(write_result("train_throughput", result))
+    name = "train_throughput" if args.batch == DEFAULT_BATCH else f"train_throughput_b{args.batch}"
+    print(write_result(name, result))
 
 
 if __name__ == "__main__":

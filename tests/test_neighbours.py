@@ -218,7 +218,8 @@ def test_cli_digits_table_and_bad_input(digits_index, tmp_path):
     images = open_dataset("digits", split="test").load_all()[:2]
     _save(images, tmp_path / "q", ["a.png", "b.png"])
     args = ["neighbours", str(digits_index), "--query", "0,17", "--query", str(tmp_path / "q"), "-k", "4"]
-    result = runner.invoke(index_cli, [*args, "--out", str(tmp_path / "rep")])
+    wide = {"COLUMNS": "250"}  # the query paths (pytest's tmp dir) would otherwise wrap inside "a.png"
+    result = runner.invoke(index_cli, [*args, "--out", str(tmp_path / "rep")], env=wide)
     assert result.exit_code == 0, result.output
     assert "row 17" in result.output and "a.png" in result.output and "labelled neighbours" in result.output
     assert f"report: {tmp_path / 'rep' / 'index.html'}" in result.output
