@@ -223,6 +223,26 @@ def test_color_jitter_gathered_and_masked_agree_exactly() -> None:
     assert torch.equal(images, before)  # the input batch is left as it was
 
 
+def test_compiled_views_match_eager() -> None:
+    """``compiled=True`` (under ``engine.compile``): the rendering is really traced, and the same generator
+    state gives the eager view up to float rounding (inductor reorders float ops), with every op on
+    (crop, flip, jitter, gray, blur)."""
+    from dataclasses import replace
+
+    from torch._dynamo.utils import counters
+
+    cfg = replace(view_config("strong", "imagenet"), size=24, blur_p=0.5)  # blur kernel 3
+    images = torch.randint(0, 256, (32, 3, 40, 40), generator=_gen(), dtype=torch.uint8)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = augment_views(images, cfg, _gen(), compiled=True)
+    assert counters["stats"]["unique_graphs"] == 1
+    eager = augment_views(images, cfg, _gen())
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)  # 1/255 is 0.017 normalised
+    assert torch.equal(compiled, augment_views(images, cfg, _gen(), compiled=True))
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("field", ["jitter_p", "gray_p", "blur_p"])
 def test_probabilities(field: str) -> None:
     images = _images(8, 48, 48)

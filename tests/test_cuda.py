@@ -44,6 +44,12 @@ def test_augmentation_ops_on_cuda_equal_cpu():
     gen = torch.Generator(device="cuda").manual_seed(0)
     view = augment_views((images * 255).to(torch.uint8).cuda(), view_config("strong", "cifar"), gen)
     assert view.device.type == "cuda" and view.shape == (16, 3, 32, 32) and torch.isfinite(view).all()
+    # and its colour ops compiled (engine.compile on CUDA) give the eager view up to float rounding
+    gen.manual_seed(0)
+    fused = augment_views(
+        (images * 255).to(torch.uint8).cuda(), view_config("strong", "cifar"), gen, compiled=True
+    )
+    torch.testing.assert_close(fused, view, rtol=0, atol=1e-4)
 
 
 def test_export_on_cuda_matches_cpu(tmp_path, make_encoder):

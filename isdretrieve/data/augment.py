@@ -10,6 +10,7 @@ per sample, so they can be checked one by one.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -269,39 +270,65 @@ def color_jitter(
     return x
 
 
-def augment_views(images: torch.Tensor, cfg: ViewConfig, generator: torch.Generator) -> torch.Tensor:
+def augment_views(
+    images: torch.Tensor, cfg: ViewConfig, generator: torch.Generator, *, compiled: bool = False
+) -> torch.Tensor:
     """One random view per image: uint8 (or [0,1] float) [B,3,H,W] -> normalised float32 [B,3,size,size].
 
-    ``generator`` must live on ``images.device``; equal generator states give identical views.
+    ``generator`` must live on ``images.device``; equal generator states give identical views. With
+    ``compiled`` the photometric part (jitter in its masked form, grayscale, blur, normalisation: a few
+    hundred small elementwise ops) runs through ``torch.compile``, which fuses them; the random draws and
+    the crop stay eager, so the same generator state gives the same view up to float rounding.
     """
-    x = to_float(images)
-    b, _, height, width = x.shape
+    b, _, height, width = images.shape
     bright, contrast, sat, hue = cfg.jitter
+    device = images.device
 
     def draw(*shape: int) -> torch.Tensor:
-        return torch.rand(shape, generator=generator, device=generator.device).to(x.device)
+        return torch.rand(shape, generator=generator, device=generator.device).to(device)
 
-    boxes = sample_crop_boxes(b, height, width, cfg.scale, cfg.ratio, generator).to(x.device)
+    boxes = sample_crop_boxes(b, height, width, cfg.scale, cfg.ratio, generator).to(device)
     flip = draw(b) < cfg.flip_p
     jitter_on = draw(b) < cfg.jitter_p
-    low = torch.tensor(
-        [max(0.0, 1 - bright), max(0.0, 1 - contrast), max(0.0, 1 - sat), -hue], device=x.device
-    )
-    high = torch.tensor([1 + bright, 1 + contrast, 1 + sat, hue], device=x.device)
+    low = torch.tensor([max(0.0, 1 - bright), max(0.0, 1 - contrast), max(0.0, 1 - sat), -hue], device=device)
+    high = torch.tensor([1 + bright, 1 + contrast, 1 + sat, hue], device=device)
     factors = low + (high - low) * draw(b, 4)
     order = draw(b, 4).argsort(dim=1)
     gray_on = draw(b) < cfg.gray_p
     blur_on = draw(b) < cfg.blur_p
     sigma = cfg.blur_sigma[0] + (cfg.blur_sigma[1] - cfg.blur_sigma[0]) * draw(b)
+    x = resized_crop(to_float(images), boxes, cfg.size, flip)  # one grid_sample: nothing to fuse
+    colour = _compiled_colour() if compiled else _colour
+    gather = False if compiled else None  # gathering needs data-dependent shapes: not in a compiled graph
+    return colour(x, cfg, factors, order, jitter_on, gray_on, blur_on, sigma, gather)
 
-    x = resized_crop(x, boxes, cfg.size, flip)
+
+def _colour(
+    x: torch.Tensor,
+    cfg: ViewConfig,
+    factors: torch.Tensor,
+    order: torch.Tensor,
+    jitter_on: torch.Tensor,
+    gray_on: torch.Tensor,
+    blur_on: torch.Tensor,
+    sigma: torch.Tensor,
+    gather: bool | None,
+) -> torch.Tensor:
+    """The photometric part of :func:`augment_views`, its random draws given: jitter, grayscale, blur,
+    normalisation."""
     if cfg.jitter_p > 0 and max(cfg.jitter) > 0:
-        x = color_jitter(x, factors, order, jitter_on, cfg.jitter)
+        x = color_jitter(x, factors, order, jitter_on, cfg.jitter, gather=gather)
     if cfg.gray_p > 0:
         x = _masked(gray_on, grayscale(x), x)
     if cfg.blur_p > 0 and cfg.blur_kernel > 1:
         x = _masked(blur_on, gaussian_blur(x, sigma, cfg.blur_kernel), x)
     return normalize(x, cfg.mean, cfg.std)
+
+
+@functools.cache
+def _compiled_colour() -> Callable[..., torch.Tensor]:
+    """:func:`_colour` under ``torch.compile`` (fixed shapes; one graph per view config and shape)."""
+    return torch.compile(_colour, dynamic=False)
 
 
 def _resize_center_crop(x: torch.Tensor, resize: int, crop: int) -> torch.Tensor:

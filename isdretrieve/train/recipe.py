@@ -171,7 +171,7 @@ class EngineConfig:
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: bool | None = None  # None: on for CUDA
-    compile: bool = False
+    compile: bool = False  # torch.compile the student and teacher (and on CUDA the views' colour ops)
     sync_bn: bool = False
     log_every: int = 20
     checkpoint_every: int = 1
