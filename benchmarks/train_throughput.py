@@ -247,7 +247,10 @@ def main() -> None:
     begun, machine_at_start = time.perf_counter(), machine_info()
     spec, preset, data_note = shared_data()
 
-    figures, ratios = {}, {}
+    figures, ratios, gemm = {}, {}, {}
+    name = "train_throughput" if args.batch == DEFAULT_BATCH else f"train_throughput_b{args.batch}"
+    if args.compile != compile_default:  # e.g. _compiled on CPU: never overwrite the default rows
+        name += "_compiled" if args.compile else "_eager"
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.arch:
             for method in args.methods:
@@ -262,7 +265,9 @@ def main() -> None:
                 bare = statistics.median(runs["bare_s"])
                 b = args.batch
                 flops = flops_per_image(trainer)
-                device, dtype = trainer.device, trainer.autocast_dtype or torch.float32
+                if not gemm:  # the device's GEMM rate in the step's precision, once
+                    dtype = trainer.autocast_dtype or torch.float32
+                    gemm = {"dtype": str(dtype), "tflops": dense_gemm_tflops(trainer.device, dtype)}
                 jitter_s = pipe.pop("_strong_jitter_s") * trainer.method.views.count("strong")
                 row = {
                     "ours_images_per_s": b / step,
@@ -272,6 +277,7 @@ def main() -> None:
                     "ratio_optimize_over_bare": opt / bare,
                     "gflops_per_image": flops / 1e9,
                     "achieved_tflops": flops * b / step / 1e12,
+                    "fraction_of_gemm": flops * b / step / 1e12 / gemm["tflops"],
                     "augment_share_of_step": aug / step,
                     "jitter_share_of_step": jitter_s / step,
                     "pipeline": pipe,
@@ -293,14 +299,17 @@ def main() -> None:
                     flush=True,
                 )
                 del trainer
+                result = payload(args, data_note, figures, ratios, gemm, machine_at_start, begun)
+                print(write_result(name, result))  # after each method: a run stopped early keeps its rows
 
-    gemm = dense_gemm_tflops(device, dtype)
-    for rows in figures.values():
-        for row in rows.values():
-            row["fraction_of_gemm"] = row["achieved_tflops"] / gemm
+
+def payload(
+    args, data_note: str, figures: dict, ratios: dict, gemm: dict, machine_at_start: dict, begun: float
+) -> dict:
+    """The JSON result of the rows measured so far."""
     isd18 = figures.get("resnet18", {}).get("isd")
     on_gpu = isd18 is not None and isd18["device"].startswith("cuda")
-    result = {
+    return {
         "protocol": {
             "data": data_note,
             "recipes": {m: f"training/{RECIPES[m]}" for m in args.methods},
@@ -327,17 +336,13 @@ def main() -> None:
             "jitter share = (strong view - strong view with jitter_p=0) x strong views / ours step",
         },
         "figures": figures,
-        "dense_gemm": {"dtype": str(dtype), "tflops": gemm},
+        "dense_gemm": gemm,
         "ratio": ratios,
         "target": f">= {TARGET_IMAGES_PER_S} img/s for ISD R18 on an H100 (GPU only; none on CPU)",
         "meets_target": (isd18["ours_images_per_s"] >= TARGET_IMAGES_PER_S) if on_gpu else None,
         "machine_at_start": machine_at_start,
         "total_seconds": round(time.perf_counter() - begun, 1),
     }
-    name = "train_throughput" if args.batch == DEFAULT_BATCH else f"train_throughput_b{args.batch}"
-    if args.compile != compile_default:  # e.g. _compiled on CPU: never overwrite the default rows
-        name += "_compiled" if args.compile else "_eager"
-    print(write_result(name, result))
 
 
 if __name__ == "__main__":
