@@ -35,7 +35,7 @@ def in_fp32(fn: _Fn) -> _Fn:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         args, kwargs = [to_fp32(a) for a in args], {k: to_fp32(v) for k, v in kwargs.items()}
-        device = next(a for a in args if isinstance(a, torch.Tensor)).device.type
+        device = next(t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)).device.type
         with torch.autocast(device, enabled=False):
             return fn(*args, **kwargs)
 
