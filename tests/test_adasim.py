@@ -156,6 +156,18 @@ def test_memory_holds_the_teachers_embedding_of_the_images_own_view(one_thread):
     assert method.memory.written.nonzero().flatten().tolist() == indices.tolist()
 
 
+def test_pair_methods_call_the_teacher_itself_for_both_views(one_thread):
+    """BYOL and DINO (so AdaSim too) run both views through the teacher's own call, which is what
+    ``engine.compile`` compiles: neither view falls back to the eager submodules."""
+    dino = DinoConfig(head_hidden=32, bottleneck=8, out_dim=64)
+    x, rows = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(3)), torch.arange(4)
+    for method in (_adasim(), _adasim(base="dino", dino=dino)):
+        calls = []
+        method.teacher.register_forward_hook(lambda module, args, out, calls=calls: calls.append(1))
+        method(Batch([x], rows, rows, 0.0, [x.flip(3)], rows))
+        assert len(calls) == 2
+
+
 def test_dino_base_cross_entropy_and_centre(one_thread):
     student, teacher, center = torch.tensor([[2.0, 0.0]]), torch.tensor([[1.0, 0.0]]), torch.zeros(1, 2)
     p_t = torch.softmax(torch.tensor([1.0, 0.0]) / 0.5, 0)

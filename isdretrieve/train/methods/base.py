@@ -51,8 +51,10 @@ class Encoder(nn.Module):
         self.backbone = backbone
         self.projector = projector if projector is not None else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.backbone(x))
+    def forward(self, x: torch.Tensor, with_features: bool = False):
+        """The projection of ``x``; with ``with_features``, (backbone features, projection)."""
+        features = self.backbone(x)
+        return (features, self.projector(features)) if with_features else self.projector(features)
 
 
 def ema_copy(module: nn.Module) -> nn.Module:
@@ -142,6 +144,7 @@ class PairMethod(Method):
     def teacher_pair(
         self, view_a: torch.Tensor, view_b: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The teacher's (backbone features of ``view_a``, output on ``view_a``, output on ``view_b``)."""
-        features_a = self.teacher.backbone(view_a)
-        return features_a, self.teacher.projector(features_a), self.teacher(view_b)
+        """The teacher's (backbone features of ``view_a``, output on ``view_a``, output on ``view_b``),
+        both through the teacher's own call, so that a compiled teacher stays compiled for both views."""
+        features_a, out_a = self.teacher(view_a, with_features=True)
+        return features_a, out_a, self.teacher(view_b)
