@@ -98,6 +98,25 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     return path
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op off CUDA), so that host timings cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn: Callable[[], Any], device: torch.device, repeat: int) -> float:
+    """Median seconds of ``repeat`` device-synchronised runs of ``fn`` after one warm-up run."""
+    fn()  # warm-up
+    runs = []
+    for _ in range(repeat):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs)
+
+
 def dense_gemm_tflops(
     device: torch.device, dtype: torch.dtype, n: int | None = None, repeat: int = 5
 ) -> float:
@@ -105,14 +124,4 @@ def dense_gemm_tflops(
     in ``dtype`` (n = 8192 on CUDA, 2048 elsewhere), after one warm-up."""
     n = n or (8192 if device.type == "cuda" else 2048)
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    runs = []
-    for i in range(repeat + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i:
-            runs.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(runs) / 1e12
+    return 2 * n**3 / median_time(lambda: a @ b, device, repeat) / 1e12

@@ -26,7 +26,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
-from _harness import cifar_root, summary, write_result  # noqa: E402
+from _harness import cifar_root, median_time, summary, write_result  # noqa: E402
 
 from isdretrieve.bank import write_bank  # noqa: E402
 from isdretrieve.data import open_dataset  # noqa: E402
@@ -48,16 +48,8 @@ def gpu_search(index_dir: Path, bank: np.ndarray, queries: np.ndarray, repeat: i
     """Our GPU exact search vs the device's fp32 GEMM rate on the same shape (median of ``repeat``)."""
     flops = 2 * len(queries) * len(bank) * bank.shape[1]
 
-    def median_s(fn) -> float:
-        fn()  # warm-up (loads the bank onto the GPU, cuBLAS heuristics)
-        runs = []
-        for _ in range(repeat):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            runs.append(time.perf_counter() - t0)
-        return float(np.median(runs))
+    def median_s(fn) -> float:  # the warm-up loads the bank onto the GPU and runs cuBLAS's heuristics
+        return median_time(fn, torch.device("cuda"), repeat)
 
     def gemm() -> float:
         """The device's fp32 GEMM on the same shape; its operands are freed on return."""

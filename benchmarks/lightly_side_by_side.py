@@ -48,8 +48,8 @@ from torch.utils.data import DataLoader, Dataset
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
-from _harness import machine_info, write_result  # noqa: E402
-from train_throughput import build_trainer, shared_data, sync  # noqa: E402
+from _harness import machine_info, sync, write_result  # noqa: E402
+from train_throughput import build_trainer, shared_data  # noqa: E402
 
 from isdretrieve._torchvision import import_torchvision  # noqa: E402
 from isdretrieve.models import build_backbone  # noqa: E402

@@ -30,8 +30,8 @@ from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
-from _harness import machine_info, write_result  # noqa: E402
-from train_throughput import RECIPES, build_trainer, shared_data, sync  # noqa: E402
+from _harness import machine_info, sync, write_result  # noqa: E402
+from train_throughput import RECIPES, build_trainer, shared_data  # noqa: E402
 
 from isdretrieve.train import engine  # noqa: E402
 from isdretrieve.train.batches import epoch_generator  # noqa: E402

@@ -45,7 +45,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
-from _harness import cifar_root, dense_gemm_tflops, machine_info, write_result  # noqa: E402
+from _harness import (  # noqa: E402
+    cifar_root,
+    dense_gemm_tflops,
+    machine_info,
+    median_time,
+    sync,
+    write_result,
+)
 
 from isdretrieve.data import ArrayDataset, augment_views, open_dataset  # noqa: E402
 from isdretrieve.data.augment import color_jitter  # noqa: E402
@@ -63,11 +70,6 @@ RECIPES = {
 }
 TARGET_IMAGES_PER_S = 17_000  # ISD R18 on an H100 (issue 6); no CPU target
 DEFAULT_BATCH = 512  # the issue's protocol; other batches write their own result file
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def shared_data() -> tuple[str, str, str]:
@@ -112,18 +114,6 @@ def bare_step(trainer: engine.Trainer, optimizer: torch.optim.Optimizer, views: 
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-
-
-def median_time(fn, device: torch.device, repeat: int) -> float:
-    fn()  # warm-up
-    runs = []
-    for _ in range(repeat):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        runs.append(time.perf_counter() - t0)
-    return statistics.median(runs)
 
 
 def pipeline(trainer: engine.Trainer, images: torch.Tensor, repeat: int, compiled: bool) -> dict:
