@@ -63,6 +63,22 @@ def test_queue_mask_matches_brute_force():
     assert torch.equal(mask, expected)
 
 
+def test_queue_mask_matches_brute_force_on_long_lists():
+    """Lists long enough that ``torch.isin`` would take its sorting path; empty queue slots hold −1."""
+    g = torch.Generator().manual_seed(0)
+    n = 300
+    counts = torch.randint(0, 21, (n,), generator=g)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    lists = PositiveLists(offsets, torch.randint(0, n, (int(offsets[-1]),), generator=g))
+    indices = torch.randperm(n, generator=g)[:48]
+    queue = torch.randint(-1, n, (1024,), generator=g)
+    mask = lists.queue_mask(indices, queue)
+    members = [set(lists.members[offsets[i] : offsets[i + 1]].tolist()) for i in range(n)]
+    expected = torch.tensor([[q in members[i] for q in queue.tolist()] for i in indices.tolist()])
+    assert expected.any() and (queue == -1).any()
+    assert torch.equal(mask, expected)
+
+
 @pytest.mark.parametrize("in_memory", ["yes", "no"])
 def test_batches_carry_the_partner_images(in_memory):
     dataset = open_dataset("digits")
@@ -80,13 +96,6 @@ def test_batches_carry_the_partner_images(in_memory):
     assert torch.equal(batch.partners, partners[batch.indices])
     expected = torch.stack([dataset[int(j)][0] for j in batch.partners])
     assert torch.equal(batch.partner_images, expected)
-
-
-@pytest.fixture(scope="module")
-def digits_pairs(tmp_path_factory, make_encoder):
-    root = tmp_path_factory.mktemp("sepp")
-    bank = export_bank(make_encoder(root / "enc.pt"), "digits", root / "bank.h5", workers=0).path
-    return mine_pairs(bank, root / "pairs.h5", MiningParams(k=3, mutual=True)), root / "pairs.h5"
 
 
 def sepp_recipe(pairs_path, base="moco", **method) -> dict:
