@@ -66,3 +66,14 @@ def random_encoder(path: Path, *, image_size: int = 16, seed: int = 0) -> Path:
 def make_encoder():
     """:func:`random_encoder`, for tests that need an encoder file."""
     return random_encoder
+
+
+@pytest.fixture(scope="session")
+def digits_pairs(tmp_path_factory):
+    """SePP pairs mined (k=3, mutual) from a random-init encoder's digits bank: (Pairs, its path)."""
+    from isdretrieve.bank import export_bank
+    from isdretrieve.mining import MiningParams, mine_pairs
+
+    root = tmp_path_factory.mktemp("sepp")
+    bank = export_bank(random_encoder(root / "enc.pt"), "digits", root / "bank.h5", workers=0).path
+    return mine_pairs(bank, root / "pairs.h5", MiningParams(k=3, mutual=True)), root / "pairs.h5"

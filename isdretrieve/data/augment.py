@@ -89,9 +89,28 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 def normalize(images_float01: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """``(x - mean) / std`` per channel, for [3,H,W] or [B,3,H,W] images."""
     x = images_float01
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    m = constant(mean, x.device, x.dtype).view(-1, 1, 1)
+    s = constant(std, x.device, x.dtype).view(-1, 1, 1)
     return (x - m) / s
+
+
+def constant(
+    values: tuple[float, ...], device: torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``torch.tensor(values)`` on ``device``, made once per (values, device, dtype); do not modify it.
+
+    Copying Python numbers to a GPU waits for all the work queued before it (a host sync), so the
+    per-batch paths reuse one copy. Inside ``torch.compile`` it is a constant of the graph instead.
+    """
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=dtype, device=device)
+    return _cached_constant(tuple(values), torch.device(device), dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    with torch.inference_mode(False):  # a normal tensor even when first asked for under inference mode
+        return torch.tensor(values, dtype=dtype, device=device)
 
 
 def _uniform(generator: torch.Generator, shape: tuple[int, ...], low: float, high: float) -> torch.Tensor:
@@ -290,8 +309,8 @@ def augment_views(
     boxes = sample_crop_boxes(b, height, width, cfg.scale, cfg.ratio, generator).to(device)
     flip = draw(b) < cfg.flip_p
     jitter_on = draw(b) < cfg.jitter_p
-    low = torch.tensor([max(0.0, 1 - bright), max(0.0, 1 - contrast), max(0.0, 1 - sat), -hue], device=device)
-    high = torch.tensor([1 + bright, 1 + contrast, 1 + sat, hue], device=device)
+    low = constant((max(0.0, 1 - bright), max(0.0, 1 - contrast), max(0.0, 1 - sat), -hue), device)
+    high = constant((1 + bright, 1 + contrast, 1 + sat, hue), device)
     factors = low + (high - low) * draw(b, 4)
     order = draw(b, 4).argsort(dim=1)
     gray_on = draw(b) < cfg.gray_p

@@ -89,13 +89,12 @@ class BatchSource:
         self.images = dataset.load_all(num_workers=workers).to(device) if keep else None
         self.labels = dataset.labels.to(device)
 
-    def _local_indices(self, epoch: int) -> list[torch.Tensor]:
+    def _local_indices(self, epoch: int) -> torch.Tensor:
+        """[steps, local batch]: this rank's slice of each global batch of ``epoch``."""
         order = torch.randperm(len(self.dataset), generator=epoch_generator(self.seed, epoch))
+        steps = order[: self.steps_per_epoch * self.batch_size].view(self.steps_per_epoch, self.batch_size)
         lo = self.dist.rank * self.local_batch
-        return [
-            order[s * self.batch_size + lo : s * self.batch_size + lo + self.local_batch]
-            for s in range(self.steps_per_epoch)
-        ]
+        return steps[:, lo : lo + self.local_batch]
 
     def epoch(self, epoch: int, start: int = 0, partners: torch.Tensor | None = None) -> Iterator[StepBatch]:
         """The batches of ``epoch`` for this rank, in order, from step ``start`` (a mid-epoch resume),
@@ -105,9 +104,11 @@ class BatchSource:
             shape, n = tuple(partners.shape), len(self.dataset)
             raise ValueError(f"partner map has shape {shape}, expected ({n},)")
         if self.images is not None:
+            # one copy to the device per epoch: a copy from host memory per step would wait for the
+            # GPU to finish the previous step, so the host could no longer queue work ahead of it
+            local = local.to(self.device)
             partners = partners.to(self.device) if partners is not None else None
             for idx in local:
-                idx = idx.to(self.device)
                 if partners is None:
                     yield StepBatch(self.images[idx], self.labels[idx], idx)
                 else:
@@ -116,7 +117,7 @@ class BatchSource:
             return
         loader = DataLoader(
             self.dataset if partners is None else _WithPartners(self.dataset, partners),
-            batch_sampler=[idx.tolist() for idx in local],
+            batch_sampler=local.tolist(),
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,

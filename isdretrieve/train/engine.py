@@ -342,7 +342,10 @@ class Trainer:
 
     def _log_step(self, out: Any, lr: float, grad_norm: float, rate: float) -> None:
         logs = {"loss": out.loss.detach(), **out.logs}
-        values = {k: distributed.all_reduce_mean(v.detach().float()).item() for k, v in logs.items()}
+        values = {
+            k: distributed.all_reduce_mean(v.detach().float()).item() if isinstance(v, torch.Tensor) else v
+            for k, v in logs.items()
+        }
         self.log.write(
             {
                 "epoch": self.epoch,

@@ -29,7 +29,7 @@ class IndexedMemory(nn.Module):
     @torch.no_grad()
     def write(self, indices: torch.Tensor, embeddings: torch.Tensor) -> None:
         self.embeddings[indices] = embeddings.to(self.embeddings.dtype)
-        self.written[indices] = True
+        self.written.index_fill_(0, indices, True)
 
     def search(self, queries: torch.Tensor, k: int, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k over the written rows (see ``topk_neighbours``)."""

@@ -36,7 +36,9 @@ class DataContext:
 @dataclass
 class StepOutput:
     loss: torch.Tensor
-    logs: dict[str, torch.Tensor] = field(default_factory=dict)  # scalars for the metrics log
+    # scalars for the metrics log: tensors (averaged over ranks at log steps), or floats that every rank
+    # shares (a schedule's value: a Python number turned into a GPU tensor would cost a host sync)
+    logs: dict[str, torch.Tensor | float] = field(default_factory=dict)
 
 
 def identity_gather(t: torch.Tensor) -> torch.Tensor:

@@ -36,4 +36,4 @@ class BYOL(PairMethod):
         ema_update(self.teacher, self.student, momentum)
         features_a, target_a, target_b = self.teacher_pair(view_a, view_b)
         loss = (normalized_mse(pred_a, target_b) + normalized_mse(pred_b, target_a)) / 2
-        return StepOutput(loss, {"momentum": loss.new_tensor(momentum)}), features_a
+        return StepOutput(loss, {"momentum": momentum}), features_a

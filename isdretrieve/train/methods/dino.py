@@ -46,7 +46,7 @@ class DINO(PairMethod):
         ) / 2
         self._update_center(torch.cat([teacher_a, teacher_b]))
         logs = {
-            "momentum": loss.new_tensor(momentum),
+            "momentum": momentum,
             "teacher_entropy": softmax_entropy((teacher_a - center) / cfg.tau_teacher),
         }
         return StepOutput(loss, logs), features_a
