@@ -10,6 +10,7 @@ sync detector checks the same steps.
 from __future__ import annotations
 
 import traceback
+from collections import Counter
 
 import pytest
 import torch
@@ -84,7 +85,11 @@ class SyncingOps(TorchDispatchMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.found: set[tuple[str, str]] = set()
+        self.calls: Counter[tuple[str, str]] = Counter()
+
+    @property
+    def found(self) -> set[tuple[str, str]]:
+        return set(self.calls)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         syncs = func in SYNCING
@@ -93,19 +98,24 @@ class SyncingOps(TorchDispatchMode):
         if syncs:
             ours = [f for f in traceback.extract_stack() if "isdretrieve" in f.filename]
             where = f"{ours[-1].filename.rsplit('isdretrieve', 1)[-1]}:{ours[-1].lineno}" if ours else "?"
-            self.found.add((str(func), where))
+            self.calls[(str(func), where)] += 1
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_a_training_step_dispatches_no_op_that_syncs_on_a_gpu(tmp_path, digits_pairs, monkeypatch, method):
-    # the colour jitter in its GPU form: masked (on CPU it gathers each op's samples, which syncs there)
+@pytest.fixture
+def masked_jitter(monkeypatch):
+    """The colour jitter in its GPU form: masked (on CPU it gathers each op's samples, which syncs)."""
     real_jitter = augment.color_jitter
 
-    def masked_jitter(*args, gather=None, **kwargs):
+    def masked(*args, gather=None, **kwargs):
         return real_jitter(*args, gather=False, **kwargs)
 
-    monkeypatch.setattr(augment, "color_jitter", masked_jitter)
+    monkeypatch.setattr(augment, "color_jitter", masked)
+
+
+@pytest.mark.usefixtures("masked_jitter")
+@pytest.mark.parametrize("method", list(METHODS))
+def test_a_training_step_dispatches_no_op_that_syncs_on_a_gpu(tmp_path, digits_pairs, method):
     trainer = Trainer(recipe_from_data(_recipe(method, digits_pairs[1], "cpu")), tmp_path, quiet=True)
     steps = _steps(trainer, 3)
     next(steps)  # the first step builds lazily (queues, momentum buffers)
@@ -114,6 +124,24 @@ def test_a_training_step_dispatches_no_op_that_syncs_on_a_gpu(tmp_path, digits_p
         for _ in steps:
             pass
     assert not probe.found, f"ops that would sync a GPU in a {method} step: {sorted(probe.found)}"
+
+
+@pytest.mark.usefixtures("masked_jitter")
+def test_the_engine_loop_syncs_per_epoch_not_per_step(tmp_path, digits_pairs):
+    """The whole epoch as ``fit`` runs it (schedule, NaN flag, progress, epoch end, checkpoint): its
+    syncing ops are the same for 2 and for 6 steps, so none of them is per step."""
+    found = []
+    for steps in (2, 6):
+        data = _recipe("isd", digits_pairs[1], "cpu")
+        data["optim"]["max_steps"] = steps
+        data["engine"]["log_every"] = 1000
+        trainer = Trainer(recipe_from_data(data), tmp_path / str(steps), quiet=True)
+        probe = SyncingOps()
+        with probe:
+            trainer._train_epoch()
+        assert trainer.step == steps
+        found.append(probe.calls)
+    assert found[0] == found[1], f"per-step syncs: {found[1] - found[0]}"
 
 
 def _ops_found(fn) -> set[str]:
