@@ -64,8 +64,8 @@ case $stage in
   tests)
     setup
     # the GPU tests, then the rest as CI runs it (CPU only: those tests pin bit-exact CPU behaviour)
-    run 200 tests.log python3 -m pytest -q -p no:cacheprovider -m gpu
-    run 330 tests.log env CUDA_VISIBLE_DEVICES= python3 -m pytest -q -p no:cacheprovider -m "not gpu"
+    run 260 tests.log python3 -m pytest -q -p no:cacheprovider -m gpu
+    run 290 tests.log env CUDA_VISIBLE_DEVICES= python3 -m pytest -q -p no:cacheprovider -m "not gpu"
     ;;
   speed)
     setup
