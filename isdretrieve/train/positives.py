@@ -57,7 +57,7 @@ class PositiveLists(nn.Module):
         partners[has] = self.members.cpu()[pick[has]]
         return partners
 
-    def padded(self, indices: torch.Tensor, fill: int = -1) -> torch.Tensor:
+    def padded(self, indices: torch.Tensor, *, fill: int) -> torch.Tensor:
         """The lists of ``indices`` as a [B, max_count] matrix padded with ``fill``."""
         width = max(self.max_count, 1)
         starts, counts = self.offsets[indices], self.counts[indices]
