@@ -316,6 +316,7 @@ def main() -> None:
                 chained = None
                 if args.back_to_back:
                     chained = back_to_back(trainer, args.back_to_back, flops, gemm["tflops"])
+                achieved = flops * b / step / 1e12
                 jitter_s = pipe.pop("_strong_jitter_s") * trainer.method.views.count("strong")
                 row = {
                     "ours_images_per_s": b / step,
@@ -324,8 +325,8 @@ def main() -> None:
                     "ratio_step_over_bare": step / bare,
                     "ratio_optimize_over_bare": opt / bare,
                     "gflops_per_image": flops / 1e9,
-                    "achieved_tflops": flops * b / step / 1e12,
-                    "fraction_of_gemm": flops * b / step / 1e12 / gemm["tflops"],
+                    "achieved_tflops": achieved,
+                    "fraction_of_gemm": achieved / gemm["tflops"],
                     "augment_share_of_step": aug / step,
                     "jitter_share_of_step": jitter_s / step,
                     "back_to_back": chained,
@@ -344,7 +345,7 @@ def main() -> None:
                     f"bare {b / bare:7.1f} img/s: ratio {step / bare:.3f} (optimize {opt / bare:.3f}); "
                     f"augment {aug / step:.1%} of the step, jitter {jitter_s / step:.1%}; "
                     f"views {pipe['method_views_per_s']:.0f}/s; {flops / 1e9:.2f} GFLOP/image, "
-                    f"{flops * b / step / 1e12:.3f} TFLOP/s",
+                    f"{achieved:.3f} TFLOP/s",
                     flush=True,
                 )
                 if chained:
