@@ -5,8 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # torch and torchvision are installed as a matched pair first, so the resolver never swaps torch for
 # another build; override on machines that need another pair, e.g. `make TORCH=torch==2.11.0 TORCHVISION=torchvision==0.26.0`.
-TORCH ?= torch==2.13.0
-TORCHVISION ?= torchvision==0.28.0
+TORCH ?= torch==2.14.1
+TORCHVISION ?= torchvision==0.29.1
 
 .PHONY: venv demo test lint clean
 
