@@ -138,7 +138,7 @@ def main() -> None:
         torch.manual_seed(0)
         backbone, backbone_note = lightly_backbone(args.arch)
         feature_dim = ours.method.feature_backbone.feature_dim
-        model = LightlyMoCo(backbone, feature_dim, cfg.proj_hidden, cfg.proj_dim).to(device)
+        model = LightlyMoCo(backbone, feature_dim, cfg.hidden_dim(feature_dim), cfg.proj_dim).to(device)
         if ours.channels_last:
             model.to(memory_format=torch.channels_last)
         criterion = NTXentLoss(temperature=cfg.tau, memory_bank_size=(cfg.queue_size, cfg.proj_dim)).to(
@@ -254,11 +254,12 @@ def main() -> None:
             "ours": "Trainer(training/cifar10-moco.yaml; data.train/preset/in_memory, model.arch, "
             "optim.batch_size, engine.device/compile, monitor.every=0): _batch + optimize",
             "lightly": f"lightly {lightly.__version__}: {backbone_note}; MoCoProjectionHead({feature_dim}, "
-            f"{cfg.proj_hidden}, {cfg.proj_dim}); NTXentLoss(temperature={cfg.tau}, memory_bank_size="
-            f"({cfg.queue_size}, {cfg.proj_dim})); update_momentum m={cfg.momentum}; SGD lr {o.lr}, "
-            f"momentum {o.momentum}, wd {o.weight_decay}; MoCoV2Transform(input_size=32, gaussian_blur=0.0) "
-            "per PIL image in this process",
-            "differences": "ours' projection has BN1d (lightly's MoCo-v2 head has none); lightly's CIFAR "
+            f"{cfg.hidden_dim(feature_dim)}, {cfg.proj_dim}); NTXentLoss(temperature={cfg.tau}, "
+            f"memory_bank_size=({cfg.queue_size}, {cfg.proj_dim})); update_momentum m={cfg.momentum}; "
+            f"SGD lr {o.lr}, momentum {o.momentum}, wd {o.weight_decay}; "
+            "MoCoV2Transform(input_size=32, gaussian_blur=0.0) per PIL image in this process",
+            "differences": "ours runs shuffle-BN (split-batch BN, 8 groups, permuted keys; lightly's "
+            "documented example does not); lightly's CIFAR "
             "ResNet-18 is its own implementation (same layers and parameter count); lightly's transform "
             "runs per image on PIL, ours batched on tensors",
             "batch": b,

@@ -1,4 +1,5 @@
-"""Evaluate banks: k-NN classification through an index (``isd-knn``) and the linear probe."""
+"""Evaluate banks: k-NN classification through an index (``isd-knn``) and the linear probe (on bank
+features, or the ISD protocol on the images)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from isdretrieve.bank import FeatureBank
 from isdretrieve.errors import BankError
 from isdretrieve.index import SearchIndex
 from isdretrieve.knn import KnnResult, Weighting, classify, drop_self_matches
+from isdretrieve.linear_eval import ImageProbeConfig, linear_eval_from_banks
 from isdretrieve.linear_probe import ProbeConfig, ProbeResult, linear_probe
 
 
@@ -63,8 +65,13 @@ def knn_evaluate(
     temperature: float = 0.07,
     weighting: Weighting = "exp",
     linear: ProbeConfig | None = None,
+    device: str = "auto",
 ) -> KnnReport:
-    """k-NN accuracy of ``test`` rows against ``train``'s index for every k in ``ks`` (one search)."""
+    """k-NN accuracy of ``test`` rows against ``train``'s index for every k in ``ks`` (one search).
+
+    ``linear``: a :class:`ProbeConfig` adds the linear probe on the banks' features; an
+    :class:`ImageProbeConfig` the ISD linear evaluation on the images (``train``'s ``encoder.pt`` and
+    the banks' data SPECs), run on ``device`` (auto: CUDA when present)."""
     started = time.perf_counter()
     if not ks or min(ks) < 1:
         raise BankError(f"k must be positive, got {list(ks)}")
@@ -95,7 +102,9 @@ def knn_evaluate(
         class_names=train.bank.classes,
     )
     probe = None
-    if linear is not None:
+    if isinstance(linear, ImageProbeConfig):
+        probe = linear_eval_from_banks(train.directory, train.bank, test, linear, device=device)
+    elif linear is not None:
         probe = linear_probe(
             torch.from_numpy(train.bank.features()),
             torch.from_numpy(train_labels),

@@ -153,3 +153,40 @@ def classify(
             )
         )
     return results
+
+
+def per_class_top1(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float | None]:
+    """Top-1 accuracy of each class c (None where the queries hold no c) from class scores [Q, C]."""
+    hit = scores.argmax(dim=1).cpu() == labels.cpu()
+    out: list[float | None] = []
+    for c in range(num_classes):
+        rows = labels.cpu() == c
+        out.append(hit[rows].double().mean().item() if rows.any() else None)
+    return out
+
+
+@dataclass(frozen=True)
+class HeadTail:
+    """Mean per-class accuracy over the ``n`` classes with the most (head) and fewest (tail) training
+    images; ties in the counts go to the lower class id."""
+
+    head: float
+    tail: float
+    head_classes: tuple[int, ...]
+    tail_classes: tuple[int, ...]
+
+
+def head_tail_accuracy(per_class: list[float | None], train_counts: list[int], n: int = 3) -> HeadTail:
+    """Head/tail split of per-class accuracies by the training set's class counts."""
+    if len(per_class) != len(train_counts) or not 0 < n <= len(per_class) // 2:
+        raise ValueError(f"need one count per class and 0 < n <= C/2, got n={n} for {len(per_class)}")
+    by_size = sorted(range(len(train_counts)), key=lambda c: (-train_counts[c], c))
+    head, tail = tuple(by_size[:n]), tuple(sorted(by_size[-n:]))
+
+    def mean(classes: tuple[int, ...]) -> float:
+        values = [per_class[c] for c in classes]
+        if any(v is None for v in values):
+            raise ValueError(f"classes {classes} need test queries for a head/tail accuracy")
+        return sum(values) / n  # type: ignore[arg-type]
+
+    return HeadTail(mean(head), mean(tail), head, tail)

@@ -22,7 +22,7 @@ STEPS, LOCAL = 3, 16
 def _recipe(batch_size: int):
     return recipe_from_data(
         {
-            "method": {"name": "isd", "queue_size": 64},
+            "method": {"name": "isd", "queue_size": 64, "shuffle_bn": False},
             "data": {"train": "digits", "preset": "digits"},
             "optim": {"batch_size": batch_size, "epochs": 1, "lr": 0.1},
             "monitor": {"every": 0},
@@ -81,3 +81,49 @@ def test_two_process_queue_and_weights_equal_single_process(tmp_path):
         # the unbiased variance of [x; x] is not that of x)
         if key.startswith(("student.", "predictor.", "teacher.")) and "running_" not in key:
             torch.testing.assert_close(ranks[0][key], value, atol=2e-5, rtol=1e-4, msg=key)
+
+
+def _shuffle_worker(rank: int, world: int, port: int, out: str) -> None:
+    from isdretrieve.train.distributed import all_gather_cat
+    from isdretrieve.train.shuffle_bn import shuffled_forward
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.distributed.init_process_group("gloo")
+    x = _shuffle_batch()[rank * LOCAL : (rank + 1) * LOCAL]
+    linear, bn = _shuffle_nets()
+    results = {
+        "linear": shuffled_forward(linear, x, seed=5, progress=0.3, gather=all_gather_cat),
+        "bn": shuffled_forward(bn, x, seed=5, progress=0.3, gather=all_gather_cat),
+        "bn_plain": bn(x).detach(),
+    }
+    torch.save(results, f"{out}/shuffle{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def _shuffle_batch() -> torch.Tensor:
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(2 * LOCAL, 6, generator=g) * torch.linspace(0.5, 3, 2 * LOCAL)[:, None]
+
+
+def _shuffle_nets() -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(0)
+    return torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(6)
+
+
+def test_shuffle_bn_across_ranks_is_an_exact_inverse_with_per_rank_statistics(tmp_path):
+    from isdretrieve.train.shuffle_bn import shuffle_permutation
+
+    mp.spawn(_shuffle_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"shuffle{r}.pt") for r in range(2)]
+    x = _shuffle_batch()
+    linear, bn = _shuffle_nets()
+    # a per-sample network: shuffle then unshuffle returns every rank's own rows exactly
+    for r in range(2):
+        torch.testing.assert_close(ranks[r]["linear"], linear(x[r * LOCAL : (r + 1) * LOCAL]).detach())
+    # BN: each rank normalised its slice of the permuted global batch; the keys come back unshuffled
+    perm = shuffle_permutation(2 * LOCAL, 5, 0.3, torch.device("cpu"))
+    shuffled = torch.cat([bn(x[perm[r * LOCAL : (r + 1) * LOCAL]]).detach() for r in range(2)])
+    expected = shuffled[torch.argsort(perm)]
+    for r in range(2):
+        torch.testing.assert_close(ranks[r]["bn"], expected[r * LOCAL : (r + 1) * LOCAL])
+        assert not torch.allclose(ranks[r]["bn"], ranks[r]["bn_plain"], atol=1e-3)  # other statistics

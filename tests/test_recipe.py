@@ -17,8 +17,8 @@ def test_every_shipped_recipe_loads(path):
 
 def test_method_section_picks_its_dataclass():
     assert isinstance(recipe_from_data({"method": "moco"}).method, MocoConfig)
-    r = recipe_from_data({"method": {"name": "isd", "projection": True, "tau_teacher": 0.01}})
-    assert r.method == IsdConfig(projection=True, tau_teacher=0.01)
+    r = recipe_from_data({"method": {"name": "isd", "variant": "mlp", "tau_teacher": 0.02}})
+    assert r.method == IsdConfig(variant="mlp", tau_teacher=0.02)
 
 
 @pytest.mark.parametrize(

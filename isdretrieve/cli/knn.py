@@ -40,7 +40,15 @@ EITHER = "give --train and --test, or --checkpoint with --data"
     show_default=True,
     help="dino: k=20 T=0.07 exp; instdisc: k=200 T=0.1 exp; isd: k=1,20 uniform.",
 )
-@click.option("--linear", is_flag=True, help="Also train the ISD linear probe on the train bank.")
+@click.option(
+    "--linear",
+    type=click.Choice(["bank", "images"]),
+    is_flag=False,
+    flag_value="bank",
+    default=None,
+    help="Also train the ISD linear probe: on the train bank's features (bank, what --linear alone "
+    "means) or the ISD protocol on its images (images: frozen encoder.pt of --train, crop + flip).",
+)
 @click.option("--per-class", is_flag=True, help="Print per-class top-1.")
 @click.option("--json", "json_out", type=FileType, help="Write every number here.")
 @verbose_option
@@ -55,13 +63,14 @@ def main(
     temperature: float | None,
     weighting: str | None,
     preset: str,
-    linear: bool,
+    linear: str | None,
     per_class: bool,
     json_out: Path | None,
 ) -> None:
     """k-NN top-1/top-5 of the TEST bank's rows against the TRAIN index (or of a checkpoint on --data)."""
     from isdretrieve.evaluation import knn_evaluate, open_test_bank
     from isdretrieve.index import SearchIndex
+    from isdretrieve.linear_eval import ImageProbeConfig
     from isdretrieve.linear_probe import ProbeConfig
 
     preset_ks, preset_t, preset_w = PRESETS[preset]
@@ -83,7 +92,7 @@ def main(
             ks=ks or preset_ks,
             temperature=temperature or preset_t,
             weighting=weighting or preset_w,
-            linear=ProbeConfig() if linear else None,
+            linear={"bank": ProbeConfig(), "images": ImageProbeConfig(), None: None}[linear],
         )
     self_note = ", self-matches excluded" if report.exclude_self else ""
     click.echo(f"{report.test_size:,} queries vs {report.train_size:,} ({report.search}{self_note})")
@@ -94,7 +103,7 @@ def main(
             click.echo("  " + "  ".join(f"{name} {acc:.3f}" for name, acc in r.per_class.items()))
     if report.linear is not None:
         p = report.linear
-        click.echo(f"linear probe (ISD protocol, no augmentation): top-1 {p.top1:.4f}  top-5 {p.top5:.4f}")
+        click.echo(f"linear probe (ISD protocol, {p.protocol}): top-1 {p.top1:.4f}  top-5 {p.top5:.4f}")
     if json_out:
         json_out.write_text(json.dumps(dataclasses.asdict(report), indent=2) + "\n")
 

@@ -15,7 +15,8 @@ RGB, their shorter side resized to `size` (bilinear, antialiased) and centre-cro
 `size` defaults to the first image's side when it is square and at most 96 px, else to 256.
 `longtail=RATIO` keeps a CIFAR-LT style subset of any split but test: class c of C keeps
 floor(n_max * RATIO ** (-c / (C - 1))) images (the published CIFAR-10-LT counts), drawn with a fixed
-seed and kept in their original order.
+seed and kept in their original order. `balanced=N` keeps N images of any split but test, N // C per
+class (one more for the first N mod C classes), drawn the same way: e.g. a balanced twin of CIFAR-10-LT.
 """
 
 from __future__ import annotations
@@ -431,6 +432,22 @@ def longtail_indices(
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
 
 
+def balanced_indices(
+    labels: Sequence[int] | np.ndarray | torch.Tensor, num_classes: int, total: int
+) -> np.ndarray:
+    """Sorted indices of ``total`` images, as equal a number per class as possible, ``default_rng(0)``."""
+    y = np.asarray(labels, dtype=np.int64)
+    per_class = [total // num_classes + (c < total % num_classes) for c in range(num_classes)]
+    rng = np.random.default_rng(0)
+    chosen = []
+    for c, want in enumerate(per_class):
+        members = np.flatnonzero(y == c)
+        if want > len(members):
+            raise DataError(f"balanced={total} needs {want} images of class {c}, the data has {len(members)}")
+        chosen.append(rng.choice(members, want, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
 def open_dataset(spec: str | DataSpec, *, split: str | None = None) -> ImageDataset:
     """Open the dataset a SPEC names; ``split`` (if given) overrides the SPEC's split."""
     spec = parse_spec(spec)
@@ -446,4 +463,8 @@ def open_dataset(spec: str | DataSpec, *, split: str | None = None) -> ImageData
         if not dataset.classes:
             raise DataError(f"longtail needs labels, but '{dataset.spec}' is unlabeled")
         dataset = dataset.subset(longtail_indices(dataset.labels, len(dataset.classes), spec.longtail))
+    if spec.balanced is not None and dataset.spec.split != "test":
+        if not dataset.classes:
+            raise DataError(f"balanced needs labels, but '{dataset.spec}' is unlabeled")
+        dataset = dataset.subset(balanced_indices(dataset.labels, len(dataset.classes), spec.balanced))
     return dataset

@@ -1,11 +1,12 @@
 """Data SPEC strings: ``KIND[:ARG][,key=value]...`` parsed into a :class:`DataSpec`.
 
 Examples: ``digits``, ``digits,split=test``, ``cifar10:/data/cifar,split=train,longtail=100``,
-``folder:/imgs/train,size=32``, ``list:/x/D1.txt@/imagenet``, ``cifar10:ROOT,download=1``.
+``folder:/imgs/train,size=32``, ``list:/x/D1.txt@/imagenet``, ``cifar10:ROOT,download=1``,
+``cifar10:ROOT,balanced=12406`` (a class-balanced subset of that many images).
 
-Options are the trailing ``,key=value`` segments (split, longtail, size, download); everything between
-``KIND:`` and the first option is the ARG, so paths holding commas still work unless a comma is followed
-by ``word=``.
+Options are the trailing ``,key=value`` segments (split, longtail, balanced, size, download);
+everything between ``KIND:`` and the first option is the ARG, so paths holding commas still work unless a
+comma is followed by ``word=``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from isdretrieve.errors import DataError
 
 KINDS = ("digits", "cifar10", "folder", "list")
 SPLITS = ("train", "test")
-OPTIONS = ("split", "longtail", "size", "download")
+OPTIONS = ("split", "longtail", "balanced", "size", "download")
 _FILE_KINDS = ("folder", "list")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -43,6 +44,7 @@ class DataSpec:
     list_file: Path | None = None
     split: str | None = None
     longtail: float | None = None
+    balanced: int | None = None  # images in a class-balanced subset
     size: int | None = None
     download: bool = False
 
@@ -71,6 +73,8 @@ class DataSpec:
             text += f",split={self.split}"
         if self.longtail is not None:
             text += f",longtail={_format_float(self.longtail)}"
+        if self.balanced is not None:
+            text += f",balanced={self.balanced}"
         if self.size is not None:
             text += f",size={self.size}"
         if self.download:
@@ -98,6 +102,11 @@ def _problem(spec: DataSpec) -> str | None:
         return f"split must be one of {', '.join(SPLITS)}, got '{spec.split}'"
     if spec.longtail is not None and not (math.isfinite(spec.longtail) and spec.longtail >= 1):
         return f"longtail must be a ratio >= 1, got {spec.longtail}"
+    if spec.balanced is not None:
+        if isinstance(spec.balanced, bool) or not isinstance(spec.balanced, int) or spec.balanced <= 0:
+            return f"balanced must be a positive integer, got {spec.balanced!r}"
+        if spec.longtail is not None:
+            return "longtail and balanced exclude each other"
     if spec.size is not None:
         if spec.kind not in _FILE_KINDS:
             return f"size applies only to {' and '.join(_FILE_KINDS)}"
@@ -117,11 +126,11 @@ def _parse_option(key: str, value: str) -> object:
             return float(value)
         except ValueError:
             raise ValueError(f"longtail must be a number, got '{value}'") from None
-    if key == "size":
+    if key in ("size", "balanced"):
         try:
             return int(value)
         except ValueError:
-            raise ValueError(f"size must be an integer, got '{value}'") from None
+            raise ValueError(f"{key} must be an integer, got '{value}'") from None
     if value.lower() in _TRUE:
         return True
     if value.lower() in _FALSE:

@@ -14,7 +14,7 @@ from isdretrieve.models.checkpoints import (
     load_backbone,
     safe_load,
 )
-from isdretrieve.models.heads import dino_head, isd_base_predictor, projection_mlp
+from isdretrieve.models.heads import dino_head, isd_base_predictor, moco_v2_head, projection_mlp
 
 __all__ = [
     "ARCHS",
@@ -33,6 +33,7 @@ __all__ = [
     "file_sha256",
     "isd_base_predictor",
     "load_backbone",
+    "moco_v2_head",
     "projection_mlp",
     "safe_load",
 ]

@@ -13,13 +13,20 @@ from torch import Tensor, nn
 
 
 def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    """Linear(bias) - BN1d - ReLU - Linear(bias): ISD-MLP projection (D -> 2D -> D/4), MoCo-v2/BYOL heads."""
+    """Linear(bias) - BN1d - ReLU - Linear(bias): ISD-MLP projection (D -> 2D -> D/4), the BYOL heads and
+    MoCo's ``head: bn`` option."""
     return nn.Sequential(
         nn.Linear(in_dim, hidden_dim),
         nn.BatchNorm1d(hidden_dim),
         nn.ReLU(inplace=True),
         nn.Linear(hidden_dim, out_dim),
     )
+
+
+def moco_v2_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """The official MoCo-v2 head (``--mlp``): Linear(bias) - ReLU - Linear(bias), no BatchNorm; the
+    official hidden width is the backbone's feature dimension (D -> D -> 128)."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
 
 
 def isd_base_predictor(dim: int) -> nn.Sequential:

@@ -134,6 +134,14 @@ def normalized_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return (2 - 2 * (p * z).sum(dim=1)).mean()
 
 
+def byol_loss(
+    pred_a: torch.Tensor, pred_b: torch.Tensor, target_a: torch.Tensor, target_b: torch.Tensor
+) -> torch.Tensor:
+    """BYOL's symmetrised loss as in the paper, L + L̃ (a sum, not a mean): the prediction of view a
+    against the target of view b, plus the prediction of b against the target of a."""
+    return normalized_mse(pred_a, target_b) + normalized_mse(pred_b, target_a)
+
+
 @in_fp32
 def dino_cross_entropy(
     student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, tau_s: float, tau_t: float

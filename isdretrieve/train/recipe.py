@@ -10,36 +10,114 @@ from isdretrieve.data import ViewConfig
 from isdretrieve.errors import RecipeError
 from isdretrieve.typed_config import apply_override, from_dict, load_yaml
 
+ShuffleBN = bool | Literal["auto"]  # "auto": what the method's official code does
+
+
+@dataclass(frozen=True)
+class IsdVariant:
+    """Every setting that tells ISD-base from ISD-MLP (official code, README runs; ``lr`` at batch 256)."""
+
+    projection: bool
+    tau_teacher: float
+    tau_student: float
+    momentum: float
+    teacher_view: Literal["strong", "weak"]
+    student_view: Literal["strong", "weak"]
+    lr: float
+
+
+ISD_VARIANTS = {
+    "base": IsdVariant(False, 0.02, 0.02, 0.999, "strong", "strong", 0.01),  # train_isd.py, R18
+    "mlp": IsdVariant(True, 0.01, 0.1, 0.99, "weak", "strong", 0.05),  # train_isd_plus.py, R50
+}
+
 
 @dataclass(frozen=True)
 class IsdConfig:
-    """ISD: similarity distillation over a queue. ``projection`` switches ISD-base to ISD-MLP."""
+    """ISD: similarity distillation over a queue. ``variant`` (base | mlp) fills every setting left out
+    from that variant's official values (:data:`ISD_VARIANTS`, including ``optim.lr`` when the recipe
+    has none); explicit keys override. Without a variant the settings default to ISD-base's, and
+    ``projection: true`` is refused: it would train ISD-MLP's heads with ISD-base's τ, views and m.
+
+    ``shuffle_bn`` (official ISD: on): the teacher's batch is permuted across ranks (DDP) or, on one
+    device, every BatchNorm normalises ``shuffle_groups`` groups of the batch separately
+    (``train/shuffle_bn.py``)."""
 
     name: Literal["isd"] = "isd"
-    projection: bool = False
-    tau_teacher: float = 0.02
-    tau_student: float = 0.02
-    momentum: float = 0.999
+    variant: Literal["base", "mlp"] | None = None
+    projection: bool | None = None
+    tau_teacher: float | None = None
+    tau_student: float | None = None
+    momentum: float | None = None
     queue_size: int = 16384
-    teacher_view: Literal["strong", "weak"] = "strong"
-    student_view: Literal["strong", "weak"] = "strong"
+    teacher_view: Literal["strong", "weak"] | None = None
+    student_view: Literal["strong", "weak"] | None = None
+    shuffle_bn: ShuffleBN = "auto"
+    shuffle_groups: int = 4  # the official runs split batch 256 over 4 GPUs
+
+    def __post_init__(self) -> None:
+        if self.variant is None and self.projection:
+            raise ValueError(
+                "projection: true without a variant would mix ISD-MLP's heads with ISD-base's τ, views "
+                "and momentum: set variant: mlp (explicit keys still override its values)"
+            )
+        preset = ISD_VARIANTS[self.variant or "base"]
+        for key in ("projection", "tau_teacher", "tau_student", "momentum", "teacher_view", "student_view"):
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, getattr(preset, key))
+        _check_shuffle(self.shuffle_groups)
+
+    @property
+    def preset_lr(self) -> float | None:
+        """The variant's learning rate (batch 256), used when ``optim.lr`` is left out."""
+        return ISD_VARIANTS[self.variant].lr if self.variant else None
+
+    @property
+    def shuffles(self) -> bool:
+        return True if self.shuffle_bn == "auto" else self.shuffle_bn
 
 
 @dataclass(frozen=True)
 class MocoConfig:
-    """MoCo-v2: InfoNCE against a queue of momentum-encoder keys, MLP projection head."""
+    """MoCo-v2: InfoNCE against a queue of momentum-encoder keys.
+
+    ``head: official`` is the official ``--mlp`` head, Linear(D→D)–ReLU–Linear(D→128) without BN;
+    ``head: bn`` is Linear–BN–ReLU–Linear with a 2048-wide hidden layer (this project's head before
+    issue 17). ``proj_hidden`` left out: D (official) or 2048 (bn). ``shuffle_bn`` (official MoCo: on)
+    as in :class:`IsdConfig`, for the key encoder's forward."""
 
     name: Literal["moco"] = "moco"
+    head: Literal["official", "bn"] = "official"
     tau: float = 0.2
     momentum: float = 0.99
     queue_size: int = 16384
-    proj_hidden: int = 2048
+    proj_hidden: int | None = None
     proj_dim: int = 128
+    shuffle_bn: ShuffleBN = "auto"
+    shuffle_groups: int = 8  # the official runs split batch 256 over 8 GPUs
+
+    def __post_init__(self) -> None:
+        _check_shuffle(self.shuffle_groups)
+
+    def hidden_dim(self, feature_dim: int) -> int:
+        if self.proj_hidden is not None:
+            return self.proj_hidden
+        return feature_dim if self.head == "official" else 2048
+
+    @property
+    def shuffles(self) -> bool:
+        return True if self.shuffle_bn == "auto" else self.shuffle_bn
+
+
+def _check_shuffle(groups: int) -> None:
+    if groups < 1:
+        raise ValueError(f"shuffle_groups must be positive, got {groups}")
 
 
 @dataclass(frozen=True)
 class ByolConfig:
-    """BYOL: predict the EMA target's projection (normalised MSE), symmetric, momentum ramped to 1."""
+    """BYOL: predict the EMA target's projection; the loss is the paper's L + L̃ (the sum of both views'
+    normalised MSE), the target momentum ramps to 1. No shuffle-BN: the official code has none."""
 
     name: Literal["byol"] = "byol"
     momentum: float = 0.99
@@ -156,7 +234,7 @@ class OptimConfig:
     batch_size: int = 256
     epochs: int = 100
     max_steps: int | None = None  # stop after this many steps in total (a budget), None = all epochs
-    lr: float = 0.05
+    lr: float | None = None  # None: the method variant's preset (ISD variant), else 0.05
     momentum: float = 0.9
     weight_decay: float = 1e-4
     schedule: Literal["cosine", "step", "constant"] = "cosine"
@@ -202,6 +280,9 @@ class Recipe:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def __post_init__(self) -> None:
+        if self.optim.lr is None:
+            lr = preset_lr(self.method)
+            object.__setattr__(self, "optim", replace(self.optim, lr=DEFAULT_LR if lr is None else lr))
         for key, value in (
             ("optim.batch_size", self.optim.batch_size),
             ("optim.epochs", self.optim.epochs),
@@ -211,6 +292,16 @@ class Recipe:
                 raise RecipeError(f"{key}: must be positive, got {value}")
         if self.optim.lr <= 0:
             raise RecipeError(f"optim.lr: must be positive, got {self.optim.lr}")
+
+
+DEFAULT_LR = 0.05
+
+
+def preset_lr(method: MethodConfig) -> float | None:
+    """The learning rate a method's named variant implies, if any (SePP: its base's)."""
+    if isinstance(method, SeppConfig):
+        method = method.isd if method.base == "isd" else method.moco
+    return method.preset_lr if isinstance(method, IsdConfig) else None
 
 
 def recipe_from_data(data: dict) -> Recipe:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from isdretrieve.train.shuffle_bn import is_distributed, shuffled_forward, split_batch_norm_
+
 
 @dataclass
 class Batch:
@@ -106,6 +108,21 @@ class Method(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.all_gather: Callable[[torch.Tensor], torch.Tensor] = identity_gather
+        self.shuffle_seed: int | None = None  # set by use_shuffle_bn
+
+    def use_shuffle_bn(self, groups: int, seed: int) -> None:
+        """Shuffle the key/teacher batch from now on (call once every module is built): across ranks
+        under DDP; on one device with every BatchNorm split into ``groups`` (see ``train/shuffle_bn``)."""
+        self.shuffle_seed = seed
+        if not is_distributed():
+            split_batch_norm_(self, groups)
+
+    def key_forward(self, module: nn.Module, x: torch.Tensor, progress: float) -> torch.Tensor:
+        """``module(x)`` for the key/teacher path, through shuffle-BN when the method uses it."""
+        if self.shuffle_seed is None:
+            return module(x)
+        gather = self.all_gather if is_distributed() else None
+        return shuffled_forward(module, x, seed=self.shuffle_seed, progress=progress, gather=gather)
 
     @property
     def feature_backbone(self) -> nn.Module:

@@ -1,5 +1,6 @@
 """BYOL (Grill et al., 2020): the online network predicts the EMA target's projection of the other
-view (normalised MSE, symmetrised); the target momentum rises from ``momentum`` to 1 (cosine)."""
+view; the loss is the paper's L + L̃, the *sum* of the two views' normalised MSE (each 2 − 2·cos, batch
+mean), so its gradient is twice that of the mean; the target momentum rises from ``momentum`` to 1."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from isdretrieve.train.methods.base import (
     ema_copy,
     ema_update,
 )
-from isdretrieve.train.objectives import normalized_mse
+from isdretrieve.train.objectives import byol_loss
 from isdretrieve.train.recipe import ByolConfig
 
 
@@ -35,5 +36,5 @@ class BYOL(PairMethod):
         pred_a, pred_b = self.predictor(self.student(view_a)), self.predictor(self.student(view_b))
         ema_update(self.teacher, self.student, momentum)
         features_a, target_a, target_b = self.teacher_pair(view_a, view_b)
-        loss = (normalized_mse(pred_a, target_b) + normalized_mse(pred_b, target_a)) / 2
+        loss = byol_loss(pred_a, pred_b, target_a, target_b)
         return StepOutput(loss, {"momentum": momentum}), features_a

@@ -1,6 +1,8 @@
 """ISD (Tejankar et al., ICCV 2021): the student matches the teacher's similarity distribution over a
 queue of the teacher's past embeddings. ISD-base: no projection, predictor Linear–BN–ReLU–Linear,
-τ_t = τ_s. ISD-MLP: projection D→2D→D/4 on student and teacher, predictor on the student.
+τ_t = τ_s. ISD-MLP: projection D→2D→D/4 on student and teacher, predictor on the student (the
+``variant`` of the config fills the rest). The teacher's forward goes through shuffle-BN as in the
+official code unless ``shuffle_bn: false``.
 """
 
 from __future__ import annotations
@@ -41,13 +43,16 @@ class ISD(Method):
             self.predictor = isd_base_predictor(dim)
         self.teacher = ema_copy(self.student)
         self.memory = EmbeddingQueue(cfg.queue_size, embed_dim, generator=seeded_generator(seed))
+        if cfg.shuffles:
+            self.use_shuffle_bn(cfg.shuffle_groups, seed)
 
     def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(student, teacher): the predicted student embedding, then (after the EMA step) the teacher's."""
         teacher_view, student_view = batch.views
         student = F.normalize(self.predictor(self.student(student_view)), dim=1)
         ema_update(self.teacher, self.student, self.cfg.momentum)
-        return student, F.normalize(self.teacher(teacher_view), dim=1).detach()
+        teacher = self.key_forward(self.teacher, teacher_view, batch.progress)
+        return student, F.normalize(teacher, dim=1).detach()
 
     def forward(self, batch: Batch) -> StepOutput:
         student, teacher = self.encode(batch)

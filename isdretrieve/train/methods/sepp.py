@@ -79,7 +79,8 @@ class SeppMoCo(_Partners, MoCo):
         has = self.has_partner(batch)
         positives, positive_mask = key.unsqueeze(1), None
         if batch.partner_views:
-            partner_key = F.normalize(self.teacher(batch.partner_views[0]), dim=1).detach()
+            partner_key = self.key_forward(self.teacher, batch.partner_views[0], batch.progress)
+            partner_key = F.normalize(partner_key, dim=1).detach()
             positives = torch.stack([key, partner_key], dim=1)
             positive_mask = torch.stack([torch.ones_like(has), has], dim=1)
         negative_mask = None
@@ -105,7 +106,8 @@ class SeppISD(_Partners, ISD):
         has = self.has_partner(batch)
         extra = extra_mask = None
         if batch.partner_views:
-            extra = F.normalize(self.teacher(batch.partner_views[0]), dim=1).detach().unsqueeze(1)
+            extra = self.key_forward(self.teacher, batch.partner_views[0], batch.progress)
+            extra = F.normalize(extra, dim=1).detach().unsqueeze(1)
             extra_mask = has.unsqueeze(1)
         tau_s, tau_t = self.cfg.tau_student, self.cfg.tau_teacher
         logits_s, logits_t = similarity_logits(student, teacher, anchors, tau_s, tau_t, extra, extra_mask)

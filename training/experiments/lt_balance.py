@@ -1,0 +1,224 @@
+"""Issue 17's measurement: does ISD hold up on long-tailed data better than MoCo-v2?
+
+Every cell trains the small CNN for the same number of steps at the same batch size on one of two
+training sets of 12,406 CIFAR-10 images (JPEG q75 copy):
+- ``lt``: CIFAR-10-LT, imbalance ratio 100 (``longtail=100``: 5,000 … 50 images per class);
+- ``balanced``: a class-balanced subset of the same size (``balanced=12406``: 1,240–1,241 per class).
+
+Methods: ISD-base and MoCo-v2 as fixed in issue 17 (official MoCo head, shuffle-BN, BYOL's sum loss is
+not involved), from the shipped small-CNN CPU recipes; and SePP-ISD on LT with pairs mined by the
+LT-trained ISD encoder (seed 0; ``-k 5 --mutual --quantile 0.5``) plus its random-partner control.
+
+Evaluation of every run: weighted k-NN (k=200, T=0.1, exp) of the student backbone's L2-normalised
+features, eval transform, the run's own training images as memory and the full balanced 10k test
+split as queries; top-1, per-class top-1, and the mean per-class top-1 of the 3 classes with the most
+(head) and the 3 with the fewest (tail) LT training images (the same classes for the balanced runs).
+
+    PYTHONPATH=. python training/experiments/lt_balance.py --root .data/cifar10-jpeg --out runs/lt-balance
+
+writes ``OUT/results.json`` (every cell, its protocol and timings) and ``OUT/results.md`` (a table).
+Finished cells are kept when the script is rerun, so an interrupted experiment resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from isdretrieve.atomic import atomic_path
+from isdretrieve.bank import FeatureBank, export_bank
+from isdretrieve.knn import head_tail_accuracy, knn_class_scores, per_class_top1
+from isdretrieve.mining import MiningParams, mine_pairs
+from isdretrieve.train import Trainer, recipe_from_data
+from isdretrieve.typed_config import load_yaml
+
+TRAINING = Path(__file__).resolve().parents[1]
+LT_SIZE = 12_406  # CIFAR-10-LT at ratio 100: sum of floor(5000 * 100 ** (-c / 9))
+K, T = 200, 0.1
+MINING = MiningParams(k=5, quantile=0.5, mutual=True)
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str
+    method: str  # isd | moco | sepp-isd
+    data: str  # lt | balanced
+    seed: int
+    partners: str = "mined"  # sepp-isd only: mined | random
+
+
+def cells(seeds: list[int], balanced_seeds: list[int]) -> list[Cell]:
+    out = [Cell(f"{m}-lt-s{s}", m, "lt", s) for s in seeds for m in ("isd", "moco")]
+    out += [Cell(f"{m}-balanced-s{s}", m, "balanced", s) for s in balanced_seeds for m in ("isd", "moco")]
+    out += [Cell(f"sepp-isd-{p}-lt-s{s}", "sepp-isd", "lt", s, p) for s in seeds for p in ("mined", "random")]
+    return out
+
+
+def train_spec(root: Path, data: str) -> str:
+    option = "longtail=100" if data == "lt" else f"balanced={LT_SIZE}"
+    return f"folder:{root},split=train,{option}"
+
+
+def recipe_for(cell: Cell, args: argparse.Namespace, pairs: Path | None) -> dict:
+    """The shipped small-CNN CPU recipe of the method, on the cell's data, seed and budget."""
+    base = "cifar10-moco-smallcnn-cpu.yaml" if cell.method == "moco" else "cifar10-isd-smallcnn-cpu.yaml"
+    data = load_yaml(TRAINING / base)
+    method = data["method"]
+    method["queue_size"] = args.queue  # 16,384 would exceed the 12,406 training images
+    if cell.method == "sepp-isd":
+        isd = {k: v for k, v in method.items() if k != "name"}
+        method = {"name": "sepp", "base": "isd", "pairs": str(pairs), "partners": cell.partners, "isd": isd}
+    data.update(method=method, monitor={"every": 0})
+    data["data"].update(train=train_spec(args.root, cell.data), workers=args.workers)
+    data["optim"].update(batch_size=args.batch, max_steps=args.steps, epochs=10_000)
+    data["engine"].update(seed=cell.seed, log_every=max(1, min(50, args.steps)))
+    return data
+
+
+def evaluate(encoder: Path, cell_dir: Path, train: str, test: str, lt_counts: list[int]) -> dict:
+    """k-NN of the run's encoder: its own training images as memory, the full test split as queries."""
+    banks = {}
+    for role, spec in (("train", train), ("test", test)):
+        path = cell_dir / f"{role}.h5"
+        export_bank(encoder, spec, path, device="cpu", workers=0)
+        with FeatureBank.open(path) as bank:
+            banks[role] = (torch.from_numpy(bank.features()), torch.from_numpy(bank.labels()))
+    (memory, memory_labels), (queries, query_labels) = banks["train"], banks["test"]
+    scores = knn_class_scores(memory, memory_labels, queries, k=K, temperature=T, num_classes=10)
+    per_class = per_class_top1(scores, query_labels, 10)
+    split = head_tail_accuracy(per_class, lt_counts, n=3)
+    return {
+        "top1": (scores.argmax(dim=1) == query_labels).double().mean().item(),
+        "per_class": per_class,
+        "head": split.head,
+        "tail": split.tail,
+        "head_classes": list(split.head_classes),
+        "tail_classes": list(split.tail_classes),
+        "memory": len(memory),
+        "queries": len(queries),
+        "memory_class_counts": np.bincount(memory_labels.numpy(), minlength=10).tolist(),
+    }
+
+
+def run_cell(cell: Cell, args: argparse.Namespace, pairs: Path | None, lt_counts: list[int]) -> dict:
+    cell_dir = args.out / cell.name
+    recipe = recipe_from_data(recipe_for(cell, args, pairs))
+    started = time.perf_counter()
+    trainer = Trainer(
+        recipe, cell_dir / "run", resume=(cell_dir / "run" / "checkpoints").exists(), quiet=True
+    )
+    steps_before = trainer.step
+    result = trainer.fit()
+    train_seconds = time.perf_counter() - started
+    t0 = time.perf_counter()
+    knn = evaluate(result.encoder, cell_dir, recipe.data.train, f"folder:{args.root},split=test", lt_counts)
+    steps_run = result.steps - steps_before
+    return {
+        **asdict(cell),
+        "train_spec": recipe.data.train,
+        "steps": result.steps,
+        "batch_size": recipe.optim.batch_size,
+        "lr": recipe.optim.lr,
+        "train_seconds": round(train_seconds, 1),
+        "seconds_per_step": round(train_seconds / steps_run, 3) if steps_run else None,
+        "eval_seconds": round(time.perf_counter() - t0, 1),
+        "encoder": str(result.encoder),
+        **knn,
+    }
+
+
+def mine(args: argparse.Namespace, isd_encoder: Path) -> Path:
+    """Pairs mined from the LT-trained ISD encoder over the LT training images."""
+    out = args.out / "pairs-isd-lt"
+    out.mkdir(parents=True, exist_ok=True)
+    export_bank(isd_encoder, train_spec(args.root, "lt"), out / "bank.h5", device="cpu", workers=0)
+    mine_pairs(out / "bank.h5", out / "pairs.h5", MINING, device="cpu")
+    return out / "pairs.h5"
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def table(records: list[dict]) -> str:
+    lines = [
+        f"k-NN weighted k={K} T={T}, student backbone, memory = the run's training images, queries = full "
+        "CIFAR-10 test split (JPEG q75 copy); head/tail = mean per-class top-1 of the 3 largest/smallest "
+        "LT classes.",
+        "",
+        "| cell | steps | top-1 | head | tail | s/step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        lines.append(
+            f"| {r['name']} | {r['steps']} | {r['top1']:.4f} | {r['head']:.4f} | {r['tail']:.4f} "
+            f"| {r['seconds_per_step']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, required=True, help="CIFAR-10 folder with train/ and test/")
+    parser.add_argument("--out", type=Path, default=Path("runs/lt-balance"))
+    parser.add_argument("--steps", type=int, default=600, help="training steps of every cell")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--queue", type=int, default=4096)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the LT cells")
+    parser.add_argument("--balanced-seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--only", nargs="*", help="run only these cells (names as in results.json)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path = args.out / "results.json"
+    done = (
+        {r["name"]: r for r in json.loads(results_path.read_text())["cells"]} if results_path.exists() else {}
+    )
+
+    from isdretrieve.data import open_dataset
+
+    lt_counts = np.bincount(open_dataset(train_spec(args.root, "lt")).labels.numpy(), minlength=10).tolist()
+    pairs = None
+    for cell in cells(args.seeds, args.balanced_seeds):
+        if args.only and cell.name not in args.only:
+            continue
+        if cell.name in done and done[cell.name]["steps"] >= args.steps:
+            continue
+        if cell.method == "sepp-isd" and pairs is None:
+            miner = done.get(f"isd-lt-s{args.seeds[0]}")
+            if miner is None:
+                raise SystemExit(f"sepp-isd needs the pairs of isd-lt-s{args.seeds[0]}: run that cell first")
+            t0 = time.perf_counter()
+            pairs = mine(args, Path(miner["encoder"]))
+            print(f"mined pairs in {time.perf_counter() - t0:.1f} s", flush=True)
+        record = run_cell(cell, args, pairs, lt_counts)
+        done[cell.name] = record
+        scores = f"top-1 {record['top1']:.4f} head {record['head']:.4f} tail {record['tail']:.4f}"
+        seconds = f"{record['train_seconds']} s train, {record['eval_seconds']} s eval"
+        print(f"{cell.name}: {scores} ({seconds})", flush=True)
+        records = list(done.values())
+        protocol = {
+            "k": K,
+            "temperature": T,
+            "weighting": "exp",
+            "lt_class_counts": lt_counts,
+            "steps": args.steps,
+            "batch": args.batch,
+            "queue": args.queue,
+            "mining": asdict(MINING),
+            "device": "cpu",
+            "torch_threads": torch.get_num_threads(),
+        }
+        write_text(results_path, json.dumps({"protocol": protocol, "cells": records}, indent=2) + "\n")
+        write_text(args.out / "results.md", table(records))
+
+
+if __name__ == "__main__":
+    main()
