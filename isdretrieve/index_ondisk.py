@@ -114,16 +114,20 @@ def _state(out_dir: Path, settings: dict) -> Path:
     found = partial / "build.json"
     if partial.exists():
         try:
-            same = json.loads(found.read_text()) == settings
-        except (OSError, json.JSONDecodeError):
+            same = json.loads(found.read_text()).get("settings") == settings
+        except (OSError, json.JSONDecodeError, AttributeError):
             same = False
         if not same:
             shutil.rmtree(partial)
     if not partial.exists():
         partial.mkdir(parents=True)
-        with atomic_path(found) as tmp:
-            tmp.write_text(json.dumps(settings, indent=2) + "\n")
+        _write_json(found, {"settings": settings})
     return partial
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def build_ondisk(
@@ -145,7 +149,8 @@ def build_ondisk(
     ``index.ivfdata`` into ``out_dir`` and returns (the index opened on disk, training rows, shards).
     """
     n = len(bank)
-    partial = _state(out_dir, {"factory": factory, "shard_rows": shard_rows, **settings})
+    settings = {"factory": factory, "shard_rows": shard_rows, **settings}
+    partial = _state(out_dir, settings)
     trained_path = partial / "trained.faiss"
     if trained_path.is_file():
         train_rows = int(json.loads((partial / "build.json").read_text()).get("train_rows", 0))
@@ -153,9 +158,7 @@ def build_ondisk(
     else:
         train_rows = train(index)
         _write_index(index, trained_path)
-        info = json.loads((partial / "build.json").read_text()) | {"train_rows": train_rows}
-        with atomic_path(partial / "build.json") as tmp:
-            tmp.write_text(json.dumps(info, indent=2) + "\n")
+        _write_json(partial / "build.json", {"settings": settings, "train_rows": train_rows})
         trained = index
     bounds = [(start, min(start + shard_rows, n)) for start in range(0, n, shard_rows)]
     shard_paths = [partial / f"shard-{s:05d}.faiss" for s in range(len(bounds))]
