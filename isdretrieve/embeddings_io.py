@@ -213,12 +213,12 @@ def import_embeddings(
     reader = {"npy": _read_npy, "parquet": _read_parquet, "h5": _read_h5}[kind]
     with reader(source, key) as found:
         features, meta = found
+        n, dim = _shape2(features, source)
         meta = dict(meta)
         if labels is not None:
             meta["labels"] = labels
         if not meta.get("fingerprint"):
             meta["fingerprint"] = content_fingerprint(features)
-        n, dim = _shape2(features, source)
         return write_bank_blocks(bank_path, n, dim, array_blocks(features), source=str(source), **meta)
 
 

@@ -268,8 +268,9 @@ def recall(index_dir: Path, k: int, queries: int, seed: int) -> None:
 
     with SearchIndex.open(index_dir) as index:
         value = index.recall(k=k, queries=queries, seed=seed)
+        used = min(k, len(index) - 1)  # recall() lowers k to the other rows of a small bank
         click.echo(
-            f"recall@{k} = {value:.4f} ({index.manifest.factory}, {min(queries, len(index)):,} queries)"
+            f"recall@{used} = {value:.4f} ({index.manifest.factory}, {min(queries, len(index)):,} queries)"
         )
 
 
