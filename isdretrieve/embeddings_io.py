@@ -31,13 +31,7 @@ import h5py
 import numpy as np
 
 from isdretrieve.atomic import atomic_path, fsync_path
-from isdretrieve.bank import (
-    FeatureBank,
-    _atomic_h5,
-    _base_attrs,
-    _create_layout,
-    _write_attrs,
-)
+from isdretrieve.bank import FeatureBank, _atomic_h5, _create_layout, finish_complete_bank
 from isdretrieve.errors import BankError
 
 FORMATS = ("h5", "npy", "parquet")
@@ -122,10 +116,11 @@ def write_bank_blocks(
             done += len(x)
         if done != n:
             raise EmbeddingsError(f"{source}: {done} rows read, {n} expected")
-        f["labels"][...] = labels
-        f["indices"][...] = indices
-        f["paths"][...] = np.array(path_list, dtype=object)
-        base = _base_attrs(
+        finish_complete_bank(
+            f,
+            labels,
+            indices,
+            path_list,
             fingerprint=fingerprint,
             encoder=None,
             transform="",
@@ -133,8 +128,6 @@ def write_bank_blocks(
             classes=classes,
             normalized=True,
         )
-        _write_attrs(f, **base, skipped=0, skipped_paths="[]", shard="[0, 1]")
-        _write_attrs(f, items_done=n, items_total=n, rows_done=n, complete=True)
     return path
 
 
