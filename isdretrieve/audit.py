@@ -43,6 +43,7 @@ class AuditReport:
     per_class: list[ClassAudit]
     threshold_curve: list[AuditPoint]  # at the chosen k and mutual setting
     k_curve: list[AuditPoint]  # at the chosen threshold and mutual setting
+    search: dict | None = None  # how the candidates were searched: kind, recall against exact, queries
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,7 +95,12 @@ def audit_pairs(pairs: Pairs, labels: np.ndarray, classes: list[str] | None = No
     for kk in range(1, k + 1):
         keep = keep_mask(rows[:, :kk], sims[:, :kk], pairs.threshold, mutual)
         k_curve.append(_point(keep, rows[:, :kk], labels, pairs.threshold, kk))
-    return AuditReport(chosen, per_class, threshold_curve, k_curve)
+    search = {
+        "kind": str(pairs.attrs.get("search", "exact")),
+        "recall": pairs.search_recall,
+        "recall_queries": int(pairs.attrs.get("search_recall_queries", 0)),
+    }
+    return AuditReport(chosen, per_class, threshold_curve, k_curve, search)
 
 
 def write_audit(report: AuditReport, json_path: Path, png_path: Path) -> None:

@@ -228,10 +228,11 @@ def write_bank(
     with _atomic_h5(path) as f:
         _create_layout(f, n, dim, dtype)
         f["features"][...] = feats.numpy().astype(dtype, copy=False)
-        f["labels"][...] = label_array
-        f["indices"][...] = index_array
-        f["paths"][...] = np.array(path_list, dtype=object)
-        base = _base_attrs(
+        finish_complete_bank(
+            f,
+            label_array,
+            index_array,
+            path_list,
             fingerprint=fingerprint,
             encoder=encoder,
             transform=transform,
@@ -239,9 +240,20 @@ def write_bank(
             classes=classes,
             normalized=normalize,
         )
-        _write_attrs(f, **base, skipped=0, skipped_paths="[]", shard="[0, 1]")
-        _write_attrs(f, items_done=n, items_total=n, rows_done=n, complete=True)
     return path
+
+
+def finish_complete_bank(
+    f: h5py.File, labels: np.ndarray, indices: np.ndarray, paths: Sequence[str], **base: Any
+) -> None:
+    """Write the per-row metadata and the attributes (``_base_attrs`` of ``base``) of a complete bank
+    whose features are written (``write_bank``, ``embeddings_io.write_bank_blocks``)."""
+    n = len(labels)
+    f["labels"][...] = labels
+    f["indices"][...] = indices
+    f["paths"][...] = np.array(list(paths), dtype=object)
+    _write_attrs(f, **_base_attrs(**base), skipped=0, skipped_paths="[]", shard="[0, 1]")
+    _write_attrs(f, items_done=n, items_total=n, rows_done=n, complete=True)
 
 
 # --------------------------------------------------------------------------------------- reading

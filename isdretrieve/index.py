@@ -1,16 +1,20 @@
 """FAISS index over a feature bank: choose, build, tune, save, load, search, and recall against exact search.
 
-An index directory holds three files:
+An index directory holds three files (four for an on-disk index):
 
 - ``bank.h5``: the feature bank the index was built from (a hard link or a copy of it),
 - ``index.faiss``: the FAISS index, whose ids are the bank's row numbers,
+- ``index.ivfdata``: (kind "ondisk" only) the inverted lists, memory-mapped (:mod:`isdretrieve.index_ondisk`),
 - ``manifest.json``: what was built and how well it does (factory, search parameters, bank fingerprint,
   measured recall@k against exact search, timings, sizes). It is written last, so a directory without
   it is an unfinished build.
 
 The metric is always the inner product; on the L2-normalised rows of a bank that is cosine similarity.
 Approximate indices are tuned after building: the search knob (``nprobe`` for IVF, ``efSearch`` for HNSW)
-is raised until recall@k on rows sampled from the bank reaches the target, and that recall is recorded.
+is raised until recall@k on held-out queries reaches the target, and that recall is recorded. The
+queries are rows sampled from the bank, each searched for k+1 hits with its own row then dropped from the
+hits and from the exact answer: what is measured is how well the index finds a query's *other*
+neighbours, which is what a fresh query (one not in the bank) gets.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from isdretrieve import __version__
 from isdretrieve.atomic import atomic_path
 from isdretrieve.bank import FeatureBank
 from isdretrieve.errors import BankError, IsdError
+from isdretrieve.knn import drop_self_matches
 
 INDEX_FORMAT = "isdretrieve.index/1"
 METRIC = "inner_product"
@@ -49,6 +54,8 @@ EF_SEARCH = (16, 32, 64, 128, 256, 512, 1024, 2048)
 GPU_MAX_K = 2048  # FAISS GPU selection limit for k and nprobe
 BLOCK_BYTES = 64 << 20  # bank rows are read about this many float32 bytes at a time
 MIN_POINTS_PER_CENTROID = 39  # FAISS k-means warns below this
+RECALL_PROTOCOL = "held-out: sampled bank rows searched for k+1, own row dropped from hits and truth"
+KIND_RAM, KIND_ONDISK = "ram", "ondisk"
 
 
 # ------------------------------------------------------------------------------------------- choice
@@ -58,7 +65,9 @@ class IndexPlan:
 
     factory: str
     reason: str
-    estimated_bytes: int
+    estimated_bytes: int  # memory the index takes in the process
+    on_disk: bool = False  # inverted lists in index.ivfdata, memory-mapped
+    disk_bytes: int = 0  # size of index.ivfdata (on-disk plans)
 
 
 def default_memory_budget() -> int:
@@ -97,9 +106,11 @@ def choose_index(n: int, dim: int, *, memory_budget: int | None = None) -> Index
        this keeps recall high at a quarter of the memory.
     5. ``IVF{c},PQ{m}``: ``m`` bytes per vector, ``m`` the largest divisor of ``dim`` with m <= dim/2 that
        fits. Residuals to the IVF centroid are product-quantised, which is what makes it accurate enough.
+    6. ``IVF{c},SQ8`` on disk (``on_disk=True``): when nothing fits in RAM, the inverted lists go to
+       ``index.ivfdata`` (memory-mapped) and only the centroids and the list directory stay resident.
 
     ``c`` comes from :func:`ivf_lists`. The default budget is half the physical memory. Raises
-    :class:`IsdError` if even ``IVF{c},PQ1`` does not fit.
+    :class:`IsdError` if not even the on-disk index's centroids fit.
     """
     if n <= 0 or dim <= 0:
         raise ValueError(f"n and dim must be positive, got n={n}, dim={dim}")
@@ -125,6 +136,16 @@ def choose_index(n: int, dim: int, *, memory_budget: int | None = None) -> Index
         if need <= budget:
             factory = f"IVF{lists},{code}"
             return IndexPlan(factory, f"{why_not_flat}; {factory} needs {_mib(need)}, {within}", need)
+    from isdretrieve.index_ondisk import ondisk_factory, resident_bytes
+
+    resident, factory = resident_bytes(lists, dim), ondisk_factory(lists)
+    if resident <= budget:
+        disk = n * (dim + 8)
+        reason = (
+            f"{why_not_flat}; no in-RAM index fits (IVF{lists},PQ1 needs {_mib(n * 9 + centroids)}): "
+            f"{factory} on disk, {_mib(disk)} of lists memory-mapped, {_mib(resident)} resident, {within}"
+        )
+        return IndexPlan(factory, reason, resident, on_disk=True, disk_bytes=disk)
     raise IsdError(f"no index of {n:,} x {dim} vectors fits a memory budget of {_mib(budget)}")
 
 
@@ -148,6 +169,12 @@ class IndexManifest:
     gpu: bool  # searched on a GPU when built (GPU FAISS, or torch for Flat)
     reason: str = ""  # why this factory (choose_index's reason, or "given")
     train_rows: int = 0
+    kind: str = KIND_RAM  # "ram", or "ondisk": lists memory-mapped from index.ivfdata
+    memory_budget: int | None = None  # the RAM budget given to the build, in bytes (None: default)
+    ivfdata_bytes: int = 0  # size of index.ivfdata (kind "ondisk")
+    shards: int = 0  # shards the on-disk lists were filled in
+    recall_protocol: str = ""  # how recall was measured (RECALL_PROTOCOL); "" in manifests before it
+    notes: list[str] = field(default_factory=list)  # e.g. k lowered for a bank smaller than k
     format: str = INDEX_FORMAT
     metric: str = METRIC
     bank_file: str = BANK_FILE
@@ -270,6 +297,13 @@ def _blocks(bank: FeatureBank) -> Iterator[tuple[int, np.ndarray]]:
         yield start, bank.features(start, min(start + step, len(bank)))
 
 
+def _row_blocks(bank: FeatureBank, start: int, stop: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, float32 features) of consecutive blocks of rows ``start:stop``."""
+    step = _block_rows(bank.dim)
+    for first in range(start, stop, step):
+        yield first, bank.features(first, min(first + step, stop))
+
+
 def _sample_rows(n: int, size: int, seed: int) -> np.ndarray:
     """``size`` distinct sorted row numbers out of ``n``, fixed by ``seed``."""
     return np.sort(np.random.default_rng(seed).choice(n, size=min(size, n), replace=False))
@@ -294,6 +328,25 @@ def bank_exact_search(bank: FeatureBank, queries: np.ndarray, k: int) -> tuple[n
         best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         scores, rows = np.take_along_axis(scores, best, 1), np.take_along_axis(rows, best, 1)
     return scores, rows
+
+
+def heldout_queries(bank: FeatureBank, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, features) of ``count`` bank rows sampled with ``seed``, the held-out recall queries."""
+    rows = _sample_rows(len(bank), count, seed)
+    return rows, _read_rows(bank, rows)
+
+
+def heldout_search(
+    search: Any, queries: np.ndarray, rows: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``search(queries, k + 1)`` with each query's own bank row dropped: the top-k *other* rows."""
+    scores, found = search(queries, k + 1)
+    return drop_self_matches(scores, found, rows)
+
+
+def heldout_recall(search: Any, queries: np.ndarray, rows: np.ndarray, truth: np.ndarray) -> float:
+    """recall@k of ``search`` on held-out queries against ``truth`` (exact, own rows dropped too)."""
+    return recall_at_k(heldout_search(search, queries, rows, truth.shape[1])[1], truth)
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
@@ -353,7 +406,9 @@ def _set_params(index: faiss.Index, params: dict[str, int], gpu: bool) -> None:
 
 def _to_gpu(index: faiss.Index) -> faiss.Index | None:
     """A GPU copy of a Flat/IVF index when GPU FAISS is usable, else None (HNSW stays on the CPU)."""
-    if not faiss_has_gpu() or isinstance(_innermost(index), faiss.IndexHNSW):
+    from isdretrieve.index_ondisk import is_ondisk
+
+    if not faiss_has_gpu() or isinstance(_innermost(index), faiss.IndexHNSW) or is_ondisk(index):
         return None
     try:
         return faiss.index_cpu_to_gpu(_gpu_res(), 0, index)
@@ -423,18 +478,19 @@ def _tune(
     index: faiss.Index,
     gpu_index: faiss.Index | None,
     queries: np.ndarray,
+    query_rows: np.ndarray,
     truth: np.ndarray,
     target: float,
     progress: bool,
 ) -> tuple[dict[str, int], float]:
-    """Raise the index's search knob until recall@k reaches ``target``; returns (params, recall).
+    """Raise the index's search knob until held-out recall@k reaches ``target``; returns (params, recall).
 
     Searches run on ``gpu_index`` when given; the chosen parameters are set on both copies.
     """
     searcher, k = index if gpu_index is None else gpu_index, truth.shape[1]
     knob = _search_knob(index)
     if knob is None:
-        return {}, recall_at_k(searcher.search(queries, k)[1], truth)
+        return {}, heldout_recall(searcher.search, queries, query_rows, truth)
     name, values = knob
     if gpu_index is not None:
         values = [v for v in values if v <= GPU_MAX_K]
@@ -443,7 +499,7 @@ def _tune(
         _set_params(index, params, gpu=False)
         if gpu_index is not None:
             _set_params(gpu_index, params, gpu=True)
-        recall = recall_at_k(searcher.search(queries, k)[1], truth)
+        recall = heldout_recall(searcher.search, queries, query_rows, truth)
         _say(progress, f"{name}={value}: recall@{k} = {recall:.4f}")
         if recall >= target:
             break
@@ -453,7 +509,7 @@ def _tune(
 
 
 def build_index(
-    bank_path: str | Path,
+    bank: str | Path | np.ndarray,
     out_dir: str | Path,
     *,
     factory: str = "auto",
@@ -463,50 +519,101 @@ def build_index(
     train_size: int | None = None,
     queries: int = 1000,
     seed: int = 0,
+    on_disk: bool = False,
+    shard_rows: int | None = None,
     progress: bool = False,
 ) -> IndexManifest:
-    """Build, tune and save an index over the bank at ``bank_path`` into ``out_dir``.
+    """Build, tune and save an index over ``bank`` (a bank.h5 path, or an [N, D] array) into ``out_dir``.
 
-    ``factory`` is "auto" (:func:`choose_index` under ``memory_budget``) or any FAISS factory string.
-    Untrained indices are trained on ``train_size`` rows sampled with ``seed``. Tuning measures recall@k
-    on ``queries`` bank rows (self-matches count on both sides) against exact search and raises
-    nprobe/efSearch until ``recall_target`` is met; Flat is exact (recall 1.0). Writes ``index.faiss``,
-    places the bank at ``out_dir/bank.h5`` (hard link or copy) and writes ``manifest.json`` last.
+    ``factory`` is "auto" (:func:`choose_index` under ``memory_budget``) or any FAISS factory string;
+    ``on_disk`` (or an on-disk plan of "auto") keeps an IVF's lists in ``index.ivfdata``, filled in shards
+    of ``shard_rows`` rows (default: what half the budget holds) and merged (:mod:`index_ondisk`).
+    Untrained indices are trained on ``train_size`` rows sampled with ``seed``. Tuning measures held-out
+    recall@k on ``queries`` bank rows (own rows dropped, see the module docstring) against exact search
+    and raises nprobe/efSearch until ``recall_target`` is met; Flat is exact (recall 1.0). A bank with
+    fewer rows than ``k`` (+1 for the held-out queries) lowers k, noted in the manifest.
+    An array is checked (2-D, finite, no zero rows), normalised and written as ``out_dir/bank.h5``.
+    Writes ``index.faiss``, places the bank at ``out_dir/bank.h5`` (hard link or copy) and writes
+    ``manifest.json`` last.
     """
-    bank_path, out_dir = Path(bank_path), Path(out_dir)
-    if not 0 < recall_target <= 1 or queries < 1:
-        raise IsdError(f"need 0 < recall_target <= 1 and queries >= 1, got {recall_target} and {queries}")
+    out_dir = Path(out_dir)
+    if not 0 < recall_target <= 1 or queries < 1 or k < 1:
+        raise IsdError(
+            f"need 0 < recall_target <= 1, queries >= 1 and k >= 1, got {recall_target}, {queries} and {k}"
+        )
+    if isinstance(bank, np.ndarray):
+        from isdretrieve.embeddings_io import bank_from_array
+
+        (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
+        bank = bank_from_array(bank, out_dir / BANK_FILE)
+    bank_path = Path(bank)
     with FeatureBank.open(bank_path) as bank:
         n, dim, fingerprint = len(bank), bank.dim, bank.fingerprint
-        if not 1 <= k <= n:
-            raise IsdError(f"k must be between 1 and {n} (the bank's size), got {k}")
+        budget = default_memory_budget() if memory_budget is None else int(memory_budget)
         if factory == "auto":
-            plan = choose_index(n, dim, memory_budget=memory_budget)
-            factory, reason = plan.factory, plan.reason
-            _say(progress, f"auto: {factory} ({reason})")
+            plan = choose_index(n, dim, memory_budget=budget)
+            factory, reason, on_disk = plan.factory, plan.reason, on_disk or plan.on_disk
+            _say(progress, f"auto: {factory}{' on disk' if on_disk else ''} ({reason})")
         else:
             reason = "given"
         index = make_index(factory, dim)
+        exact = _is_exact(index)
+        if on_disk and _search_knob(index) is None or on_disk and _search_knob(index)[0] != "nprobe":
+            raise IsdError(f"an on-disk index must be an IVF (e.g. IVF1024,SQ8), got {factory!r}")
+        if exact and on_disk:
+            raise IsdError("a Flat index has no inverted lists to keep on disk")
+        recall_k = min(k, n) if exact else min(k, n - 1)
+        if not exact and recall_k < 1:
+            raise IsdError(f"an approximate index needs at least 2 bank rows, the bank has {n}")
+        notes = [f"k lowered from {k} to {recall_k}: the bank has {n:,} rows"] if recall_k < k else []
         started = time.perf_counter()
-        train_rows = _train(index, bank, train_size, seed, progress)
-        _add(index, bank, progress)
+        shards = 0
+        if on_disk:
+            from isdretrieve.index_ondisk import build_ondisk, shard_rows_for
+
+            rows_per_shard = shard_rows or shard_rows_for(index, n, budget)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # index.faiss is replaced by the merge
+            index, train_rows, shards = build_ondisk(
+                index,
+                bank,
+                out_dir,
+                factory=factory,
+                train=lambda untrained: _train(untrained, bank, train_size, seed, progress),
+                shard_rows=rows_per_shard,
+                read_blocks=lambda start, stop: _row_blocks(bank, start, stop),
+                progress=lambda message: _say(progress, message),
+                settings=dict(fingerprint=fingerprint, count=n, dim=dim, seed=seed, train=train_size),
+            )
+        else:
+            train_rows = _train(index, bank, train_size, seed, progress)
+            _add(index, bank, progress)
         build_seconds = time.perf_counter() - started
 
         started = time.perf_counter()
         gpu_index = _to_gpu(index)
-        if _is_exact(index):
+        if exact:
             params, recall, recall_queries = {}, 1.0, 0
         else:
-            xq = _read_rows(bank, _sample_rows(n, queries, seed))  # as SearchIndex.recall(seed=seed)
-            truth = bank_exact_search(bank, xq, k)[1]
-            params, recall = _tune(index, gpu_index, xq, truth, recall_target, progress)
+            query_rows, xq = heldout_queries(bank, queries, seed)  # as SearchIndex.recall(seed=seed)
+            truth = heldout_search(lambda q, kk: bank_exact_search(bank, q, kk), xq, query_rows, recall_k)[1]
+            params, recall = _tune(index, gpu_index, xq, query_rows, truth, recall_target, progress)
             recall_queries = len(xq)
         tune_seconds = time.perf_counter() - started
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # the directory is unfinished until the new one lands
-    with atomic_path(out_dir / INDEX_FILE) as tmp:
-        faiss.write_index(index, str(tmp))
+    if not on_disk:
+        from isdretrieve.index_ondisk import IVFDATA_FILE
+
+        (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # unfinished until the new manifest lands
+        with atomic_path(out_dir / INDEX_FILE) as tmp:
+            faiss.write_index(index, str(tmp))
+        (out_dir / IVFDATA_FILE).unlink(missing_ok=True)  # from an earlier on-disk build
+        ivfdata_bytes = 0
+    else:
+        from isdretrieve.index_ondisk import IVFDATA_FILE
+
+        ivfdata_bytes = (out_dir / IVFDATA_FILE).stat().st_size
     _place_bank(bank_path, out_dir / BANK_FILE)
     manifest = IndexManifest(
         factory=factory,
@@ -514,16 +621,22 @@ def build_index(
         bank_fingerprint=fingerprint,
         count=n,
         dim=dim,
-        recall_k=k,
+        recall_k=recall_k,
         recall=recall,
         recall_queries=recall_queries,
         recall_target=recall_target,
         build_seconds=round(build_seconds, 3),
         tune_seconds=round(tune_seconds, 3),
-        index_bytes=(out_dir / INDEX_FILE).stat().st_size,
-        gpu=gpu_index is not None or (_is_exact(index) and torch.cuda.is_available()),
+        index_bytes=(out_dir / INDEX_FILE).stat().st_size + ivfdata_bytes,
+        gpu=gpu_index is not None or (exact and torch.cuda.is_available()),
         reason=reason,
         train_rows=train_rows,
+        kind=KIND_ONDISK if on_disk else KIND_RAM,
+        memory_budget=memory_budget,
+        ivfdata_bytes=ivfdata_bytes,
+        shards=shards,
+        recall_protocol="exact" if exact else RECALL_PROTOCOL,
+        notes=notes,
     )
     with atomic_path(out_dir / MANIFEST_FILE) as tmp:
         tmp.write_text(manifest.to_json())
@@ -531,6 +644,14 @@ def build_index(
 
 
 # ----------------------------------------------------------------------------------------- search
+def clamp_k(k: int, most: int) -> int:
+    """``k``, or ``most`` with a warning when k is larger (a bank smaller than the k asked for)."""
+    if k > most:
+        warnings.warn(f"k={k} lowered to {most}: the bank has too few rows", stacklevel=3)
+        return most
+    return k
+
+
 class SearchIndex:
     """A built index directory, opened for search: ``manifest``, ``bank`` and ``search``."""
 
@@ -562,7 +683,12 @@ class SearchIndex:
                     f"bank {directory / BANK_FILE} was made by another encoder (fingerprint "
                     f"{bank.fingerprint} != {manifest.bank_fingerprint}): rebuild the index"
                 )
-            index = _read_index(directory / INDEX_FILE)
+            if manifest.kind == KIND_ONDISK:
+                from isdretrieve.index_ondisk import read_ondisk
+
+                index = read_ondisk(directory / INDEX_FILE)
+            else:
+                index = _read_index(directory / INDEX_FILE)
             if not len(bank) == index.ntotal == manifest.count or bank.dim != index.d:
                 raise BankError(
                     f"bank {directory / BANK_FILE} has {len(bank):,} x {bank.dim} rows but the index holds "
@@ -581,10 +707,12 @@ class SearchIndex:
         """Top-k bank rows for each query: (scores [Q,k] float32, rows [Q,k] int64).
 
         Queries ([Q,D] or [D]) are L2-normalised first, so on a normalised bank scores are cosines.
-        An approximate index may return fewer than k hits; missing ones have row -1.
+        An approximate index may return fewer than k hits; missing ones have row -1. A k above the
+        bank's size is lowered to it, with a warning.
         """
-        if not 1 <= k <= len(self):
-            raise IsdError(f"k must be between 1 and {len(self)} (the bank's size), got {k}")
+        if k < 1:
+            raise IsdError(f"k must be at least 1, got {k}")
+        k = clamp_k(k, len(self))
         x = _as_float32(queries)
         x = x[None] if x.ndim == 1 else x
         if x.ndim != 2 or x.shape[1] != self.manifest.dim:
@@ -606,12 +734,18 @@ class SearchIndex:
         return self._cuda_features
 
     def recall(self, k: int = 10, queries: int = 1000, seed: int = 0) -> float:
-        """Re-measure recall@k against exact search on ``queries`` bank rows sampled with ``seed``."""
-        if not 1 <= k <= len(self):
-            raise IsdError(f"k must be between 1 and {len(self)} (the bank's size), got {k}")
-        xq = _read_rows(self.bank, _sample_rows(len(self), queries, seed))
-        truth = bank_exact_search(self.bank, xq, k)[1]
-        return recall_at_k(self.search(xq, k)[1], truth)
+        """Re-measure held-out recall@k (the build's protocol) on ``queries`` bank rows sampled with ``seed``.
+
+        A k of at least the bank's size is lowered to its size - 1 (the other rows), with a warning.
+        """
+        if k < 1:
+            raise IsdError(f"k must be at least 1, got {k}")
+        if len(self) < 2:
+            raise IsdError("recall needs at least 2 bank rows (each query's own row is left out)")
+        k = clamp_k(k, len(self) - 1)
+        rows, xq = heldout_queries(self.bank, queries, seed)
+        truth = heldout_search(lambda q, kk: bank_exact_search(self.bank, q, kk), xq, rows, k)[1]
+        return heldout_recall(self.search, xq, rows, truth)
 
     def close(self) -> None:
         self._cuda_features = None

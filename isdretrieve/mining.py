@@ -17,7 +17,14 @@ Layout of ``pairs.h5`` (``format = "isdretrieve.pairs/1"``), N = bank rows, P = 
 
 Attributes: the parameters (``k``, ``threshold`` as applied, ``quantile``, ``mutual``), the bank's
 ``fingerprint``, ``data_spec``, ``dataset_size`` and ``items_sha256`` (its file list), ``bank``,
-``search_seconds``, ``created``.
+``search_seconds``, ``created``, and how the candidates were searched: ``search`` ("exact", or
+"approximate" through the index directory ``index``, with ``index_factory`` and ``index_params``),
+``search_recall`` (recall@k of the candidate lists against exact search on ``search_recall_queries``
+sampled rows, own rows excluded on both sides; 1.0 and 0 queries for exact search).
+
+Exact search is the default. ``index=`` searches through a built index instead, for banks where exact
+search is too slow; its recall is measured and recorded, and rows for which the index returns fewer
+than k + 1 hits are searched exactly. A bank with k or fewer rows lowers k to its size - 1, with a warning.
 
 The search is resumable: the top-k lists go to ``OUT.partial`` chunk by chunk (``rows_done`` advances
 after each flushed chunk); a rerun continues there. ``pairs.h5`` itself is written atomically at the end,
@@ -30,7 +37,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,13 +49,24 @@ import torch
 from isdretrieve.atomic import atomic_path, fsync_path, names_file
 from isdretrieve.bank import FeatureBank, attr_value
 from isdretrieve.errors import BankError, IsdError
-from isdretrieve.index import bank_exact_search, exact_search, exact_search_torch
+from isdretrieve.index import (
+    SearchIndex,
+    bank_exact_search,
+    clamp_k,
+    exact_search,
+    exact_search_torch,
+    heldout_queries,
+    heldout_search,
+    recall_at_k,
+)
 from isdretrieve.knn import drop_self_matches
 
 PAIRS_FORMAT = "isdretrieve.pairs/1"
 PARTIAL_FORMAT = "isdretrieve.pairs-partial/1"
 IN_MEMORY_BYTES = 4 << 30  # banks up to this many float32 bytes are searched from memory
 DEFAULT_CHUNK_ROWS = 16384
+_DELETE_HINT = "delete it or choose another --out"
+RECALL_QUERIES = 1000  # rows sampled (seed 0) to measure an approximate search's recall
 
 
 @dataclass(frozen=True)
@@ -127,6 +145,11 @@ class Pairs:
     def coverage(self) -> float:
         """Fraction of rows with at least one positive."""
         return float((self.counts > 0).mean()) if len(self) else 0.0
+
+    @property
+    def search_recall(self) -> float:
+        """recall@k of the candidate lists against exact search (1.0 when they were searched exactly)."""
+        return float(self.attrs.get("search_recall", 1.0))
 
     def positives(self, row: int) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = self.offsets[row], self.offsets[row + 1]
@@ -225,13 +248,17 @@ def search_candidates(
     device: str = "auto",
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     progress: Callable[[int, int], None] | None = None,
+    index: SearchIndex | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k other rows of every bank row, resumable through the file ``partial``."""
+    """Top-k other rows of every bank row, resumable through the file ``partial``.
+
+    Exact by default; through ``index`` when given (rows it returns too few hits for: searched exactly).
+    """
     n = len(bank)
     if k >= n:
         raise IsdError(f"k must be smaller than the number of bank rows ({n}), got {k}")
-    expect = {"fingerprint": bank.fingerprint, "bank_rows": n, "k": k}
-    search = _searcher(bank, device)
+    expect = {"fingerprint": bank.fingerprint, "bank_rows": n, "k": k, "search": _search_name(index)}
+    search = _searcher(bank, device) if index is None else _index_searcher(bank, index, device)
     with _open_partial(partial, expect, n, k, chunk_rows) as f, names_file(partial):
         done, chunk_rows = int(f.attrs["rows_done"]), int(f.attrs["chunk_rows"])
         while done < n:
@@ -250,6 +277,46 @@ def search_candidates(
         return f["rows"][...], f["similarities"][...]
 
 
+def _search_name(index: SearchIndex | None) -> str:
+    if index is None:
+        return "exact"
+    return f"approximate:{index.manifest.factory}:{json.dumps(index.manifest.params, sort_keys=True)}"
+
+
+def _index_searcher(
+    bank: FeatureBank, index: SearchIndex, device: str
+) -> Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]:
+    """Search through ``index``; query rows with a missing hit (row -1) are searched exactly."""
+    exact = None
+
+    def search(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        nonlocal exact
+        sims, rows = index.search(queries, k)
+        short = (rows < 0).any(axis=1)
+        if short.any():
+            exact = exact or _searcher(bank, device)
+            sims[short], rows[short] = exact(queries[short], k)
+        return sims, rows
+
+    return search
+
+
+def candidate_recall(bank: FeatureBank, cand_rows: np.ndarray, seed: int = 0) -> tuple[float, int]:
+    """(recall@k of ``cand_rows`` against exact search, queries) on up to 1,000 rows sampled with ``seed``."""
+    k = cand_rows.shape[1]
+    rows, xq = heldout_queries(bank, RECALL_QUERIES, seed)
+    truth = heldout_search(lambda q, kk: bank_exact_search(bank, q, kk), xq, rows, k)[1]
+    return recall_at_k(cand_rows[rows], truth), len(rows)
+
+
+def _open_index(index_dir: str | Path, bank: FeatureBank) -> SearchIndex:
+    index = SearchIndex.open(index_dir)
+    if index.manifest.bank_fingerprint != bank.fingerprint or len(index) != len(bank):
+        index.close()
+        raise BankError(f"index {index_dir} was built over another bank than {bank.path}: rebuild it")
+    return index
+
+
 # --------------------------------------------------------------------------------------- mining
 def mine_pairs(
     bank_path: str | Path,
@@ -259,24 +326,55 @@ def mine_pairs(
     device: str = "auto",
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     progress: Callable[[int, int], None] | None = None,
+    index: str | Path | None = None,
 ) -> Pairs:
     """Mine positives of every row of the bank at ``bank_path`` into ``out`` (pairs.h5) and return them.
 
-    A complete ``out`` mined from the same bank with the same parameters is returned as is; any other
-    file at ``out`` is refused. An interrupted search resumes from ``out.partial``.
+    ``index``: an index directory over the same bank to search through instead of exact search (its
+    measured recall goes into the attributes). A complete ``out`` mined from the same bank with the
+    same parameters and search is returned as is; any other file at ``out`` is refused. An
+    interrupted search resumes from ``out.partial``.
     """
     out = Path(out)
     if chunk_rows < 1:
         raise IsdError(f"chunk_rows must be positive, got {chunk_rows}")
     with FeatureBank.open(bank_path) as bank:
-        if out.exists():
-            return _existing(out, bank.fingerprint, params)
-        started = time.perf_counter()
-        partial = out.with_name(out.name + ".partial")
-        cand_rows, cand_sims = search_candidates(
-            bank, params.k, partial, device=device, chunk_rows=chunk_rows, progress=progress
-        )
-        seconds = time.perf_counter() - started
+        if len(bank) < 2:
+            raise IsdError(f"mining needs at least 2 bank rows, the bank has {len(bank)}")
+        k = clamp_k(params.k, len(bank) - 1)
+        if k != params.k:
+            params = replace(params, k=k)
+        searcher = None if index is None else _open_index(index, bank)
+        try:
+            if out.exists():
+                return _existing(out, bank.fingerprint, params, _search_name(searcher).split(":")[0])
+            started = time.perf_counter()
+            partial = out.with_name(out.name + ".partial")
+            cand_rows, cand_sims = search_candidates(
+                bank,
+                params.k,
+                partial,
+                device=device,
+                chunk_rows=chunk_rows,
+                progress=progress,
+                index=searcher,
+            )
+            seconds = time.perf_counter() - started
+            if searcher is None:
+                search_attrs = {"search": "exact", "search_recall": 1.0, "search_recall_queries": 0}
+            else:
+                recall, queries = candidate_recall(bank, cand_rows)
+                search_attrs = {
+                    "search": "approximate",
+                    "index": str(index),
+                    "index_factory": searcher.manifest.factory,
+                    "index_params": json.dumps(searcher.manifest.params),
+                    "search_recall": recall,
+                    "search_recall_queries": queries,
+                }
+        finally:
+            if searcher is not None:
+                searcher.close()
         threshold = resolve_threshold(params, cand_sims)
         keep = keep_mask(cand_rows, cand_sims, threshold, params.mutual)
         dataset_indices = bank.indices()
@@ -291,6 +389,7 @@ def mine_pairs(
             "items_sha256": str(bank.attrs.get("items_sha256", "")),
             "search_seconds": round(seconds, 3),
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            **search_attrs,
         }
     _write_pairs(out, cand_rows, cand_sims, keep, dataset_indices, attrs)
     partial.unlink(missing_ok=True)
@@ -318,11 +417,12 @@ def _write_pairs(
     fsync_path(out.parent)
 
 
-def _existing(out: Path, fingerprint: str, params: MiningParams) -> Pairs:
+def _existing(out: Path, fingerprint: str, params: MiningParams, search: str) -> Pairs:
     pairs = Pairs.open(out)
-    if pairs.attrs.get("fingerprint") != fingerprint or pairs.params != params:
+    same_search = pairs.attrs.get("search", "exact") == search
+    if pairs.attrs.get("fingerprint") != fingerprint or pairs.params != params or not same_search:
         raise BankError(
             f"{out} holds pairs mined from another bank or with other settings "
-            f"({pairs.params}): delete it or choose another --out"
+            f"({pairs.params}, {pairs.attrs.get('search', 'exact')} search): {_DELETE_HINT}"
         )
     return pairs

@@ -100,8 +100,11 @@ def test_choose_index_limits():
         4096,
         65536,
     ]
-    with pytest.raises(IsdError, match="no index"):
-        choose_index(500_000, 256, memory_budget=4 * MiB)
+    on_disk = choose_index(500_000, 256, memory_budget=4 * MiB)  # not even IVF2048,PQ1 fits in RAM
+    assert (on_disk.factory, on_disk.on_disk) == ("IVF2048,SQ8", True) and "on disk" in on_disk.reason
+    assert on_disk.estimated_bytes <= 4 * MiB and on_disk.disk_bytes == 500_000 * (256 + 8)
+    with pytest.raises(IsdError, match="no index"):  # the on-disk index's 2 MiB of centroids do not fit
+        choose_index(500_000, 256, memory_budget=1 * MiB)
     with pytest.raises(ValueError):
         choose_index(0, 256)
 
@@ -130,9 +133,10 @@ def test_flat_search_equals_numpy(tmp_path, cnn_bank, digits_cnn):
         one_scores, one_rows = index.search(test[3] * 5.0, k)  # a single unnormalised query
         np.testing.assert_array_equal(one_rows[0], order[3])
         np.testing.assert_allclose(one_scores[0], want[3], atol=1e-5)
-        for bad_k in (0, len(features) + 1):
-            with pytest.raises(IsdError, match="k must be"):
-                index.search(test, bad_k)
+        with pytest.raises(IsdError, match="k must be"):
+            index.search(test, 0)
+        with pytest.warns(UserWarning, match=f"lowered to {len(features)}"):  # more than the bank: all rows
+            assert index.search(test[:2], len(features) + 1)[1].shape == (2, len(features))
         with pytest.raises(IsdError, match="shape"):
             index.search(test[:, :10], 3)
 

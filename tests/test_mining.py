@@ -130,9 +130,11 @@ def test_bad_parameters(params, message):
         MiningParams(**params)
 
 
-def test_k_not_below_the_bank_size(digits_bank, tmp_path):
-    with pytest.raises(IsdError, match="smaller than the number of bank rows"):
-        mine_pairs(digits_bank, tmp_path / "p.h5", MiningParams(k=1347))
+def test_k_of_the_bank_size_is_lowered_with_a_warning(digits_bank, tmp_path):
+    with pytest.warns(UserWarning, match="k=1347 lowered to 1346"):
+        pairs = mine_pairs(digits_bank, tmp_path / "p.h5", MiningParams(k=1347))
+    assert pairs.params.k == 1346 and pairs.candidate_rows.shape == (1347, 1346)
+    assert (pairs.candidate_rows != np.arange(1347)[:, None]).all()  # every other row, never itself
 
 
 def test_audit_against_labels_recomputed_independently(digits_bank, tmp_path):

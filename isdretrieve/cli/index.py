@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from isdretrieve.cli.common import user_errors, verbose_option
-from isdretrieve.cli.mine import mine
+from isdretrieve.cli.mine import bank_file, mine
 from isdretrieve.cli.neighbours import neighbours
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -59,6 +59,17 @@ def export_kwargs(teacher: bool, quiet: bool, **options: object) -> dict[str, ob
     help="An existing bank.h5 instead of --checkpoint/--data.",
 )
 @click.option(
+    "--embeddings",
+    type=click.Path(exists=True, path_type=Path),
+    help="Embeddings made elsewhere: an npy folder or .npy, a .parquet, or an HDF5 file.",
+)
+@click.option("--key", help="With --embeddings: the HDF5 dataset or parquet column holding them.")
+@click.option(
+    "--labels",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="With --embeddings: one int label a row (.npy, or text with one a line).",
+)
+@click.option(
     "--out",
     required=True,
     type=click.Path(file_okay=False, path_type=Path),
@@ -71,6 +82,14 @@ def export_kwargs(teacher: bool, quiet: bool, **options: object) -> dict[str, ob
     "--recall-target", default=0.95, show_default=True, help="recall@10 an approximate index is tuned to."
 )
 @click.option("--memory-budget", help="Index memory budget for auto, e.g. 4G (default: half the RAM).")
+@click.option(
+    "--on-disk", is_flag=True, help="Keep an IVF index's lists on disk (auto does when RAM is short)."
+)
+@click.option(
+    "--shard-rows",
+    type=click.IntRange(min=1),
+    help="On-disk builds: rows added per shard (default: what half the budget holds).",
+)
 @export_options
 @verbose_option
 @user_errors
@@ -78,32 +97,54 @@ def build(
     checkpoint: Path | None,
     data: str | None,
     bank: Path | None,
+    embeddings: Path | None,
+    key: str | None,
+    labels: Path | None,
     out: Path,
     factory: str,
     recall_target: float,
     memory_budget: str | None,
+    on_disk: bool,
+    shard_rows: int | None,
     **export: object,
 ) -> None:
-    """Encode a data set into OUT/bank.h5 and build OUT/index.faiss (resumable: rerun to finish)."""
+    """Encode a data set into OUT/bank.h5 and build OUT/index.faiss (resumable: rerun to finish).
+
+    Or index an existing bank (--bank), or embeddings made elsewhere (--embeddings), imported as OUT/bank.h5.
+    """
     from isdretrieve.index import build_index
     from isdretrieve.pipeline import build_index_from_checkpoint, parse_size
 
     budget = parse_size(memory_budget) if memory_budget else None
     options = export_kwargs(**export)
-    if bank is not None:
-        if checkpoint or data:
-            raise click.UsageError("give either --bank, or --checkpoint with --data")
+    sources = [name for name, given in (("--bank", bank), ("--embeddings", embeddings)) if given]
+    if (key or labels) and not embeddings:
+        raise click.UsageError("--key and --labels go with --embeddings")
+    if sources:
+        if len(sources) > 1 or checkpoint or data:
+            raise click.UsageError("give one of --bank, --embeddings, or --checkpoint with --data")
+        if embeddings is not None:
+            from isdretrieve.embeddings_io import import_embeddings, read_labels
+            from isdretrieve.index import MANIFEST_FILE
+
+            (out / MANIFEST_FILE).unlink(missing_ok=True)  # its bank.h5 is about to be replaced
+            label_array = read_labels(labels) if labels else None
+            bank = import_embeddings(embeddings, out / "bank.h5", key=key, labels=label_array)
         manifest = build_index(
             bank,
             out,
             factory=factory,
             recall_target=recall_target,
             memory_budget=budget,
+            on_disk=on_disk,
+            shard_rows=shard_rows,
             progress=options["progress"],
         )
     else:
         if not (checkpoint and data):
-            raise click.UsageError("give --checkpoint and --data (or --bank)")
+            raise click.UsageError("give --checkpoint and --data (or --bank, or --embeddings)")
+        if on_disk or shard_rows:
+            raise click.UsageError("--on-disk and --shard-rows go with --bank or --embeddings")
         manifest = build_index_from_checkpoint(
             checkpoint,
             data,
@@ -113,28 +154,64 @@ def build(
             memory_budget=budget,
             **options,
         )
+    where = " on disk" if manifest.kind == "ondisk" else ""
     click.echo(
-        f"{out}: {manifest.factory} over {manifest.count:,} x {manifest.dim}, "
+        f"{out}: {manifest.factory}{where} over {manifest.count:,} x {manifest.dim}, "
         f"recall@{manifest.recall_k} {manifest.recall:.4f}, built in {manifest.build_seconds:.1f} s"
     )
+    for note in manifest.notes:
+        click.echo(f"note: {note}", err=True)
 
 
 @main.command(context_settings=CONTEXT)
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--data", required=True, help="Data SPEC to encode.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--data", help="Data SPEC to encode.")
 @click.option(
-    "--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="bank.h5 to write."
+    "--bank",
+    "source_bank",
+    type=click.Path(exists=True, path_type=Path),
+    help="Convert an existing bank.h5 or index directory instead of encoding.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["h5", "npy", "parquet"]),
+    default="h5",
+    show_default=True,
+    help="h5: a bank.h5; npy: a folder of .npy files; parquet: one file.",
+)
+@click.option(
+    "--out", required=True, type=click.Path(path_type=Path), help="bank.h5, npy folder or .parquet to write."
 )
 @export_options
 @verbose_option
 @user_errors
-def export(checkpoint: Path, data: str, out: Path, **options: object) -> None:
-    """Export a bank only (resumable). Under torchrun each process writes its shard; join them after."""
+def export(
+    checkpoint: Path | None,
+    data: str | None,
+    source_bank: Path | None,
+    fmt: str,
+    out: Path,
+    **options: object,
+) -> None:
+    """Export a bank (resumable), or convert one (--bank). Under torchrun each process writes its shard."""
     from isdretrieve.bank import export_bank
+    from isdretrieve.embeddings_io import export_embeddings
 
-    result = export_bank(checkpoint, data, out, **export_kwargs(**options))
+    if source_bank is not None:
+        if checkpoint or data:
+            raise click.UsageError("give either --bank, or --checkpoint with --data")
+        path = export_embeddings(bank_file(source_bank), out, fmt)
+        click.echo(f"{path}: {fmt} written from {bank_file(source_bank)}")
+        return
+    if not (checkpoint and data):
+        raise click.UsageError("give --checkpoint and --data (or --bank)")
+    h5_out = out if fmt == "h5" else out.with_name(f"{out.name}.bank.h5")
+    result = export_bank(checkpoint, data, h5_out, **export_kwargs(**options))
     skipped = f", {result.skipped} unreadable images skipped" if result.skipped else ""
     click.echo(f"{result.path}: {result.rows:,} rows, {result.images_per_s:,.0f} images/s{skipped}")
+    if fmt != "h5":
+        click.echo(f"{export_embeddings(h5_out, out, fmt)}: {fmt} written from {h5_out}")
 
 
 @main.command(context_settings=CONTEXT)
@@ -191,8 +268,9 @@ def recall(index_dir: Path, k: int, queries: int, seed: int) -> None:
 
     with SearchIndex.open(index_dir) as index:
         value = index.recall(k=k, queries=queries, seed=seed)
+        used = min(k, len(index) - 1)  # recall() lowers k to the other rows of a small bank
         click.echo(
-            f"recall@{k} = {value:.4f} ({index.manifest.factory}, {min(queries, len(index)):,} queries)"
+            f"recall@{used} = {value:.4f} ({index.manifest.factory}, {min(queries, len(index)):,} queries)"
         )
 
 

@@ -30,6 +30,11 @@ def bank_file(source: Path) -> Path:
 )
 @click.option("--mutual", is_flag=True, help="Keep j for i only if i is also among j's candidates.")
 @click.option("--audit", is_flag=True, help="Measure precision/coverage against the bank's labels.")
+@click.option(
+    "--approximate",
+    is_flag=True,
+    help="Search through SOURCE's index (an index directory), not exactly; its recall is measured.",
+)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--chunk-rows", default=16384, show_default=True, help="Query rows searched at a time.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -43,6 +48,7 @@ def mine(
     quantile: float | None,
     mutual: bool,
     audit: bool,
+    approximate: bool,
     device: str,
     chunk_rows: int,
     quiet: bool,
@@ -57,11 +63,17 @@ def mine(
 
     params = MiningParams(k=k, threshold=threshold, quantile=quantile, mutual=mutual)
     bank_path = bank_file(source)
+    if approximate and not source.is_dir():
+        raise click.UsageError("--approximate searches through an index: SOURCE must be an index directory")
+    index = source if approximate else None
     with _progress(not quiet) as advance:
-        pairs = mine_pairs(bank_path, out, params, device=device, chunk_rows=chunk_rows, progress=advance)
+        pairs = mine_pairs(
+            bank_path, out, params, device=device, chunk_rows=chunk_rows, progress=advance, index=index
+        )
+    search = f", approximate search recall@{pairs.params.k} {pairs.search_recall:.4f}" if approximate else ""
     click.echo(
         f"{out}: {pairs.num_pairs:,} pairs over {len(pairs):,} rows (coverage {pairs.coverage:.4f}, "
-        f"threshold {pairs.threshold:.4f}, k={k}{', mutual' if mutual else ''})"
+        f"threshold {pairs.threshold:.4f}, k={pairs.params.k}{', mutual' if mutual else ''}{search})"
     )
     if audit:
         from isdretrieve.audit import audit_pairs, write_audit
@@ -94,7 +106,10 @@ def _print_audit(report) -> None:
     from rich.table import Table
 
     c = report.chosen
-    table = Table(title=f"audit: precision {c.precision:.4f}, coverage {c.coverage:.4f}")
+    title = f"audit: precision {c.precision:.4f}, coverage {c.coverage:.4f}"
+    if report.search and report.search["kind"] != "exact":
+        title += f", search recall {report.search['recall']:.4f}"
+    table = Table(title=title)
     for column in ("class", "rows", "coverage", "precision"):
         table.add_column(column, justify="left" if column == "class" else "right")
     for row in report.per_class:

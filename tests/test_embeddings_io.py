@@ -1,0 +1,196 @@
+"""Embeddings in and out (npy, parquet, HDF5 from elsewhere) and a bank of five images, through the CLI."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from isdretrieve.bank import FeatureBank, write_bank
+from isdretrieve.cli.index import main as index_cli
+from isdretrieve.cli.knn import main as knn_cli
+from isdretrieve.data import open_dataset
+from isdretrieve.embeddings_io import EmbeddingsError, import_embeddings
+from isdretrieve.index import SearchIndex, build_index
+from isdretrieve.mining import Pairs
+
+
+def invoke(cli, *args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def source_index(tmp_path_factory):
+    """A Flat index over 1,500 x 24 clustered rows with labels, dataset indices and paths."""
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((30, 24)).astype(np.float32)
+    labels = rng.integers(0, 30, 1500)
+    x = centres[labels] + 0.3 * rng.standard_normal((1500, 24), dtype=np.float32)
+    root = tmp_path_factory.mktemp("src")
+    paths = [f"class{label}/img{i:04d}.png" for i, label in enumerate(labels)]
+    bank = write_bank(
+        root / "bank.h5",
+        x,
+        labels=labels,
+        indices=np.arange(1500) * 2 + 7,
+        paths=paths,
+        fingerprint="enc-1",
+        data_spec="folder:imgs",
+        classes=[f"class{c}" for c in range(30)],
+    )
+    build_index(bank, root / "idx", factory="Flat")
+    return root / "idx"
+
+
+def _same_bank_and_hits(a_dir, b_dir) -> None:
+    with SearchIndex.open(a_dir) as a, SearchIndex.open(b_dir) as b:
+        for name in ("labels", "indices", "paths"):
+            assert np.array_equal(getattr(a.bank, name)(), getattr(b.bank, name)()), name
+        assert (b.bank.fingerprint, b.bank.data_spec, b.bank.classes) == (
+            a.bank.fingerprint,
+            a.bank.data_spec,
+            a.bank.classes,
+        )
+        queries = a.bank.features(0, 200) + 0.01
+        a_scores, a_rows = a.search(queries, 10)
+        b_scores, b_rows = b.search(queries, 10)
+        np.testing.assert_array_equal(a_rows, b_rows)
+        np.testing.assert_allclose(a_scores, b_scores, atol=1e-6)
+
+
+def test_npy_round_trip(source_index, tmp_path):
+    out = tmp_path / "emb"
+    result = invoke(index_cli, "export", "--bank", source_index, "--format", "npy", "--out", out)
+    assert result.exit_code == 0, result.output
+    names = {"features.npy", "rows.npy", "indices.npy", "labels.npy", "paths.txt", "meta.json"}
+    assert {p.name for p in out.iterdir()} == names
+    features = np.load(out / "features.npy")
+    assert features.shape == (1500, 24) and features.dtype == np.float32
+    assert np.array_equal(np.load(out / "rows.npy"), np.arange(1500))
+    assert json.loads((out / "meta.json").read_text())["fingerprint"] == "enc-1"
+    built = invoke(index_cli, "build", "--embeddings", out, "--out", tmp_path / "idx", "--quiet")
+    assert built.exit_code == 0 and "Flat over 1,500 x 24" in built.output, built.output
+    _same_bank_and_hits(source_index, tmp_path / "idx")
+    again = invoke(index_cli, "export", "--bank", source_index, "--format", "npy", "--out", out)
+    assert again.exit_code == 0 and not list(tmp_path.glob(".emb*"))  # replaced, no temporary left
+
+
+def test_parquet_round_trip(source_index, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "emb.parquet"
+    result = invoke(
+        index_cli, "export", "--bank", source_index / "bank.h5", "--format", "parquet", "--out", out
+    )
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(out)
+    assert table.column_names == ["row", "index", "label", "path", "embedding"]
+    embedding = table.schema.field("embedding").type
+    assert pa.types.is_fixed_size_list(embedding) and embedding.list_size == 24
+    assert embedding.value_type == pa.float32()
+    assert table.column("index").to_pylist()[:2] == [7, 9] and table.column("path")[0].as_py().startswith(
+        "class"
+    )
+    built = invoke(index_cli, "build", "--embeddings", out, "--out", tmp_path / "idx", "--quiet")
+    assert built.exit_code == 0, built.output
+    _same_bank_and_hits(source_index, tmp_path / "idx")
+
+
+def test_hdf5_written_elsewhere(tmp_path):
+    x = np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32)
+    with h5py.File(tmp_path / "emb.h5", "w") as f:
+        f["model/emb"] = x
+        f["model/aux"] = x[:, :3]
+    result = invoke(index_cli, "build", "--embeddings", tmp_path / "emb.h5", "--out", tmp_path / "a")
+    assert result.exit_code == 2 and "several 2-D datasets" in result.output and "--key" in result.output
+    (tmp_path / "labels.txt").write_text("".join(f"{i % 3}\n" for i in range(300)))
+    args = ["--key", "model/emb", "--labels", tmp_path / "labels.txt", "--quiet"]
+    result = invoke(index_cli, "build", "--embeddings", tmp_path / "emb.h5", "--out", tmp_path / "a", *args)
+    assert result.exit_code == 0, result.output
+    with FeatureBank.open(tmp_path / "a" / "bank.h5") as bank:
+        np.testing.assert_allclose(bank.features(), x / np.linalg.norm(x, axis=1, keepdims=True), rtol=1e-6)
+        assert bank.labels().tolist()[:4] == [0, 1, 2, 0] and bank.fingerprint.startswith("sha256:")
+
+
+def test_build_index_accepts_an_array(tmp_path):
+    x = np.random.default_rng(0).standard_normal((400, 8)).astype(np.float32)
+    manifest = build_index(x, tmp_path / "idx")
+    assert manifest.factory == "Flat" and manifest.count == 400
+    with SearchIndex.open(tmp_path / "idx") as index:
+        assert index.search(x[:5], 1)[1][:, 0].tolist() == [0, 1, 2, 3, 4]
+    assert build_index(x.copy(), tmp_path / "other").bank_fingerprint == manifest.bank_fingerprint
+
+
+@pytest.mark.parametrize(
+    ("array", "message"),
+    [
+        (np.ones((4, 3, 2), np.float32), "2-D array"),
+        (np.vstack([np.ones((7, 4)), [[np.nan, 0, 0, 1]], np.ones((2, 4))]), "row 7 holds NaN"),
+        (np.vstack([np.ones((3, 4)), np.zeros((1, 4))]), "row 3 is all zeros"),
+    ],
+)
+def test_bad_embeddings_are_one_line(tmp_path, array, message):
+    np.save(tmp_path / "bad.npy", array)
+    result = invoke(index_cli, "build", "--embeddings", tmp_path / "bad.npy", "--out", tmp_path / "idx")
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert result.output.count("\n") == 1 and not (tmp_path / "idx" / "bank.h5").exists()
+    with pytest.raises(EmbeddingsError, match=message):
+        build_index(np.asarray(array), tmp_path / "arr")
+
+
+def test_parquet_without_pyarrow_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    with pytest.raises(EmbeddingsError, match=r"pip install 'isdretrieve\[parquet\]'"):
+        import_embeddings(tmp_path / "x.parquet", tmp_path / "bank.h5")
+
+
+# ------------------------------------------------------------------------------- a bank of 5 images
+@pytest.fixture(scope="module")
+def five_images(tmp_path_factory, make_encoder):
+    """Five digits images as PNG files in two class folders, and a random-init encoder."""
+    root = tmp_path_factory.mktemp("five")
+    digits = open_dataset("digits")
+    images = digits.load_all()
+    for i in range(5):
+        folder = root / "imgs" / ("even" if i % 2 == 0 else "odd")
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = images[i].permute(1, 2, 0).numpy()
+        Image.fromarray(pixels).resize((16, 16)).save(folder / f"digit{i}.png")
+    return root, make_encoder(root / "enc.pt")
+
+
+def test_five_image_folder_builds_searches_and_reports(five_images, tmp_path):
+    root, encoder = five_images
+    idx = tmp_path / "idx"
+    args = ["--checkpoint", encoder, "--data", f"folder:{root / 'imgs'}", "--out", idx, "--quiet"]
+    built = invoke(index_cli, "build", *args)
+    assert built.exit_code == 0 and "Flat over 5 x 256" in built.output, built.output
+    note = json.loads((idx / "manifest.json").read_text())["notes"]
+    assert note == ["k lowered from 10 to 5: the bank has 5 rows"]
+
+    info = invoke(index_cli, "info", idx, "--json")
+    assert info.exit_code == 0 and json.loads(info.output)["count"] == 5
+    with SearchIndex.open(idx) as index, pytest.warns(UserWarning, match="k=10 lowered to 5"):
+        rows = index.search(index.bank.features(), 10)[1]
+    assert rows.shape == (5, 5) and rows[:, 0].tolist() == [0, 1, 2, 3, 4]
+    assert sorted(rows[0].tolist()) == [0, 1, 2, 3, 4]
+
+    recall = invoke(index_cli, "recall", idx)  # -k 10 on 5 rows: the 4 other rows
+    assert recall.exit_code == 0 and "recall@4 = 1.0000" in recall.output, recall.output
+
+    knn = invoke(knn_cli, "--train", idx, "--test", idx, "-k", "3", "--json", tmp_path / "knn.json")
+    assert knn.exit_code == 0, knn.output
+    assert json.loads((tmp_path / "knn.json").read_text())["results"][0]["k"] == 3
+
+    mined = invoke(index_cli, "mine", idx, "--out", tmp_path / "pairs.h5", "--audit", "--quiet")  # k=5 > 4
+    assert mined.exit_code == 0 and "k=4" in mined.output, mined.output
+    pairs = Pairs.open(tmp_path / "pairs.h5")
+    assert pairs.num_pairs == 20 and pairs.params.k == 4
+    assert json.loads((tmp_path / "pairs.audit.json").read_text())["chosen"]["coverage"] == 1.0
