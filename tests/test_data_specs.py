@@ -64,7 +64,7 @@ def test_direct_construction_is_validated() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("foo:x", "unknown kind 'foo' (expected digits, cifar10, folder, list)"),
+        ("foo:x", "unknown kind 'foo' (expected digits, cifar10, folder, list, wds)"),
         ("digits,foo=1", "unknown option 'foo'"),
         ("cifar10:/r,foo=1", "unknown option 'foo'"),
         ("cifar10", "cifar10 needs an ARG"),
@@ -79,7 +79,7 @@ def test_direct_construction_is_validated() -> None:
         ("folder:x,size=0", "size must be a positive integer"),
         ("folder:x,size=-3", "size must be a positive integer"),
         ("folder:x,size=1.5", "size must be an integer"),
-        ("digits,size=16", "size applies only to folder and list"),
+        ("digits,size=16", "size applies only to folder, list, wds"),
         ("folder:x,download=1", "download applies only to cifar10"),
         ("cifar10:x,download=maybe", "download must be 0 or 1"),
         ("digits:x", "digits takes no ARG"),
