@@ -258,11 +258,16 @@ def decode_image(path: Path, size: int) -> torch.Tensor:
         raise DataError(f"cannot decode image '{path}': {exc}") from None
 
 
-def pil_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
-    """A PIL image (any mode) as uint8 [3,size,size]: RGB, shorter side resized to ``size``, centre crop."""
+def to_rgb(img: Image.Image) -> Image.Image:
+    """A PIL image (any mode; palette transparency honoured) converted to RGB."""
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
-    rgb = img.convert("RGB")
+    return img.convert("RGB")
+
+
+def pil_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
+    """A PIL image (any mode) as uint8 [3,size,size]: RGB, shorter side resized to ``size``, centre crop."""
+    rgb = to_rgb(img)
     w, h = rgb.size
     if (w, h) != (size, size):
         side = min(w, h)

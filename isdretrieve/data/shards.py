@@ -354,6 +354,29 @@ def rank_shards(n_shards: int, rank: int, world: int, *, contiguous: bool = Fals
     return list(range(rank, n_shards, world))
 
 
+def stream_order(
+    dataset: ShardDataset, shards: Sequence[int], rng: np.random.Generator, buffer: int
+) -> np.ndarray:
+    """Dataset indices of ``shards`` as a shuffled stream reads them: the shards in a random order,
+    each in member order, through a shuffle buffer of ``buffer`` samples (each step emits a random
+    buffered sample and takes in the next one; at the end the rest leaves in random order)."""
+    order = [shards[k] for k in rng.permutation(len(shards))]
+    stream = np.concatenate(
+        [np.arange(dataset.shard_starts[s], dataset.shard_starts[s + 1]) for s in order]
+    ).astype(np.int64)
+    if buffer <= 1 or len(stream) <= 1:
+        return stream
+    out = np.empty_like(stream)
+    held = list(stream[:buffer])
+    picks = rng.random(len(stream))
+    for k, incoming in enumerate(stream[buffer:].tolist()):
+        slot = int(picks[k] * len(held))
+        out[k], held[slot] = held[slot], incoming
+    rest = len(stream) - buffer if len(stream) > buffer else 0
+    out[rest:] = np.asarray(held, dtype=np.int64)[rng.permutation(len(held))]
+    return out
+
+
 # --------------------------------------------------------------------------------------- writing
 def write_shards(
     dataset: ImageDataset,
