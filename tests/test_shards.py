@@ -325,3 +325,37 @@ def test_cifar_shards_export_killed_at_random_then_resumed_is_byte_identical(
         bank_module._embed = real
     assert sum(counted) == 1600 - 200 * len(done) and result.resumed_from == 200 * len(done)
     assert _bank(out) == _bank(straight.path)
+
+
+# ------------------------------------------------------------------------------- the command line
+def _cli_export(encoder: Path, data: str, out: Path):
+    from click.testing import CliRunner
+
+    from isdretrieve.cli.index import main
+
+    args = ["export", "--checkpoint", str(encoder), "--data", data, "--out", str(out)]
+    return CliRunner().invoke(main, [*args, "--workers", "0", "--batch-size", "4", "--quiet"])
+
+
+def _one_line(result, start: str) -> str:
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {start}"), result.output
+    return lines[0]
+
+
+def test_bad_shards_at_the_command_line(tmp_path: Path, enc16: Path) -> None:
+    out = tmp_path / "bank.h5"
+    _tar(tmp_path / "00000.tar", [("a.png", _png((1, 2, 3)))])
+    _one_line(_cli_export(enc16, f"wds:{tmp_path}/{{00000..00001}}.tar", out), "shard '")  # missing
+    _one_line(_cli_export(enc16, f"wds:{tmp_path}/none-*.tar", out), "shard pattern '")
+    _one_line(_cli_export(enc16, "wds:", out), "bad data SPEC 'wds:': wds needs an ARG (wds:PATTERN)")
+    (tmp_path / "junk.tar").write_bytes(b"\x01" * 2048)
+    _one_line(_cli_export(enc16, f"wds:{tmp_path}/junk.tar", out), "cannot read shard '")
+    _tar(tmp_path / "noimage.tar", [("a.png", _png((1, 2, 3))), ("b.json", b"{}")])
+    assert "sample 'b' has no image" in _one_line(_cli_export(enc16, f"wds:{tmp_path}/noimage.tar", out), "")
+    _tar(tmp_path / "badmember.tar", [("a.png", _png((1, 2, 3))), ("b.jpg", b"\xff\xd8 garbage")])
+    line = _one_line(_cli_export(enc16, f"wds:{tmp_path}/badmember.tar", out), "cannot decode image ")
+    assert "'badmember.tar/b' in shard" in line
+    with pytest.raises(BankError, match="incomplete"):  # nothing that looks complete is left
+        FeatureBank.open(out)
