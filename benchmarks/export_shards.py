@@ -2,7 +2,8 @@
 
 The CIFAR-10 test split of the shared JPEG copy (the original JPEG bytes; the embedded digits as PNG
 when that copy is absent) is written as ``--shards`` tar shards. Bare = the same model over the same
-images already decoded in memory (eval transform, forward, normalise, copy to the host); export =
+images already decoded in memory (the export's own per-batch step: eval transform, forward, normalise,
+copy to the host); export =
 ``export_bank`` over the shards with ``--workers`` loader workers (tar reads, JPEG decode, HDF5 writes,
 shard bookkeeping). The ratio says how much of the encoder's rate the shard path keeps. On CUDA both
 sides use bf16 autocast and channels_last, as the export does.
@@ -19,14 +20,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # the harness, and this checkout's isdretrieve
 from _harness import cifar_root, summary, sync, timed, write_result  # noqa: E402
 
-from isdretrieve.bank import export_bank, preset_for  # noqa: E402
-from isdretrieve.data import eval_view, open_dataset, write_shards  # noqa: E402
+from isdretrieve.bank import _embed, export_bank, preset_for  # noqa: E402
+from isdretrieve.data import open_dataset, write_shards  # noqa: E402
 from isdretrieve.models import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -72,12 +72,9 @@ def main() -> None:
         preset, bs = preset_for(header), args.batch_size
 
         @torch.inference_mode()
-        def bare() -> None:
+        def bare() -> None:  # the export's own per-batch embedding, over decoded images
             for a in range(0, len(images), bs):
-                x = eval_view(images[a : a + bs].to(device, non_blocking=True), preset)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
-                    y = model(x.contiguous(memory_format=torch.channels_last) if on_cuda else x)
-                F.normalize(y.float(), dim=1).cpu()
+                _embed(model, images[a : a + bs], preset, device, None)
             sync(device)
 
         def export() -> None:
