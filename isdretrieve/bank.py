@@ -19,6 +19,15 @@ An export writes ``out`` in place, flushing and advancing ``rows_done`` after ev
 ``complete`` only after the last row is on disk; :meth:`FeatureBank.open` refuses a bank that is not
 complete. Shards are contiguous blocks: rank r of w exports dataset indices ``[r*N//w, (r+1)*N//w)``, so
 :func:`join_shards` is a plain concatenation in rank order.
+
+Webdataset data (``wds:PATTERN``) is exported shard by shard instead: rank r of w takes the contiguous
+block of tar shards ``[r*S//w, (r+1)*S//w)`` (so joining stays a concatenation). The tar headers give
+the sample count up front, so the layout is fixed: a shard's rows start at its first sample's position
+and loader workers may finish shards in any order. The bank records ``shard_files`` (JSON ``[name,
+bytes, samples]`` of each tar of the block, in order: a resume refuses any other list) and
+``shards_done`` (JSON positions in that list, written after the shard's rows are flushed); a rerun
+skips finished shards and re-encodes only unfinished ones, from their start. Rows of images skipped by
+``on_bad_image="skip"`` are dropped at the end by rewriting the bank (atomically).
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ from torch.utils.data import DataLoader, Dataset
 from isdretrieve import __version__
 from isdretrieve.atomic import atomic_path, fsync_path, names_file
 from isdretrieve.data import IMAGENET_MEAN, IMAGENET_STD, ArrayDataset, ImageDataset, eval_view, open_dataset
+from isdretrieve.data.shards import ShardDataset, ShardStream, rank_shards
 from isdretrieve.data.specs import DataSpec, parse_spec
 from isdretrieve.errors import BankError, CheckpointError, DataError
 from isdretrieve.models import EncoderHeader, load_backbone
@@ -454,7 +464,7 @@ def _open_data(data: str | DataSpec | ImageDataset, preset: str) -> ImageDataset
     if isinstance(data, ImageDataset):
         return data
     spec = parse_spec(data)
-    if preset == "imagenet" and spec.kind in ("folder", "list") and spec.size is None:
+    if preset == "imagenet" and spec.kind in ("folder", "list", "wds") and spec.size is None:
         spec = dataclasses.replace(spec, size=IMAGENET_EVAL_SIZE)
     return open_dataset(spec)
 
@@ -468,7 +478,27 @@ def items_sha256(dataset: ImageDataset, lo: int, hi: int) -> str:
     return digest.hexdigest()[:16]
 
 
-def _check_existing(out: Path, expect: dict[str, Any]) -> bool:
+def _shard_files(dataset: ShardDataset, block: Sequence[int]) -> list[list]:
+    """``[name, bytes, samples]`` of each tar of a rank's block: the fingerprint a resume must match."""
+    return [[dataset.shards[s].name, dataset.shards[s].nbytes, len(dataset.shards[s])] for s in block]
+
+
+def _shard_list_change(out: Path, was: list[list], now: list[list]) -> str:
+    """One line naming the first difference between the shard lists of a bank and of this export."""
+    for k in range(max(len(was), len(now))):
+        a = tuple(was[k]) if k < len(was) else None
+        b = tuple(now[k]) if k < len(now) else None
+        if a != b:
+            old = "none" if a is None else f"'{a[0]}' ({a[1]} bytes, {a[2]} samples)"
+            new = "none" if b is None else f"'{b[0]}' ({b[1]} bytes, {b[2]} samples)"
+            break
+    return (
+        f"{out} was exported from another shard list ({len(was)} shards, now {len(now)}; shard {k} was "
+        f"{old}, now {new}): {_DELETE_HINT}"
+    )
+
+
+def _check_existing(out: Path, expect: dict[str, Any], shard_files: list[list] | None = None) -> bool:
     """Whether ``out`` holds a complete matching bank (False: a partial one to resume); else BankError."""
     try:
         h5 = h5py.File(out, "r")
@@ -495,6 +525,9 @@ def _check_existing(out: Path, expect: dict[str, Any]) -> bool:
         if "items_sha256" in h5.attrs:  # not in joined banks
             found["file list sha256"] = attr_value(h5.attrs["items_sha256"])
         complete = bool(h5.attrs.get("complete", False))
+        was_shards = json.loads(attr_value(h5.attrs.get("shard_files", "null")))
+    if shard_files is not None and was_shards is not None and was_shards != shard_files:
+        raise BankError(_shard_list_change(out, was_shards, shard_files))
     diffs = [
         f"{key} {found[key]} (wanted {want})"
         for key, want in expect.items()
@@ -527,6 +560,7 @@ def export_bank(
     ``on_bad_image="skip"`` skips (and records) unreadable images instead of raising DataError.
     ``shard=(rank, world)`` exports the contiguous block ``[rank*N//world, (rank+1)*N//world)``; without it,
     torchrun's RANK/WORLD_SIZE (when WORLD_SIZE > 1) pick the block and the file ``shard_path(out, ...)``.
+    ``wds:`` data is exported and resumed tar shard by tar shard (see the module docstring).
     """
     started = time.perf_counter()
     if dtype not in DTYPES:
@@ -551,6 +585,13 @@ def export_bank(
     dataset = _open_data(data, preset)
     n = len(dataset)
     lo, hi = rank * n // world, (rank + 1) * n // world
+    block, shard_files = None, None
+    if isinstance(dataset, ShardDataset):
+        block = rank_shards(len(dataset.shards), rank, world, contiguous=True)
+        if not block:
+            raise DataError(f"{len(dataset.shards)} shards cannot be split across {world} processes")
+        lo, hi = int(dataset.shard_starts[block[0]]), int(dataset.shard_starts[block[-1] + 1])
+        shard_files = _shard_files(dataset, block)
     dim = int(getattr(model, "feature_dim", header.feature_dim))
     expect = {
         "fingerprint": fingerprint,
@@ -562,7 +603,7 @@ def export_bank(
         "file list sha256": items_sha256(dataset, lo, hi),
     }
     if out.exists():
-        if _check_existing(out, expect):
+        if _check_existing(out, expect, shard_files):
             with FeatureBank.open(out) as bank:
                 rows, skipped = len(bank), bank.skipped
             return ExportResult(out, rows, skipped, time.perf_counter() - started, 0.0, rows)
@@ -580,6 +621,8 @@ def export_bank(
             _write_attrs(f, **base, skipped=0, skipped_paths="[]", shard=json.dumps([rank, world]))
             _write_attrs(f, items_done=0, items_total=hi - lo, items_sha256=expect["file list sha256"])
             _write_attrs(f, rows_done=0, complete=False)
+            if shard_files is not None:
+                _write_attrs(f, shard_files=json.dumps(shard_files), shards_done="[]")
 
     run_device = _resolve_device(device)
     model = model.to(run_device)
@@ -590,6 +633,10 @@ def export_bank(
         h5 = h5py.File(out, "r+")
     except OSError as exc:
         raise BankError(f"cannot open {out} for writing (another export writing it?): {exc}") from None
+    job = _Job(model, preset, run_device, affine, dtype, on_bad_image, batch_size, workers, progress, started)
+    if block is not None:
+        assert isinstance(dataset, ShardDataset)
+        return _export_shards(h5, out, dataset, block, lo, job)
     with h5, names_file(out):
         rows, resumed_from, items, skipped = (
             int(h5.attrs["rows_done"]),
@@ -643,6 +690,110 @@ def export_bank(
     return ExportResult(
         out, rows, skipped, seconds, processed / seconds if seconds > 0 else 0.0, resumed_from
     )
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every batch of an export needs."""
+
+    model: nn.Module
+    preset: str
+    device: torch.device
+    affine: tuple[torch.Tensor, torch.Tensor] | None
+    dtype: str
+    on_bad_image: str
+    batch_size: int
+    workers: int
+    progress: bool
+    started: float
+
+
+def _export_shards(
+    h5: h5py.File, out: Path, dataset: ShardDataset, block: list[int], lo: int, job: _Job
+) -> ExportResult:
+    """The shard-granular export loop (see the module docstring); ``h5`` is the open bank."""
+    with h5, names_file(out):
+        done = set(json.loads(attr_value(h5.attrs["shards_done"])))
+        skipped = int(h5.attrs["skipped"])
+        skipped_paths = list(json.loads(attr_value(h5.attrs["skipped_paths"])))
+        counts = [len(dataset.shards[s]) for s in block]
+        finished = sum(counts[k] for k in done)
+        todo = [s for k, s in enumerate(block) if k not in done]
+        pending: dict[int, list[str]] = {}  # skipped items of shards not finished yet
+        processed, total = 0, sum(counts)
+        stream = ShardStream(dataset, todo, job.batch_size).loader(job.workers, job.device.type == "cuda")
+        with _progress_bar(job.progress, total=total, done=finished) as advance, torch.inference_mode():
+            for batch in stream:
+                bad = [k for k, text in enumerate(batch.errors) if text]
+                if bad and job.on_bad_image == "error":
+                    raise DataError(batch.errors[bad[0]])
+                pending.setdefault(batch.shard, []).extend(dataset.path(int(batch.indices[k])) for k in bad)
+                feats = _embed(job.model, batch.images, job.preset, job.device, job.affine)
+                keep = torch.ones(len(batch.indices), dtype=torch.bool)
+                keep[bad] = False
+                if not torch.isfinite(feats[keep]).all():
+                    a, b = int(batch.indices[0]), int(batch.indices[-1])
+                    raise BankError(f"the encoder produced non-finite features for dataset items {a}..{b}")
+                feats[~keep] = 0
+                index_array = np.where(keep.numpy(), batch.indices.numpy(), -1).astype(np.int64)
+                r0 = int(batch.indices[0]) - lo
+                r1 = r0 + len(index_array)
+                h5["features"][r0:r1] = feats.numpy().astype(job.dtype, copy=False)
+                h5["labels"][r0:r1] = np.where(keep.numpy(), batch.labels.numpy(), -1).astype(np.int64)
+                h5["indices"][r0:r1] = index_array
+                h5["paths"][r0:r1] = np.array(
+                    [dataset.path(int(i)) if i >= 0 else "" for i in index_array], dtype=object
+                )
+                processed += len(index_array)
+                h5.flush()  # every batch, so that a kill leaves consistent HDF5 metadata
+                if batch.last:  # the shard's rows are all on disk: mark it done
+                    k = block.index(batch.shard)
+                    done.add(k)
+                    finished += counts[k]
+                    lost = pending.pop(batch.shard, [])
+                    skipped += len(lost)
+                    skipped_paths += lost[: max(0, MAX_SKIPPED_PATHS - len(skipped_paths))]
+                    h5.attrs.modify("shards_done", json.dumps(sorted(done)))
+                    h5.attrs.modify("rows_done", np.int64(finished - skipped))
+                    h5.attrs.modify("items_done", np.int64(finished))
+                    h5.attrs.modify("skipped", np.int64(skipped))
+                    h5.attrs.modify("skipped_paths", json.dumps(skipped_paths))
+                    h5.flush()
+                elapsed = max(time.perf_counter() - job.started, 1e-9)
+                advance(len(index_array), processed / elapsed)
+        resumed_from = total - sum(len(dataset.shards[s]) for s in todo)
+        if skipped == 0:
+            fsync_path(out)
+            h5.attrs.modify("rows_done", np.int64(total))
+            h5.attrs.modify("complete", True)
+            h5.flush()
+    if skipped:
+        _drop_skipped_rows(out)
+    fsync_path(out)
+    seconds = time.perf_counter() - job.started
+    return ExportResult(
+        out, total - skipped, skipped, seconds, processed / seconds if seconds > 0 else 0.0, resumed_from
+    )
+
+
+def _drop_skipped_rows(out: Path) -> None:
+    """Rewrite a finished shard export without the rows of skipped images (index -1), atomically."""
+    with _open_h5(out) as src:
+        keep = src["indices"][...] >= 0
+        n, dim, dtype = int(keep.sum()), int(src["features"].shape[1]), str(src["features"].dtype)
+        with _atomic_h5(out) as f:
+            _create_layout(f, n, dim, dtype)
+            row = 0
+            for a in range(0, len(keep), _COPY_ROWS):
+                b = min(a + _COPY_ROWS, len(keep))
+                mask = keep[a:b]
+                k = int(mask.sum())
+                for name in ("features", "labels", "indices"):
+                    f[name][row : row + k] = src[name][a:b][mask]
+                f["paths"][row : row + k] = src["paths"].asstr()[a:b][mask].astype(object)
+                row += k
+            _write_attrs(f, **{key: attr_value(value) for key, value in src.attrs.items()})
+            _write_attrs(f, rows_done=n, complete=True)
 
 
 @contextlib.contextmanager

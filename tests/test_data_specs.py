@@ -26,6 +26,8 @@ from isdretrieve.errors import DataError, IsdError
         ("folder:/a,b/c,split=test", DataSpec("folder", root=Path("/a,b/c"), split="test")),
         (" Digits , split = test ", DataSpec("digits", split="test")),
         ("folder:x,longtail=2.5,size=8", DataSpec("folder", root=Path("x"), longtail=2.5, size=8)),
+        ("wds:/d/{00000..00127}.tar", DataSpec("wds", root=Path("/d/{00000..00127}.tar"))),
+        ("wds:/d/{a,b}-*.tar,size=64", DataSpec("wds", root=Path("/d/{a,b}-*.tar"), size=64)),
     ],
 )
 def test_parse(text: str, expected: DataSpec) -> None:
@@ -64,11 +66,14 @@ def test_direct_construction_is_validated() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("foo:x", "unknown kind 'foo' (expected digits, cifar10, folder, list)"),
+        ("foo:x", "unknown kind 'foo' (expected digits, cifar10, folder, list, wds)"),
         ("digits,foo=1", "unknown option 'foo'"),
         ("cifar10:/r,foo=1", "unknown option 'foo'"),
         ("cifar10", "cifar10 needs an ARG"),
         ("folder:", "folder needs an ARG"),
+        ("wds:", "wds needs an ARG (wds:PATTERN)"),
+        ("wds:/x/{0..3}.tar,split=test", "split and longtail do not apply to wds"),
+        ("wds:/x/a.tar,longtail=10", "split and longtail do not apply to wds"),
         ("list:", "list needs an ARG"),
         ("list:/x/D1.txt", "list needs FILE@ROOT"),
         ("list:@/imagenet", "list needs FILE@ROOT"),
@@ -79,7 +84,7 @@ def test_direct_construction_is_validated() -> None:
         ("folder:x,size=0", "size must be a positive integer"),
         ("folder:x,size=-3", "size must be a positive integer"),
         ("folder:x,size=1.5", "size must be an integer"),
-        ("digits,size=16", "size applies only to folder and list"),
+        ("digits,size=16", "size applies only to folder, list, wds"),
         ("folder:x,download=1", "download applies only to cifar10"),
         ("cifar10:x,download=maybe", "download must be 0 or 1"),
         ("digits:x", "digits takes no ARG"),

@@ -1,4 +1,5 @@
-"""Data: SPEC strings, datasets of fixed-size uint8 images, and batched on-device view augmentation."""
+"""Data: SPEC strings, datasets of fixed-size uint8 images (webdataset shards too), crops taken in loader
+workers, and batched on-device view augmentation."""
 
 from isdretrieve.data.augment import (
     IMAGENET_MEAN,
@@ -14,12 +15,14 @@ from isdretrieve.data.datasets import (
     ArrayDataset,
     FileDataset,
     ImageDataset,
+    SubsetDataset,
     decode_image,
     longtail_counts,
     longtail_indices,
     open_dataset,
     pil_to_tensor,
 )
+from isdretrieve.data.shards import ShardDataset, write_shards
 from isdretrieve.data.specs import DataSpec, parse_spec
 
 __all__ = [
@@ -30,6 +33,8 @@ __all__ = [
     "DataSpec",
     "FileDataset",
     "ImageDataset",
+    "ShardDataset",
+    "SubsetDataset",
     "ViewConfig",
     "augment_views",
     "decode_image",
@@ -41,4 +46,5 @@ __all__ = [
     "open_dataset",
     "parse_spec",
     "view_config",
+    "write_shards",
 ]

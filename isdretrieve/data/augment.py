@@ -290,23 +290,33 @@ def color_jitter(
 
 
 def augment_views(
-    images: torch.Tensor, cfg: ViewConfig, generator: torch.Generator, *, compiled: bool = False
+    images: torch.Tensor,
+    cfg: ViewConfig,
+    generator: torch.Generator,
+    *,
+    compiled: bool = False,
+    cropped: bool = False,
 ) -> torch.Tensor:
     """One random view per image: uint8 (or [0,1] float) [B,3,H,W] -> normalised float32 [B,3,size,size].
 
     ``generator`` must live on ``images.device``; equal generator states give identical views. With
     ``compiled`` the photometric part (jitter in its masked form, grayscale, blur, normalisation: a few
     hundred small elementwise ops) runs through ``torch.compile``, which fuses them; the random draws and
-    the crop stay eager, so the same generator state gives the same view up to float rounding.
+    the crop stay eager, so the same generator state gives the same view up to float rounding. With
+    ``cropped`` the images are random resized crops already (taken from the originals in loader workers,
+    :mod:`isdretrieve.data.crops`), [B,3,size,size]: only the flip and the photometric ops are applied.
     """
     b, _, height, width = images.shape
+    if cropped and (height, width) != (cfg.size, cfg.size):
+        raise ValueError(f"cropped images must be {cfg.size}x{cfg.size}, got {height}x{width}")
     bright, contrast, sat, hue = cfg.jitter
     device = images.device
 
     def draw(*shape: int) -> torch.Tensor:
         return torch.rand(shape, generator=generator, device=generator.device).to(device)
 
-    boxes = sample_crop_boxes(b, height, width, cfg.scale, cfg.ratio, generator).to(device)
+    if not cropped:
+        boxes = sample_crop_boxes(b, height, width, cfg.scale, cfg.ratio, generator).to(device)
     flip = draw(b) < cfg.flip_p
     jitter_on = draw(b) < cfg.jitter_p
     low = constant((max(0.0, 1 - bright), max(0.0, 1 - contrast), max(0.0, 1 - sat), -hue), device)
@@ -316,7 +326,11 @@ def augment_views(
     gray_on = draw(b) < cfg.gray_p
     blur_on = draw(b) < cfg.blur_p
     sigma = cfg.blur_sigma[0] + (cfg.blur_sigma[1] - cfg.blur_sigma[0]) * draw(b)
-    x = resized_crop(to_float(images), boxes, cfg.size, flip)  # one grid_sample: nothing to fuse
+    if cropped:
+        x = to_float(images)
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    else:
+        x = resized_crop(to_float(images), boxes, cfg.size, flip)  # one grid_sample: nothing to fuse
     colour = _compiled_colour() if compiled else _colour
     gather = False if compiled else None  # gathering needs data-dependent shapes: not in a compiled graph
     return colour(x, cfg, factors, order, jitter_on, gray_on, blur_on, sigma, gather)

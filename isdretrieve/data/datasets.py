@@ -6,6 +6,7 @@
 | `cifar10:ROOT`    | torchvision pickles in ROOT/cifar-10-batches-py/         | train         | 32      |
 | `folder:ROOT`     | class sub-folders (ImageFolder), or unlabeled images     | see below     | `size`  |
 | `list:FILE@ROOT`  | ISD subset list (`class names :`, `Train Images:`)       | none          | `size`  |
+| `wds:PATTERN`     | webdataset tar shards (see :mod:`isdretrieve.data.shards`) | none        | `size`  |
 
 `folder` reads ROOT/SPLIT when that exists, else ROOT; with no split and both ROOT/train and ROOT/test
 present it reads ROOT/train. `cifar10:ROOT,download=1` fetches CIFAR-10 through torchvision first.
@@ -101,6 +102,20 @@ class ImageDataset(Dataset):
         """All images as one uint8 [N,3,H,W] CPU tensor (decoded with ``num_workers`` processes if > 0)."""
         raise NotImplementedError
 
+    def open_image(self, i: int) -> Image.Image:
+        """Item ``i`` as the stored picture (any size and mode), for crops taken from the original."""
+        raise NotImplementedError
+
+    @property
+    def crops_in_workers(self) -> bool:
+        """Whether training should take random crops from the original pictures in loader workers.
+
+        True for file data decoded at a size other than its own (resizing to a square would lose the
+        aspect ratio); False for in-memory sets and for files of one small square side (CIFAR as JPEG),
+        whose decoded images already are the originals.
+        """
+        return not getattr(self, "native_size", True)
+
 
 class ArrayDataset(ImageDataset):
     """Images held in memory as one uint8 [N,3,H,W] tensor."""
@@ -155,9 +170,17 @@ class FileDataset(ImageDataset):
         self.classes = list(classes)
         self.size = size
         self.image_size = (size, size)
+        self.native_size = False  # set by open_dataset when the size is the images' own
 
     def _image(self, i: int) -> torch.Tensor:
         return decode_image(self.root / self.files[i], self.size)
+
+    def open_image(self, i: int) -> Image.Image:
+        path = self.root / self.files[i]
+        try:
+            return Image.open(path)
+        except Exception as exc:
+            raise DataError(f"cannot decode image '{path}': {exc}") from None
 
     def path(self, i: int) -> str:
         return self.files[i]
@@ -166,7 +189,9 @@ class FileDataset(ImageDataset):
         idx = np.asarray(indices, dtype=np.int64)
         files = [self.files[k] for k in idx.tolist()]
         labels = self.labels[torch.from_numpy(idx)]
-        return FileDataset(self.spec, self.root, files, labels, self.classes, self.size)
+        subset = FileDataset(self.spec, self.root, files, labels, self.classes, self.size)
+        subset.native_size = self.native_size
+        return subset
 
     def load_all(self, num_workers: int = 0) -> torch.Tensor:
         out = torch.empty((len(self), 3, self.size, self.size), dtype=torch.uint8)
@@ -177,6 +202,31 @@ class FileDataset(ImageDataset):
                 raise DataError(batch)
             out[start : start + len(batch)] = batch
         return out
+
+
+class SubsetDataset(ImageDataset):
+    """Items ``indices`` of another dataset, in that order; ``path`` still names the original items."""
+
+    def __init__(self, base: ImageDataset, indices: Sequence[int] | np.ndarray | torch.Tensor) -> None:
+        self.base, self.index = base, np.asarray(indices, dtype=np.int64).reshape(-1)
+        self.spec, self.classes, self.image_size = base.spec, base.classes, base.image_size
+        self.labels = base.labels[torch.from_numpy(self.index)]
+        self.native_size = getattr(base, "native_size", True)
+
+    def _image(self, i: int) -> torch.Tensor:
+        return self.base._image(int(self.index[i]))
+
+    def open_image(self, i: int) -> Image.Image:
+        return self.base.open_image(int(self.index[i]))
+
+    def path(self, i: int) -> str:
+        return self.base.path(int(self.index[i]))
+
+    def subset(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> ImageDataset:
+        return SubsetDataset(self.base, self.index[np.asarray(indices, dtype=np.int64)])
+
+    def load_all(self, num_workers: int = 0) -> torch.Tensor:
+        return torch.stack([self._image(i) for i in range(len(self))]) if len(self) else torch.empty(0)
 
 
 class _Chunks(Dataset):
@@ -209,11 +259,16 @@ def decode_image(path: Path, size: int) -> torch.Tensor:
         raise DataError(f"cannot decode image '{path}': {exc}") from None
 
 
-def pil_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
-    """A PIL image (any mode) as uint8 [3,size,size]: RGB, shorter side resized to ``size``, centre crop."""
+def to_rgb(img: Image.Image) -> Image.Image:
+    """A PIL image (any mode; palette transparency honoured) converted to RGB."""
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
-    rgb = img.convert("RGB")
+    return img.convert("RGB")
+
+
+def pil_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
+    """A PIL image (any mode) as uint8 [3,size,size]: RGB, shorter side resized to ``size``, centre crop."""
+    rgb = to_rgb(img)
     w, h = rgb.size
     if (w, h) != (size, size):
         side = min(w, h)
@@ -307,14 +362,19 @@ def _read_list(list_file: Path, root: Path) -> tuple[list[str], list[int], list[
     return files, labels, classes
 
 
+def default_side(width: int, height: int) -> int:
+    """The decoding side a first image of ``width`` x ``height`` implies: its side if square and small
+    (e.g. 32 for CIFAR), else 256."""
+    return width if width == height and width <= _SMALL_SIDE else _LARGE_SIZE
+
+
 def _default_size(path: Path) -> int:
-    """The first image's side if it is square and small (e.g. 32 for CIFAR), else 256."""
+    """The first image's :func:`default_side`."""
     try:
         with Image.open(path) as img:
-            w, h = img.size
+            return default_side(*img.size)
     except Exception as exc:
         raise DataError(f"cannot decode image '{path}': {exc}") from None
-    return w if w == h and w <= _SMALL_SIDE else _LARGE_SIZE
 
 
 def _open_files(spec: DataSpec) -> FileDataset:
@@ -334,7 +394,11 @@ def _open_files(spec: DataSpec) -> FileDataset:
             root, split = root / "train", "train"
         files, labels, classes = _scan_folder(root)
     size = spec.size or _default_size(root / files[0])
-    return FileDataset(dataclasses.replace(spec, split=split, size=size), root, files, labels, classes, size)
+    dataset = FileDataset(
+        dataclasses.replace(spec, split=split, size=size), root, files, labels, classes, size
+    )
+    dataset.native_size = spec.size is None and size != _LARGE_SIZE
+    return dataset
 
 
 def _open_digits(spec: DataSpec) -> ArrayDataset:
@@ -457,6 +521,10 @@ def open_dataset(spec: str | DataSpec, *, split: str | None = None) -> ImageData
         dataset: ImageDataset = _open_digits(spec)
     elif spec.kind == "cifar10":
         dataset = _open_cifar10(spec)
+    elif spec.kind == "wds":
+        from isdretrieve.data.shards import open_shards
+
+        dataset = open_shards(spec)
     else:
         dataset = _open_files(spec)
     if spec.longtail is not None and dataset.spec.split != "test":

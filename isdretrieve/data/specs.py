@@ -2,7 +2,8 @@
 
 Examples: ``digits``, ``digits,split=test``, ``cifar10:/data/cifar,split=train,longtail=100``,
 ``folder:/imgs/train,size=32``, ``list:/x/D1.txt@/imagenet``, ``cifar10:ROOT,download=1``,
-``cifar10:ROOT,balanced=12406`` (a class-balanced subset of that many images).
+``cifar10:ROOT,balanced=12406`` (a class-balanced subset of that many images),
+``wds:/data/shards/{00000..00127}.tar`` (webdataset tar shards; the ARG is a brace/glob pattern).
 
 Options are the trailing ``,key=value`` segments (split, longtail, balanced, size, download);
 everything between ``KIND:`` and the first option is the ARG, so paths holding commas still work unless a
@@ -19,10 +20,10 @@ from pathlib import Path
 
 from isdretrieve.errors import DataError
 
-KINDS = ("digits", "cifar10", "folder", "list")
+KINDS = ("digits", "cifar10", "folder", "list", "wds")
 SPLITS = ("train", "test")
 OPTIONS = ("split", "longtail", "balanced", "size", "download")
-_FILE_KINDS = ("folder", "list")
+_FILE_KINDS = ("folder", "list", "wds")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 _OPTION_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=(.*)$")
@@ -94,10 +95,12 @@ def _problem(spec: DataSpec) -> str | None:
     if spec.kind == "digits" and spec.root is not None:
         return "digits takes no ARG"
     if spec.kind != "digits" and (spec.root is None or str(spec.root) == ""):
-        example = "FILE@ROOT" if spec.kind == "list" else "ROOT"
+        example = {"list": "FILE@ROOT", "wds": "PATTERN"}.get(spec.kind, "ROOT")
         return f"{spec.kind} needs an ARG ({spec.kind}:{example})"
     if (spec.kind == "list") != (spec.list_file is not None):
         return "list needs FILE@ROOT" if spec.kind == "list" else "list_file is only for list"
+    if spec.kind == "wds" and (spec.split is not None or spec.longtail is not None):
+        return "split and longtail do not apply to wds (name the shards of a split in the PATTERN)"
     if spec.split is not None and spec.split not in SPLITS:
         return f"split must be one of {', '.join(SPLITS)}, got '{spec.split}'"
     if spec.longtail is not None and not (math.isfinite(spec.longtail) and spec.longtail >= 1):
@@ -109,7 +112,7 @@ def _problem(spec: DataSpec) -> str | None:
             return "longtail and balanced exclude each other"
     if spec.size is not None:
         if spec.kind not in _FILE_KINDS:
-            return f"size applies only to {' and '.join(_FILE_KINDS)}"
+            return f"size applies only to {', '.join(_FILE_KINDS)}"
         if isinstance(spec.size, bool) or not isinstance(spec.size, int) or spec.size <= 0:
             return f"size must be a positive integer, got {spec.size!r}"
     if spec.download and spec.kind != "cifar10":

@@ -8,21 +8,37 @@ so a run on N processes sees the same global batches as a run on one.
 Methods that pair images (SePP, AdaSim) hand over a partner map once per epoch: one dataset index per
 image as a compact [N] array. In memory the partner images are gathered on the device; streamed, the
 workers decode them next to the batch's own images.
+
+File data decoded at a size other than its own (``dataset.crops_in_workers``: e.g. ImageNet folders at
+``size=256``, or any ``wds:`` shards of large pictures) is never squashed to squares: the workers take
+each view's random resized crop from the original picture (:mod:`isdretrieve.data.crops`) and the batch
+carries the crops (``StepBatch.crops``), to which the engine applies flip and colour on the device.
+
+Webdataset shards (``wds:``) stream: rank r reads shards r, r+W, ... only; each epoch its shards come in
+a random order, each front to back, through a shuffle buffer (:func:`~isdretrieve.data.shards.
+stream_order`); the loader workers read each batch's members by their tar offsets, all from the few
+shards the buffer spans. An epoch has as many steps as the rank with the fewest samples fills. The
+order is planned from (seed, epoch, rank) and not by the workers, so it does not depend on the worker
+count and a mid-epoch resume restarts at the exact step, as for the other data.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from isdretrieve.data import ImageDataset
+from isdretrieve.data import ImageDataset, ViewConfig
+from isdretrieve.data.crops import CroppedViews
+from isdretrieve.data.shards import ShardDataset, rank_shards, stream_order
 from isdretrieve.errors import RecipeError
 from isdretrieve.train.distributed import DistContext
 
 IN_MEMORY_LIMIT_BYTES = 4 << 30  # "auto" keeps data sets up to 4 GiB of uint8 pixels on the device
+SHUFFLE_BUFFER = 4096  # samples a shard stream's shuffle buffer holds (data.shuffle_buffer)
 
 
 class StepBatch(NamedTuple):
@@ -31,6 +47,8 @@ class StepBatch(NamedTuple):
     indices: torch.Tensor  # dataset index of each image [b]
     partner_images: torch.Tensor | None = None  # uint8 [b,3,H,W] of each image's partner
     partners: torch.Tensor | None = None  # dataset index of each partner [b]
+    crops: torch.Tensor | None = None  # uint8 [b,V,3,s,s]: each method view's crop, taken in the workers
+    partner_crops: torch.Tensor | None = None  # uint8 [b,P,3,s,s]: the partner views' crops
 
 
 class _WithPartners(Dataset):
@@ -56,6 +74,9 @@ def epoch_generator(
 
 
 class BatchSource:
+    """The batches of each epoch for this rank; ``views``/``partner_views`` are the configs of the views
+    the method asks for (used where the workers take the crops)."""
+
     def __init__(
         self,
         dataset: ImageDataset,
@@ -66,15 +87,13 @@ class BatchSource:
         seed: int,
         in_memory: str = "auto",
         workers: int = 4,
+        views: Sequence[ViewConfig] = (),
+        partner_views: Sequence[ViewConfig] = (),
+        shuffle_buffer: int = SHUFFLE_BUFFER,
     ) -> None:
         if batch_size % dist.world_size:
             raise RecipeError(
                 f"optim.batch_size {batch_size} is not divisible by {dist.world_size} processes"
-            )
-        self.steps_per_epoch = len(dataset) // batch_size
-        if self.steps_per_epoch == 0:
-            raise RecipeError(
-                f"optim.batch_size {batch_size} is larger than the data set ({len(dataset)} images)"
             )
         self.dataset, self.batch_size, self.dist, self.device, self.seed = (
             dataset,
@@ -84,13 +103,48 @@ class BatchSource:
             seed,
         )
         self.local_batch = batch_size // dist.world_size
-        self.workers = workers
-        keep = in_memory == "yes" or (in_memory == "auto" and dataset.nbytes <= IN_MEMORY_LIMIT_BYTES)
+        self.workers, self.shuffle_buffer = workers, shuffle_buffer
+        self.shards = self._rank_shards() if isinstance(dataset, ShardDataset) else None
+        self.steps_per_epoch = self._steps_per_epoch()
+        small = dataset.nbytes <= IN_MEMORY_LIMIT_BYTES and not dataset.crops_in_workers
+        keep = in_memory == "yes" or (in_memory == "auto" and small and self.shards is None)
         self.images = dataset.load_all(num_workers=workers).to(device) if keep else None
         self.labels = dataset.labels.to(device)
+        self.views, self.partner_views = list(views), list(partner_views)
+        self.crops_in_workers = not keep and dataset.crops_in_workers and bool(self.views)
+
+    def _rank_shards(self) -> list[int]:
+        assert isinstance(self.dataset, ShardDataset)
+        n_shards, world = len(self.dataset.shards), self.dist.world_size
+        if n_shards < world:
+            raise RecipeError(
+                f"data.train has {n_shards} shards for {world} processes: need one or more each"
+            )
+        return rank_shards(n_shards, self.dist.rank, world)
+
+    def _steps_per_epoch(self) -> int:
+        if self.shards is None:
+            steps, what = len(self.dataset) // self.batch_size, f"the data set ({len(self.dataset)} images)"
+        else:
+            assert isinstance(self.dataset, ShardDataset)
+            starts, world = self.dataset.shard_starts, self.dist.world_size
+            counts = [
+                sum(int(starts[s + 1] - starts[s]) for s in rank_shards(len(starts) - 1, r, world))
+                for r in range(world)
+            ]
+            steps, what = min(counts) // self.local_batch, f"a process's shards ({min(counts)} images)"
+        if steps == 0:
+            raise RecipeError(f"optim.batch_size {self.batch_size} is larger than {what}")
+        return steps
 
     def _local_indices(self, epoch: int) -> torch.Tensor:
         """[steps, local batch]: this rank's slice of each global batch of ``epoch``."""
+        if self.shards is not None:
+            assert isinstance(self.dataset, ShardDataset)
+            rng = np.random.default_rng([self.seed, epoch, self.dist.rank])
+            order = stream_order(self.dataset, self.shards, rng, self.shuffle_buffer)
+            used = order[: self.steps_per_epoch * self.local_batch]
+            return torch.from_numpy(used).view(self.steps_per_epoch, self.local_batch)
         order = torch.randperm(len(self.dataset), generator=epoch_generator(self.seed, epoch))
         steps = order[: self.steps_per_epoch * self.batch_size].view(self.steps_per_epoch, self.batch_size)
         lo = self.dist.rank * self.local_batch
@@ -115,6 +169,9 @@ class BatchSource:
                     pidx = partners[idx]
                     yield StepBatch(self.images[idx], self.labels[idx], idx, self.images[pidx], pidx)
             return
+        if self.crops_in_workers:
+            yield from self._cropped_epoch(epoch, local, partners)
+            return
         loader = DataLoader(
             self.dataset if partners is None else _WithPartners(self.dataset, partners),
             batch_sampler=local.tolist(),
@@ -124,3 +181,25 @@ class BatchSource:
         )
         for tensors in loader:
             yield StepBatch(*(t.to(self.device, non_blocking=True) for t in tensors))
+
+    def _cropped_epoch(
+        self, epoch: int, local: torch.Tensor, partners: torch.Tensor | None
+    ) -> Iterator[StepBatch]:
+        """Batches whose views' crops the workers took from the original pictures."""
+        source = CroppedViews(self.dataset, self.views, self.partner_views, self.seed, partners)
+        source.set_epoch(epoch)
+        loader = DataLoader(
+            source,
+            batch_sampler=local.tolist(),
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
+        for crops, labels, indices, partner_crops, partner in loader:
+            crops, labels, indices = (t.to(self.device, non_blocking=True) for t in (crops, labels, indices))
+            if partners is None:
+                yield StepBatch(crops[:, 0], labels, indices, crops=crops)
+                continue
+            partner_crops = partner_crops.to(self.device, non_blocking=True)
+            partner = partner.to(self.device, non_blocking=True)
+            yield StepBatch(crops[:, 0], labels, indices, None, partner, crops, partner_crops)

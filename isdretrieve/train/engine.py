@@ -123,6 +123,9 @@ class Trainer:
             seed=eng.seed,
             in_memory=recipe.data.in_memory,
             workers=recipe.data.workers,
+            views=[self.views[s] for s in self.method.views],
+            partner_views=[self.views[s] for s in self.method.partner_views],
+            shuffle_buffer=recipe.data.shuffle_buffer,
         )
         full = o.epochs * self.batches.steps_per_epoch
         self.total_steps = min(full, o.max_steps) if o.max_steps is not None else full
@@ -137,6 +140,11 @@ class Trainer:
 
     def _build_monitor(self) -> KnnMonitor:
         m, spec = self.recipe.monitor, parse_spec(self.recipe.data.train)
+        if spec.kind == "wds" and not (m.train and m.test):
+            raise RecipeError(
+                "monitor.train and monitor.test: name the k-NN data for wds: training data "
+                "(or set monitor.every: 0)"
+            )
         train = open_dataset(m.train) if m.train else open_dataset(spec.with_split("train"))
         test = open_dataset(m.test) if m.test else open_dataset(spec.with_split("test"))
         return KnnMonitor(
@@ -319,16 +327,30 @@ class Trainer:
     def _batch(self, data: StepBatch, generator: torch.Generator) -> Batch:
         """Augment a step's images (and partners' images) into the views the method asks for."""
         with record_function("step/augment"):
-            views = [self._view(data.images, s, generator) for s in self.method.views]
+            if data.crops is not None:  # the loader workers took each view's crop from the originals
+                views = [
+                    self._view(data.crops[:, k], s, generator, True) for k, s in enumerate(self.method.views)
+                ]
+            else:
+                views = [self._view(data.images, s, generator) for s in self.method.views]
             batch = Batch(views, data.indices, data.labels, progress=self.step / max(self.total_steps, 1))
-            if data.partner_images is not None:
-                wanted = self.method.partner_views
+            wanted = self.method.partner_views
+            if data.partner_crops is not None:
+                batch.partner_views = [
+                    self._view(data.partner_crops[:, k], s, generator, True) for k, s in enumerate(wanted)
+                ]
+                batch.partners = data.partners
+            elif data.partner_images is not None:
                 batch.partner_views = [self._view(data.partner_images, s, generator) for s in wanted]
                 batch.partners = data.partners
         return batch
 
-    def _view(self, images: torch.Tensor, strength: str, generator: torch.Generator) -> torch.Tensor:
-        view = augment_views(images, self.views[strength], generator, compiled=self.compile_views)
+    def _view(
+        self, images: torch.Tensor, strength: str, generator: torch.Generator, cropped: bool = False
+    ) -> torch.Tensor:
+        view = augment_views(
+            images, self.views[strength], generator, compiled=self.compile_views, cropped=cropped
+        )
         return view.contiguous(memory_format=torch.channels_last) if self.channels_last else view
 
     def _check_finite(self, nonfinite: torch.Tensor) -> None:

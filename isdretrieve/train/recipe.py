@@ -200,6 +200,11 @@ class DataConfig:
     preset: Literal["digits", "cifar", "imagenet"] = "digits"
     in_memory: Literal["auto", "yes", "no"] = "auto"
     workers: int = 4
+    shuffle_buffer: int = 4096  # wds: samples the shard stream's shuffle buffer holds
+
+    def __post_init__(self) -> None:
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"shuffle_buffer must be positive, got {self.shuffle_buffer}")
 
 
 @dataclass(frozen=True)
