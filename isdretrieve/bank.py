@@ -46,7 +46,7 @@ from isdretrieve import __version__
 from isdretrieve.atomic import atomic_path, fsync_path, names_file
 from isdretrieve.data import IMAGENET_MEAN, IMAGENET_STD, ArrayDataset, ImageDataset, eval_view, open_dataset
 from isdretrieve.data.specs import DataSpec, parse_spec
-from isdretrieve.errors import BankError, CheckpointError, DataError
+from isdretrieve.errors import BankError, CheckpointError, DataError, InvalidArgument
 from isdretrieve.models import EncoderHeader, load_backbone
 
 BANK_FORMAT = "isdretrieve.bank/1"
@@ -204,7 +204,7 @@ def write_bank(
     """
     path = Path(path)
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise InvalidArgument(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     feats = torch.as_tensor(features).detach().cpu().float()
     if feats.ndim != 2:
         raise ValueError(f"features must be [N, D], got shape {tuple(feats.shape)}")
@@ -518,11 +518,11 @@ def export_bank(
     """
     started = time.perf_counter()
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise InvalidArgument(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if on_bad_image not in ON_BAD_IMAGE:
-        raise ValueError(f"on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, got {on_bad_image!r}")
+        raise InvalidArgument(f"on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, got {on_bad_image!r}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise InvalidArgument(f"batch_size must be positive, got {batch_size}")
     out = Path(out)
     if shard is None:
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -531,7 +531,7 @@ def export_bank(
             out = shard_path(out, *shard)
     rank, world = shard or (0, 1)
     if not (world >= 1 and 0 <= rank < world):
-        raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
+        raise InvalidArgument(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
 
     model, header = load_backbone(encoder, which=which)
     fingerprint = encoder_fingerprint(model, header)
@@ -639,6 +639,7 @@ def _progress_bar(enabled: bool, *, total: int, done: int) -> Iterator[Any]:
     if not enabled:
         yield lambda n, rate: None
         return
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (
@@ -648,7 +649,7 @@ def _progress_bar(enabled: bool, *, total: int, done: int) -> Iterator[Any]:
         TextColumn("{task.fields[rate]} img/s"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns) as bar:
+    with Progress(*columns, console=Console(stderr=True)) as bar:  # stdout is for results
         task = bar.add_task("export", total=total, completed=done, rate="-")
         yield lambda n, rate: bar.update(task, advance=n, rate=f"{rate:,.0f}")
 

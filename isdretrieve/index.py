@@ -15,8 +15,6 @@ is raised until recall@k on rows sampled from the bank reaches the target, and t
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import os
 import re
@@ -24,8 +22,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +30,19 @@ import faiss
 import numpy as np
 import torch
 
-from isdretrieve import __version__
 from isdretrieve.atomic import atomic_path
 from isdretrieve.bank import FeatureBank
 from isdretrieve.errors import BankError, IsdError
-
-INDEX_FORMAT = "isdretrieve.index/1"
-METRIC = "inner_product"
-BANK_FILE, INDEX_FILE, MANIFEST_FILE = "bank.h5", "index.faiss", "manifest.json"
+from isdretrieve.index_manifest import (  # noqa: F401  (re-exported: the manifest is part of this API)
+    BANK_FILE,
+    INDEX_FILE,
+    INDEX_FORMAT,
+    MANIFEST_FILE,
+    METRIC,
+    IndexManifest,
+    check_bank_fingerprint,
+    read_manifest,
+)
 
 FLAT_MAX_ROWS = 1_000_000  # above this, exact search costs too much per query on a CPU
 HNSW_MAX_ROWS = 2_000_000  # above this, building an HNSW graph on a CPU takes too long
@@ -126,62 +128,6 @@ def choose_index(n: int, dim: int, *, memory_budget: int | None = None) -> Index
             factory = f"IVF{lists},{code}"
             return IndexPlan(factory, f"{why_not_flat}; {factory} needs {_mib(need)}, {within}", need)
     raise IsdError(f"no index of {n:,} x {dim} vectors fits a memory budget of {_mib(budget)}")
-
-
-# ---------------------------------------------------------------------------------------- manifest
-@dataclass
-class IndexManifest:
-    """Contents of ``manifest.json``: what was built, over which bank, and how well it searches."""
-
-    factory: str
-    params: dict[str, int]  # search parameters: {"nprobe": ...} or {"efSearch": ...} or {}
-    bank_fingerprint: str
-    count: int
-    dim: int
-    recall_k: int
-    recall: float  # measured recall@k against exact search (1.0 for Flat)
-    recall_queries: int
-    recall_target: float
-    build_seconds: float  # training + adding
-    tune_seconds: float  # ground truth + parameter search
-    index_bytes: int  # size of index.faiss
-    gpu: bool  # searched on a GPU when built (GPU FAISS, or torch for Flat)
-    reason: str = ""  # why this factory (choose_index's reason, or "given")
-    train_rows: int = 0
-    format: str = INDEX_FORMAT
-    metric: str = METRIC
-    bank_file: str = BANK_FILE
-    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
-    versions: dict[str, str] = field(default_factory=lambda: _versions())
-
-    def to_json(self) -> str:
-        data = dataclasses.asdict(self)
-        return json.dumps({"format": data.pop("format"), **data}, indent=2) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str) -> IndexManifest:
-        """Parse ``manifest.json``; unknown keys are ignored; a missing key or another format: IsdError."""
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise IsdError(f"index manifest is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
-            found = data.get("format") if isinstance(data, dict) else type(data).__name__
-            raise IsdError(f"index manifest has format {found!r}, expected {INDEX_FORMAT!r}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        try:
-            return cls(**{key: value for key, value in data.items() if key in names})
-        except TypeError as exc:
-            raise IsdError(f"index manifest is incomplete: {exc}") from exc
-
-
-def _versions() -> dict[str, str]:
-    return {
-        "isdretrieve": __version__,
-        "faiss": faiss.__version__,
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-    }
 
 
 # ------------------------------------------------------------------------------------- exact search
@@ -410,11 +356,11 @@ def _train(index: faiss.Index, bank: FeatureBank, train_size: int | None, seed: 
 
 
 def _add(index: faiss.Index, bank: FeatureBank, progress: bool) -> None:
+    from rich.console import Console
     from rich.progress import track
 
-    blocks = track(
-        _blocks(bank), "adding", total=math.ceil(len(bank) / _block_rows(bank.dim)), disable=not progress
-    )
+    total = math.ceil(len(bank) / _block_rows(bank.dim))
+    blocks = track(_blocks(bank), "adding", total=total, disable=not progress, console=Console(stderr=True))
     for _, x in blocks:
         index.add(x)
 
@@ -549,19 +495,10 @@ class SearchIndex:
     def open(cls, index_dir: str | Path) -> SearchIndex:
         """Open ``index_dir``; a bank whose fingerprint differs from the manifest's is a BankError."""
         directory = Path(index_dir)
-        if not directory.is_dir():
-            raise IsdError(f"index directory not found: {directory}")
-        for name in (MANIFEST_FILE, INDEX_FILE, BANK_FILE):
-            if not (directory / name).is_file():
-                raise IsdError(f"{directory} is not a finished index directory: {name} is missing")
-        manifest = IndexManifest.from_json((directory / MANIFEST_FILE).read_text())
+        manifest = read_manifest(directory)
         bank = FeatureBank.open(directory / BANK_FILE)
         try:
-            if bank.fingerprint != manifest.bank_fingerprint:
-                raise BankError(
-                    f"bank {directory / BANK_FILE} was made by another encoder (fingerprint "
-                    f"{bank.fingerprint} != {manifest.bank_fingerprint}): rebuild the index"
-                )
+            check_bank_fingerprint(directory, manifest, bank.fingerprint)
             index = _read_index(directory / INDEX_FILE)
             if not len(bank) == index.ntotal == manifest.count or bank.dim != index.d:
                 raise BankError(

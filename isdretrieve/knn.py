@@ -10,17 +10,23 @@ Neighbours are searched once for the largest k; every k reads its prefix.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
 
-Weighting = Literal["exp", "uniform"]
-PRESETS: dict[str, tuple[tuple[int, ...], float, Weighting]] = {
-    "dino": ((20,), 0.07, "exp"),
-    "instdisc": ((200,), 0.1, "exp"),
-    "isd": ((1, 20), 0.07, "uniform"),
-}
+from isdretrieve.errors import InvalidArgument
+from isdretrieve.knn_protocols import PRESETS, Weighting
+
+__all__ = [
+    "PRESETS",
+    "KnnResult",
+    "Weighting",
+    "classify",
+    "drop_self_matches",
+    "knn_class_scores",
+    "knn_top1",
+    "vote",
+]
 
 
 @dataclass(frozen=True)
@@ -48,7 +54,7 @@ def vote(
     elif weighting == "uniform":  # count first; the summed similarity (|Σ| ≤ k) only breaks ties
         weights = (2 * sims.shape[1] + 1) + sims
     else:
-        raise ValueError(f"unknown weighting '{weighting}' (expected exp or uniform)")
+        raise InvalidArgument(f"unknown weighting '{weighting}' (expected exp or uniform)")
     scores = torch.zeros(sims.shape[0], num_classes, dtype=torch.float64, device=sims.device)
     return scores.scatter_add_(1, neighbour_labels.long(), weights)
 
@@ -67,7 +73,7 @@ def knn_class_scores(
 ) -> torch.Tensor:
     """Class scores [Q, C] by brute-force torch search (GEMM + top-k in chunks, on the inputs' device)."""
     if k <= 0:
-        raise ValueError(f"k must be positive, got {k}")
+        raise InvalidArgument(f"k must be positive, got {k}")
     k = min(k, train_features.shape[0])
     num_classes = int(train_labels.max()) + 1 if num_classes is None else num_classes
     train_features = train_features.to(test_features.dtype)

@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import tempfile
 from pathlib import Path
 
 import click
 
-from isdretrieve.cli.common import user_errors, verbose_option
-from isdretrieve.knn import PRESETS
+from isdretrieve.cli.common import CONTEXT, POSITIVE, Command, emit, json_option, user_errors, verbose_option
+from isdretrieve.knn_protocols import PRESETS, WEIGHTINGS
 
 PathType = click.Path(path_type=Path)
 FileType = click.Path(dir_okay=False, path_type=Path)
 EITHER = "give --train and --test, or --checkpoint with --data"
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings=CONTEXT)
 @click.option("--train", "train_dir", type=PathType, help="Index directory of the memory.")
 @click.option("--test", "test_path", type=PathType, help="Index directory or bank.h5 of the queries.")
 @click.option(
@@ -30,9 +28,11 @@ EITHER = "give --train and --test, or --checkpoint with --data"
 @click.option(
     "--work-dir", type=PathType, help="Keep the banks built from --checkpoint here (default: temporary)."
 )
-@click.option("-k", "ks", multiple=True, type=int, help="k (repeatable); default from --preset.")
-@click.option("--temperature", "-T", type=float, help="T of the exp weighting.")
-@click.option("--weighting", type=click.Choice(["exp", "uniform"]))
+@click.option("-k", "ks", multiple=True, type=POSITIVE, help="k (repeatable); default from --preset.")
+@click.option(
+    "--temperature", "-T", type=click.FloatRange(min=0, min_open=True), help="T of the exp weighting."
+)
+@click.option("--weighting", type=click.Choice(WEIGHTINGS))
 @click.option(
     "--preset",
     type=click.Choice(sorted(PRESETS)),
@@ -42,7 +42,7 @@ EITHER = "give --train and --test, or --checkpoint with --data"
 )
 @click.option("--linear", is_flag=True, help="Also train the ISD linear probe on the train bank.")
 @click.option("--per-class", is_flag=True, help="Print per-class top-1.")
-@click.option("--json", "json_out", type=FileType, help="Write every number here.")
+@json_option
 @verbose_option
 @user_errors
 def main(
@@ -57,7 +57,7 @@ def main(
     preset: str,
     linear: bool,
     per_class: bool,
-    json_out: Path | None,
+    as_json: bool,
 ) -> None:
     """k-NN top-1/top-5 of the TEST bank's rows against the TRAIN index (or of a checkpoint on --data)."""
     from isdretrieve.evaluation import knn_evaluate, open_test_bank
@@ -85,6 +85,10 @@ def main(
             weighting=weighting or preset_w,
             linear=ProbeConfig() if linear else None,
         )
+    emit(report, as_json, lambda: _print_report(report, per_class))
+
+
+def _print_report(report, per_class: bool) -> None:
     self_note = ", self-matches excluded" if report.exclude_self else ""
     click.echo(f"{report.test_size:,} queries vs {report.train_size:,} ({report.search}{self_note})")
     for r in report.results:
@@ -95,8 +99,6 @@ def main(
     if report.linear is not None:
         p = report.linear
         click.echo(f"linear probe (ISD protocol, no augmentation): top-1 {p.top1:.4f}  top-5 {p.top5:.4f}")
-    if json_out:
-        json_out.write_text(json.dumps(dataclasses.asdict(report), indent=2) + "\n")
 
 
 if __name__ == "__main__":
