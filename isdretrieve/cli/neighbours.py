@@ -72,7 +72,7 @@ def neighbours(
     from rich.console import Console
 
     from isdretrieve.neighbours import QueryError, parse_query_spec
-    from isdretrieve.neighbours_report import ImageSource, write_report
+    from isdretrieve.neighbours_report import neighbours_report
     from isdretrieve.retrieval import Retriever
 
     if bool(specs) == (sample is not None):
@@ -86,17 +86,8 @@ def neighbours(
             if sample is not None
             else [q for spec in specs for q in parse_query_spec(spec)]
         )
-        results = retriever.neighbours(queries, k)
-        bank = retriever.index.bank
+        results, report = neighbours_report(retriever, queries, out, k=k, per_page=per_page)
         classes = retriever.classes
-        report = write_report(
-            results,
-            out,
-            classes=classes,
-            images=ImageSource(bank.data_spec),
-            per_page=per_page,
-            title=str(index_dir),
-        )
     finally:
         retriever.index.close()
     wrong = sum(h.label_differs is True for r in results for h in r.hits)
