@@ -19,19 +19,19 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
-import torch
 
 from isdretrieve.atomic import atomic_path
-from isdretrieve.bank import FeatureBank
+from isdretrieve.bank_file import FeatureBank
 from isdretrieve.errors import BankError, IsdError
 from isdretrieve.index_manifest import (  # noqa: F401  (re-exported: the manifest is part of this API)
     BANK_FILE,
@@ -43,6 +43,9 @@ from isdretrieve.index_manifest import (  # noqa: F401  (re-exported: the manife
     check_bank_fingerprint,
     read_manifest,
 )
+
+if TYPE_CHECKING:
+    import torch  # imported only on the CUDA paths: searching on a CPU needs FAISS and NumPy alone
 
 FLAT_MAX_ROWS = 1_000_000  # above this, exact search costs too much per query on a CPU
 HNSW_MAX_ROWS = 2_000_000  # above this, building an HNSW graph on a CPU takes too long
@@ -131,6 +134,17 @@ def choose_index(n: int, dim: int, *, memory_budget: int | None = None) -> Index
 
 
 # ------------------------------------------------------------------------------------- exact search
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA device; on a Linux machine without an NVIDIA driver, answered without
+    importing torch (an import costs a CPU-only ``isd-knn`` about a second and most of its memory)."""
+    if "torch" not in sys.modules and sys.platform.startswith("linux"):
+        if not any(os.path.exists(p) for p in ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/dxg")):
+            return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def faiss_has_gpu() -> bool:
     """True when the installed FAISS has GPU support and sees at least one GPU."""
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
@@ -153,6 +167,8 @@ def exact_search_torch(
 
     ``chunk`` query rows are scored at a time (default: enough for a 2^28-element score block).
     """
+    import torch
+
     bank = bank_features.to(torch.float32)
     queries = queries.to(bank.device, torch.float32)
     chunk = chunk or max(1, (1 << 28) // max(1, bank.shape[0]))
@@ -185,8 +201,10 @@ def exact_search(
     """
     if not 1 <= k <= len(bank_features):
         raise IsdError(f"k must be between 1 and {len(bank_features)} (the number of bank rows), got {k}")
-    cuda = torch.cuda.is_available() if device == "auto" else torch.device(device).type == "cuda"
+    cuda = cuda_available() if device == "auto" else str(device).split(":")[0] == "cuda"
     if cuda and not (faiss_has_gpu() and k <= GPU_MAX_K):
+        import torch
+
         return exact_search_torch(
             torch.as_tensor(bank_features, device="cuda"), torch.as_tensor(queries), k, chunk=chunk
         )
@@ -199,7 +217,8 @@ def exact_search(
 
 
 def _as_float32(x: np.ndarray | torch.Tensor) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
+    torch = sys.modules.get("torch")  # without torch imported, x cannot be a tensor
+    if torch is not None and isinstance(x, torch.Tensor):
         x = x.detach().cpu().to(torch.float32).numpy()
     return np.ascontiguousarray(x, dtype=np.float32)
 
@@ -467,7 +486,7 @@ def build_index(
         build_seconds=round(build_seconds, 3),
         tune_seconds=round(tune_seconds, 3),
         index_bytes=(out_dir / INDEX_FILE).stat().st_size,
-        gpu=gpu_index is not None or (_is_exact(index) and torch.cuda.is_available()),
+        gpu=gpu_index is not None or (_is_exact(index) and cuda_available()),
         reason=reason,
         train_rows=train_rows,
     )
@@ -488,7 +507,7 @@ class SearchIndex:
         self._gpu_index = _to_gpu(index)
         if self._gpu_index is not None:
             _set_params(self._gpu_index, manifest.params, gpu=True)
-        self._torch_exact = self._gpu_index is None and _is_exact(index) and torch.cuda.is_available()
+        self._torch_exact = self._gpu_index is None and _is_exact(index) and cuda_available()
         self._cuda_features: torch.Tensor | None = None
 
     @classmethod
@@ -528,6 +547,8 @@ class SearchIndex:
             raise IsdError(f"queries must have shape [Q, {self.manifest.dim}], got {list(x.shape)}")
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         if self._torch_exact:
+            import torch
+
             return exact_search_torch(self._features_on_cuda(), torch.from_numpy(x), k)
         index = self._gpu_index if self._gpu_index is not None and k <= GPU_MAX_K else self._index
         scores, rows = index.search(x, k)
@@ -536,6 +557,8 @@ class SearchIndex:
     def _features_on_cuda(self) -> torch.Tensor:
         """The bank's features on the GPU (loaded on first use), for Flat search without GPU FAISS."""
         if self._cuda_features is None:
+            import torch
+
             features = torch.empty(len(self), self.manifest.dim, device="cuda")
             for start, x in _blocks(self.bank):
                 features[start : start + len(x)] = torch.from_numpy(x)

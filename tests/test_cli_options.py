@@ -159,3 +159,13 @@ def test_help_and_info_import_neither_torch_nor_faiss(small):
     ]
     for code in runs:
         assert _modules_after(code) == set(), code
+
+
+def test_knn_on_existing_indices_runs_without_torch(small):
+    """isd-knn on two built indices needs FAISS, h5py and NumPy only (torch alone costs ~1 s and most of
+    the process's memory); the numbers are the same as through the Python API."""
+    args = ["--train", str(small / "train"), "--test", str(small / "test"), "-k", "5", "--json"]
+    code = f"from isdretrieve.cli.knn import main; main({args!r}, standalone_mode=False)"
+    assert _modules_after(code) == {"faiss"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert json.loads(done.stdout)["results"] == _json(knn_cli, args[:-1])["results"]

@@ -62,7 +62,6 @@ def main(
     """k-NN top-1/top-5 of the TEST bank's rows against the TRAIN index (or of a checkpoint on --data)."""
     from isdretrieve.evaluation import knn_evaluate, open_test_bank
     from isdretrieve.index import SearchIndex
-    from isdretrieve.linear_probe import ProbeConfig
 
     preset_ks, preset_t, preset_w = PRESETS[preset]
     with contextlib.ExitStack() as stack:
@@ -83,9 +82,15 @@ def main(
             ks=ks or preset_ks,
             temperature=temperature or preset_t,
             weighting=weighting or preset_w,
-            linear=ProbeConfig() if linear else None,
+            linear=_probe_config() if linear else None,
         )
     emit(report, as_json, lambda: _print_report(report, per_class))
+
+
+def _probe_config():
+    from isdretrieve.linear_probe import ProbeConfig  # torch: only with --linear
+
+    return ProbeConfig()
 
 
 def _print_report(report, per_class: bool) -> None:
