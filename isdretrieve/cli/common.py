@@ -36,7 +36,7 @@ UNIT = click.FloatRange(0.0, 1.0)
 class DeviceType(click.ParamType):
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; whether CUDA is present is checked where it is used."""
 
-    name = "auto|cpu|cuda[:N]"
+    name = "device"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
         text = str(value).strip().lower()
