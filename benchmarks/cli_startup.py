@@ -68,18 +68,21 @@ def console(module: str, name: str, *args: str) -> list[str]:
 def measure(commands: dict[str, list[str]], repeat: int) -> dict[str, dict]:
     """Each command ``repeat`` times, interleaved (so background load hits all alike)."""
     walls: dict[str, list[float]] = {name: [] for name in commands}
+    cpus: dict[str, list[float]] = {name: [] for name in commands}
     rss: dict[str, list[float]] = {name: [] for name in commands}
     outputs: dict[str, str] = {}
     for _ in range(repeat):
         for name, cmd in commands.items():
-            wall, peak, out = run(cmd)
+            wall, cpu, peak, out = run(cmd)
             walls[name].append(round(wall, 4))
+            cpus[name].append(round(cpu, 4))
             rss[name].append(round(peak, 1))
             outputs[name] = out
     return {
         name: {
             "median_s": statistics.median(walls[name]),
             "runs_s": walls[name],
+            "median_cpu_s": statistics.median(cpus[name]),
             "peak_rss_mib": statistics.median(rss[name]),
             "stdout": outputs[name],
         }
@@ -87,23 +90,26 @@ def measure(commands: dict[str, list[str]], repeat: int) -> dict[str, dict]:
     }
 
 
-def run(cmd: list[str]) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS (MiB) and stdout of one process, measured by a small wrapper process (its
-    RUSAGE_CHILDREN peak is that one child's); a failure stops the benchmark."""
+def run(cmd: list[str]) -> tuple[float, float, float, str]:
+    """Wall and CPU (user + system) seconds, peak RSS (MiB) and stdout of one process, measured by a small
+    wrapper process (its RUSAGE_CHILDREN figures are that one child's); a failure stops the benchmark."""
     wrapper = (
         "import json, resource, subprocess, sys, time\n"
         "t = time.perf_counter()\n"
         "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
         "wall = time.perf_counter() - t\n"
         "if p.returncode: sys.exit(p.stderr[-500:])\n"
-        "rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024\n"
-        "print(json.dumps({'wall': wall, 'rss': rss, 'out': p.stdout}))\n"
+        "ru = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+        "cpu = ru.ru_utime + ru.ru_stime\n"
+        "print(json.dumps({'wall': wall, 'cpu': cpu, 'rss': ru.ru_maxrss / 1024, 'out': p.stdout}))\n"
     )
-    done = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, env=ENV)
+    done = subprocess.run(
+        [sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, env=ENV, cwd=HERE.parent
+    )
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:3])}... failed: {done.stderr.strip()[-500:]}")
     result = json.loads(done.stdout)
-    return result["wall"], result["rss"], result["out"]
+    return result["wall"], result["cpu"], result["rss"], result["out"]
 
 
 def make_indices(root: Path, bank_rows: int, queries: int) -> tuple[Path, Path]:
@@ -158,6 +164,7 @@ def main() -> None:
     base = startup["python -c pass"]
     for row in startup.values():
         row["over_python_s"] = round(row["median_s"] - base["median_s"], 4)
+        row["over_python_cpu_s"] = round(row["median_cpu_s"] - base["median_cpu_s"], 4)
     ratio = knn["isd-knn"]["median_s"] / knn["plain h5py + FAISS + NumPy"]["median_s"]
     rss_ratio = knn["isd-knn"]["peak_rss_mib"] / knn["plain h5py + FAISS + NumPy"]["peak_rss_mib"]
     path = write_result(
@@ -165,7 +172,8 @@ def main() -> None:
         {
             "protocol": {
                 "process": "each command a fresh Python process, as its console script runs it; wall time "
-                "from spawn to exit, peak RSS of the process (getrusage RUSAGE_CHILDREN of a wrapper)",
+                "from spawn to exit, its CPU time (user + system; less inflated by background load), "
+                "peak RSS of the process (getrusage RUSAGE_CHILDREN of a wrapper)",
                 "startup_runs": args.repeat,
                 "knn_runs": args.knn_repeat,
                 "info_index": f"Flat over {args.bank_rows:,} x {DIM}",
@@ -185,7 +193,10 @@ def main() -> None:
         },
     )
     for name, row in startup.items():
-        print(f"{name:18s} {row['median_s']:.3f} s  {row['peak_rss_mib']:6.1f} MiB")
+        print(
+            f"{name:18s} {row['median_s']:.3f} s ({row['median_cpu_s']:.3f} CPU s) "
+            f"{row['peak_rss_mib']:6.1f} MiB"
+        )
     for name, row in knn.items():
         print(f"{name:28s} {row['median_s']:.2f} s  {row['peak_rss_mib']:6.1f} MiB")
     print(
