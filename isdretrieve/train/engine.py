@@ -387,7 +387,7 @@ class Trainer:
     def _write_curves(self) -> None:
         """Redraw OUT/curves.png from metrics.jsonl (main process; at each monitor and at the end)."""
         if self.dist.is_main:
-            write_training_curves(self.out_dir, title=f"{self.out_dir.name} ({self.recipe.method.name})")
+            write_training_curves(self.out_dir, title=f"{self.out_dir} ({self.recipe.method.name})")
 
     def _finish(self) -> TrainResult:
         encoder = None
