@@ -19,8 +19,10 @@ $(BIN)/isd-train: pyproject.toml
 
 venv: $(BIN)/isd-train
 
+# train ISD on digits, build the train/test indices, k-NN (trained vs untrained), a neighbours report
+# (isdretrieve/demo.py); rerunning resumes, and reuses what is finished
 demo: venv
-	$(BIN)/isd-train training/digits-isd.yaml --out runs/demo --resume
+	$(BIN)/python -m isdretrieve.demo --out runs/demo
 
 lint: venv
 	$(BIN)/ruff check isdretrieve tests benchmarks

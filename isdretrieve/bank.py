@@ -53,13 +53,18 @@ from torch.utils.data import DataLoader, Dataset
 
 from isdretrieve import __version__
 from isdretrieve.atomic import atomic_path, fsync_path, names_file
+from isdretrieve.bank_file import (  # noqa: F401  (re-exported: reading banks is part of this API)
+    BANK_FORMAT,
+    FeatureBank,
+    attr_value,
+    open_h5,
+)
 from isdretrieve.data import IMAGENET_MEAN, IMAGENET_STD, ArrayDataset, ImageDataset, eval_view, open_dataset
 from isdretrieve.data.shards import ShardDataset, ShardStream, rank_shards
 from isdretrieve.data.specs import DataSpec, parse_spec
-from isdretrieve.errors import BankError, CheckpointError, DataError
+from isdretrieve.errors import BankError, DataError, InvalidArgument
 from isdretrieve.models import EncoderHeader, load_backbone
 
-BANK_FORMAT = "isdretrieve.bank/1"
 DTYPES = ("float32", "float16")
 ON_BAD_IMAGE = ("error", "skip")
 MAX_SKIPPED_PATHS = 1000
@@ -170,27 +175,6 @@ def _base_attrs(
     }
 
 
-def attr_value(value: Any) -> Any:
-    """An HDF5 attribute as a plain Python value (bytes decoded, NumPy scalars and arrays unwrapped)."""
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value
-
-
-def _open_h5(path: Path, mode: str = "r") -> h5py.File:
-    """Open for reading without HDF5's file lock (so a running export can be inspected), or for writing."""
-    if mode == "r":
-        try:
-            return h5py.File(path, "r", locking=False)
-        except (TypeError, ValueError):  # an HDF5 library without the locking switch
-            return h5py.File(path, "r")
-    return h5py.File(path, mode)
-
-
 # --------------------------------------------------------------------------------------- writing
 def write_bank(
     path: str | Path,
@@ -214,7 +198,7 @@ def write_bank(
     """
     path = Path(path)
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise InvalidArgument(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     feats = torch.as_tensor(features).detach().cpu().float()
     if feats.ndim != 2:
         raise ValueError(f"features must be [N, D], got shape {tuple(feats.shape)}")
@@ -264,114 +248,6 @@ def finish_complete_bank(
     f["paths"][...] = np.array(list(paths), dtype=object)
     _write_attrs(f, **_base_attrs(**base), skipped=0, skipped_paths="[]", shard="[0, 1]")
     _write_attrs(f, items_done=n, items_total=n, rows_done=n, complete=True)
-
-
-# --------------------------------------------------------------------------------------- reading
-class FeatureBank:
-    """A complete feature bank, opened read-only. Use :meth:`open`; close it (or use ``with``)."""
-
-    def __init__(self, path: Path, h5: h5py.File) -> None:
-        self.path = path
-        self._h5 = h5
-        self.attrs: dict[str, Any] = {key: attr_value(value) for key, value in h5.attrs.items()}
-        self.fingerprint: str = str(self.attrs.get("fingerprint", ""))
-        self.transform: str = str(self.attrs.get("transform", ""))
-        self.data_spec: str = str(self.attrs.get("data_spec", ""))
-        self.skipped: int = int(self.attrs.get("skipped", 0))
-        try:
-            self.classes: list[str] = list(json.loads(self.attrs.get("classes", "[]")))
-            self.skipped_paths: list[str] = list(json.loads(self.attrs.get("skipped_paths", "[]")))
-            shard = json.loads(self.attrs.get("shard", "[0, 1]"))
-            self.shard: tuple[int, int] = (int(shard[0]), int(shard[1]))
-            header = json.loads(self.attrs.get("encoder", "null"))
-            self.encoder: EncoderHeader | None = None if header is None else EncoderHeader.from_dict(header)
-        except (ValueError, TypeError, IndexError, CheckpointError) as exc:
-            raise BankError(f"feature bank {path} has a malformed attribute: {exc}") from None
-
-    @classmethod
-    def open(cls, path: str | Path) -> FeatureBank:
-        """Open a complete bank; BankError if it is missing, not a bank, corrupt or incomplete."""
-        path = Path(path)
-        if not path.exists():
-            raise BankError(f"feature bank {path} not found")
-        if path.is_dir():
-            raise BankError(f"feature bank {path} is a directory, not an HDF5 file")
-        try:
-            h5 = _open_h5(path)
-        except OSError as exc:
-            raise BankError(
-                f"cannot read feature bank {path}: not an HDF5 file, or truncated ({exc})"
-            ) from None
-        try:
-            _check_complete(h5, path)
-            return cls(path, h5)
-        except BaseException:
-            h5.close()
-            raise
-
-    def __len__(self) -> int:
-        return int(self._h5["features"].shape[0])
-
-    def __repr__(self) -> str:
-        shape = f"n={len(self)}, dim={self.dim}, dtype={self.dtype}"
-        return f"FeatureBank('{self.path}', {shape}, data='{self.data_spec}')"
-
-    @property
-    def dim(self) -> int:
-        return int(self._h5["features"].shape[1])
-
-    @property
-    def dtype(self) -> np.dtype:
-        """Stored feature type (float32 or float16)."""
-        return self._h5["features"].dtype
-
-    @property
-    def normalized(self) -> bool:
-        return bool(self.attrs.get("normalized", False))
-
-    def features(self, start: int = 0, stop: int | None = None, dtype: Any = np.float32) -> np.ndarray:
-        """Rows ``start:stop`` as ``dtype`` (float32 by default; None keeps the stored type)."""
-        rows = self._h5["features"][start:stop]
-        return rows if dtype is None else rows.astype(dtype, copy=False)
-
-    def labels(self) -> np.ndarray:
-        return self._h5["labels"][...]
-
-    def indices(self) -> np.ndarray:
-        return self._h5["indices"][...]
-
-    def paths(self) -> list[str]:
-        return self._h5["paths"].asstr()[...].tolist()
-
-    def close(self) -> None:
-        self._h5.close()
-
-    def __enter__(self) -> FeatureBank:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _check_complete(h5: h5py.File, path: Path) -> None:
-    fmt = attr_value(h5.attrs.get("format"))
-    if fmt != BANK_FORMAT:
-        what = "no format attribute" if fmt is None else f"format {fmt!r}"
-        raise BankError(f"{path} is not a feature bank ({what}; expected {BANK_FORMAT})")
-    missing = [name for name in ("features", "labels", "indices", "paths") if name not in h5]
-    if missing:
-        raise BankError(f"feature bank {path} is corrupt: missing dataset(s) {', '.join(missing)}")
-    rows_done = int(h5.attrs.get("rows_done", 0))
-    if not bool(h5.attrs.get("complete", False)):
-        total = int(h5.attrs.get("items_total", h5["features"].shape[0]))
-        raise BankError(
-            f"bank {path} is incomplete ({rows_done} of {total} rows): rerun the export to finish it"
-        )
-    lengths = {name: int(h5[name].shape[0]) for name in ("features", "labels", "indices", "paths")}
-    if any(n != rows_done for n in lengths.values()):
-        raise BankError(
-            f"feature bank {path} is corrupt: rows_done={rows_done} but dataset lengths {lengths}"
-        )
 
 
 # --------------------------------------------------------------------------------------- export
@@ -564,11 +440,11 @@ def export_bank(
     """
     started = time.perf_counter()
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise InvalidArgument(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if on_bad_image not in ON_BAD_IMAGE:
-        raise ValueError(f"on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, got {on_bad_image!r}")
+        raise InvalidArgument(f"on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, got {on_bad_image!r}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise InvalidArgument(f"batch_size must be positive, got {batch_size}")
     out = Path(out)
     if shard is None:
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -577,7 +453,7 @@ def export_bank(
             out = shard_path(out, *shard)
     rank, world = shard or (0, 1)
     if not (world >= 1 and 0 <= rank < world):
-        raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
+        raise InvalidArgument(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
 
     model, header = load_backbone(encoder, which=which)
     fingerprint = encoder_fingerprint(model, header)
@@ -778,7 +654,7 @@ def _export_shards(
 
 def _drop_skipped_rows(out: Path) -> None:
     """Rewrite a finished shard export without the rows of skipped images (index -1), atomically."""
-    with _open_h5(out) as src:
+    with open_h5(out) as src:
         keep = src["indices"][...] >= 0
         n, dim, dtype = int(keep.sum()), int(src["features"].shape[1]), str(src["features"].dtype)
         with _atomic_h5(out) as f:
@@ -802,6 +678,7 @@ def _progress_bar(enabled: bool, *, total: int, done: int) -> Iterator[Any]:
     if not enabled:
         yield lambda n, rate: None
         return
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (
@@ -811,7 +688,7 @@ def _progress_bar(enabled: bool, *, total: int, done: int) -> Iterator[Any]:
         TextColumn("{task.fields[rate]} img/s"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns) as bar:
+    with Progress(*columns, console=Console(stderr=True)) as bar:  # stdout is for results
         task = bar.add_task("export", total=total, completed=done, rate="-")
         yield lambda n, rate: bar.update(task, advance=n, rate=f"{rate:,.0f}")
 

@@ -27,6 +27,10 @@ class BankError(IsdError):
     """A feature bank is missing, incomplete, corrupt or does not match."""
 
 
+class InvalidArgument(IsdError, ValueError):
+    """An argument of a library call is outside what it accepts (a batch size of 0, an unknown choice)."""
+
+
 class Interrupted(KeyboardInterrupt):
     """Training stopped on SIGTERM/SIGINT after saving a checkpoint; the CLI exits with 128 + signal."""
 

@@ -6,16 +6,18 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from isdretrieve.bank import FeatureBank
+from isdretrieve.bank_file import FeatureBank
 from isdretrieve.errors import BankError
 from isdretrieve.index import SearchIndex
 from isdretrieve.knn import KnnResult, Weighting, classify, drop_self_matches
 from isdretrieve.linear_eval import ImageProbeConfig, linear_eval_from_banks
-from isdretrieve.linear_probe import ProbeConfig, ProbeResult, linear_probe
+
+if TYPE_CHECKING:  # the probe needs torch; k-NN alone runs on FAISS and NumPy
+    from isdretrieve.linear_probe import ProbeConfig, ProbeResult
 
 
 @dataclass
@@ -105,6 +107,10 @@ def knn_evaluate(
     if isinstance(linear, ImageProbeConfig):
         probe = linear_eval_from_banks(train.directory, train.bank, test, linear, device=device)
     elif linear is not None:
+        import torch
+
+        from isdretrieve.linear_probe import linear_probe
+
         probe = linear_probe(
             torch.from_numpy(train.bank.features()),
             torch.from_numpy(train_labels),

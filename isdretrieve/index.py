@@ -19,33 +19,41 @@ neighbours, which is what a fresh query (one not in the bank) gets.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import os
 import re
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
-import torch
 
-from isdretrieve import __version__
 from isdretrieve.atomic import atomic_path
-from isdretrieve.bank import FeatureBank
+from isdretrieve.bank_file import FeatureBank
 from isdretrieve.errors import BankError, IsdError
+from isdretrieve.index_manifest import (  # noqa: F401  (re-exported: the manifest is part of this API)
+    BANK_FILE,
+    INDEX_FILE,
+    INDEX_FORMAT,
+    KIND_ONDISK,
+    KIND_RAM,
+    MANIFEST_FILE,
+    METRIC,
+    RECALL_PROTOCOL,
+    IndexManifest,
+    check_bank_fingerprint,
+    read_manifest,
+)
 from isdretrieve.knn import drop_self_matches
 
-INDEX_FORMAT = "isdretrieve.index/1"
-METRIC = "inner_product"
-BANK_FILE, INDEX_FILE, MANIFEST_FILE = "bank.h5", "index.faiss", "manifest.json"
+if TYPE_CHECKING:
+    import torch  # imported only on the CUDA paths: searching on a CPU needs FAISS and NumPy alone
 
 FLAT_MAX_ROWS = 1_000_000  # above this, exact search costs too much per query on a CPU
 HNSW_MAX_ROWS = 2_000_000  # above this, building an HNSW graph on a CPU takes too long
@@ -54,8 +62,6 @@ EF_SEARCH = (16, 32, 64, 128, 256, 512, 1024, 2048)
 GPU_MAX_K = 2048  # FAISS GPU selection limit for k and nprobe
 BLOCK_BYTES = 64 << 20  # bank rows are read about this many float32 bytes at a time
 MIN_POINTS_PER_CENTROID = 39  # FAISS k-means warns below this
-RECALL_PROTOCOL = "held-out: sampled bank rows searched for k+1, own row dropped from hits and truth"
-KIND_RAM, KIND_ONDISK = "ram", "ondisk"
 
 
 # ------------------------------------------------------------------------------------------- choice
@@ -149,69 +155,18 @@ def choose_index(n: int, dim: int, *, memory_budget: int | None = None) -> Index
     raise IsdError(f"no index of {n:,} x {dim} vectors fits a memory budget of {_mib(budget)}")
 
 
-# ---------------------------------------------------------------------------------------- manifest
-@dataclass
-class IndexManifest:
-    """Contents of ``manifest.json``: what was built, over which bank, and how well it searches."""
-
-    factory: str
-    params: dict[str, int]  # search parameters: {"nprobe": ...} or {"efSearch": ...} or {}
-    bank_fingerprint: str
-    count: int
-    dim: int
-    recall_k: int
-    recall: float  # measured recall@k against exact search (1.0 for Flat)
-    recall_queries: int
-    recall_target: float
-    build_seconds: float  # training + adding
-    tune_seconds: float  # ground truth + parameter search
-    index_bytes: int  # size of index.faiss
-    gpu: bool  # searched on a GPU when built (GPU FAISS, or torch for Flat)
-    reason: str = ""  # why this factory (choose_index's reason, or "given")
-    train_rows: int = 0
-    kind: str = KIND_RAM  # "ram", or "ondisk": lists memory-mapped from index.ivfdata
-    memory_budget: int | None = None  # the RAM budget given to the build, in bytes (None: default)
-    ivfdata_bytes: int = 0  # size of index.ivfdata (kind "ondisk")
-    shards: int = 0  # shards the on-disk lists were filled in
-    recall_protocol: str = ""  # how recall was measured (RECALL_PROTOCOL); "" in manifests before it
-    notes: list[str] = field(default_factory=list)  # e.g. k lowered for a bank smaller than k
-    format: str = INDEX_FORMAT
-    metric: str = METRIC
-    bank_file: str = BANK_FILE
-    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
-    versions: dict[str, str] = field(default_factory=lambda: _versions())
-
-    def to_json(self) -> str:
-        data = dataclasses.asdict(self)
-        return json.dumps({"format": data.pop("format"), **data}, indent=2) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str) -> IndexManifest:
-        """Parse ``manifest.json``; unknown keys are ignored; a missing key or another format: IsdError."""
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise IsdError(f"index manifest is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
-            found = data.get("format") if isinstance(data, dict) else type(data).__name__
-            raise IsdError(f"index manifest has format {found!r}, expected {INDEX_FORMAT!r}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        try:
-            return cls(**{key: value for key, value in data.items() if key in names})
-        except TypeError as exc:
-            raise IsdError(f"index manifest is incomplete: {exc}") from exc
-
-
-def _versions() -> dict[str, str]:
-    return {
-        "isdretrieve": __version__,
-        "faiss": faiss.__version__,
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-    }
-
-
 # ------------------------------------------------------------------------------------- exact search
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA device; on a Linux machine without an NVIDIA driver, answered without
+    importing torch (an import costs a CPU-only ``isd-knn`` about a second and most of its memory)."""
+    if "torch" not in sys.modules and sys.platform.startswith("linux"):
+        if not any(os.path.exists(p) for p in ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/dxg")):
+            return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def faiss_has_gpu() -> bool:
     """True when the installed FAISS has GPU support and sees at least one GPU."""
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
@@ -234,6 +189,8 @@ def exact_search_torch(
 
     ``chunk`` query rows are scored at a time (default: enough for a 2^28-element score block).
     """
+    import torch
+
     bank = bank_features.to(torch.float32)
     queries = queries.to(bank.device, torch.float32)
     chunk = chunk or max(1, (1 << 28) // max(1, bank.shape[0]))
@@ -266,8 +223,10 @@ def exact_search(
     """
     if not 1 <= k <= len(bank_features):
         raise IsdError(f"k must be between 1 and {len(bank_features)} (the number of bank rows), got {k}")
-    cuda = torch.cuda.is_available() if device == "auto" else torch.device(device).type == "cuda"
+    cuda = cuda_available() if device == "auto" else str(device).split(":")[0] == "cuda"
     if cuda and not (faiss_has_gpu() and k <= GPU_MAX_K):
+        import torch
+
         return exact_search_torch(
             torch.as_tensor(bank_features, device="cuda"), torch.as_tensor(queries), k, chunk=chunk
         )
@@ -280,7 +239,8 @@ def exact_search(
 
 
 def _as_float32(x: np.ndarray | torch.Tensor) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
+    torch = sys.modules.get("torch")  # without torch imported, x cannot be a tensor
+    if torch is not None and isinstance(x, torch.Tensor):
         x = x.detach().cpu().to(torch.float32).numpy()
     return np.ascontiguousarray(x, dtype=np.float32)
 
@@ -465,11 +425,11 @@ def _train(index: faiss.Index, bank: FeatureBank, train_size: int | None, seed: 
 
 
 def _add(index: faiss.Index, bank: FeatureBank, progress: bool) -> None:
+    from rich.console import Console
     from rich.progress import track
 
-    blocks = track(
-        _blocks(bank), "adding", total=math.ceil(len(bank) / _block_rows(bank.dim)), disable=not progress
-    )
+    total = math.ceil(len(bank) / _block_rows(bank.dim))
+    blocks = track(_blocks(bank), "adding", total=total, disable=not progress, console=Console(stderr=True))
     for _, x in blocks:
         index.add(x)
 
@@ -628,7 +588,7 @@ def build_index(
         build_seconds=round(build_seconds, 3),
         tune_seconds=round(tune_seconds, 3),
         index_bytes=(out_dir / INDEX_FILE).stat().st_size + ivfdata_bytes,
-        gpu=gpu_index is not None or (exact and torch.cuda.is_available()),
+        gpu=gpu_index is not None or (exact and cuda_available()),
         reason=reason,
         train_rows=train_rows,
         kind=KIND_ONDISK if on_disk else KIND_RAM,
@@ -663,26 +623,17 @@ class SearchIndex:
         self._gpu_index = _to_gpu(index)
         if self._gpu_index is not None:
             _set_params(self._gpu_index, manifest.params, gpu=True)
-        self._torch_exact = self._gpu_index is None and _is_exact(index) and torch.cuda.is_available()
+        self._torch_exact = self._gpu_index is None and _is_exact(index) and cuda_available()
         self._cuda_features: torch.Tensor | None = None
 
     @classmethod
     def open(cls, index_dir: str | Path) -> SearchIndex:
         """Open ``index_dir``; a bank whose fingerprint differs from the manifest's is a BankError."""
         directory = Path(index_dir)
-        if not directory.is_dir():
-            raise IsdError(f"index directory not found: {directory}")
-        for name in (MANIFEST_FILE, INDEX_FILE, BANK_FILE):
-            if not (directory / name).is_file():
-                raise IsdError(f"{directory} is not a finished index directory: {name} is missing")
-        manifest = IndexManifest.from_json((directory / MANIFEST_FILE).read_text())
+        manifest = read_manifest(directory)
         bank = FeatureBank.open(directory / BANK_FILE)
         try:
-            if bank.fingerprint != manifest.bank_fingerprint:
-                raise BankError(
-                    f"bank {directory / BANK_FILE} was made by another encoder (fingerprint "
-                    f"{bank.fingerprint} != {manifest.bank_fingerprint}): rebuild the index"
-                )
+            check_bank_fingerprint(directory, manifest, bank.fingerprint)
             if manifest.kind == KIND_ONDISK:
                 from isdretrieve.index_ondisk import read_ondisk
 
@@ -719,6 +670,8 @@ class SearchIndex:
             raise IsdError(f"queries must have shape [Q, {self.manifest.dim}], got {list(x.shape)}")
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         if self._torch_exact:
+            import torch
+
             return exact_search_torch(self._features_on_cuda(), torch.from_numpy(x), k)
         index = self._gpu_index if self._gpu_index is not None and k <= GPU_MAX_K else self._index
         scores, rows = index.search(x, k)
@@ -727,6 +680,8 @@ class SearchIndex:
     def _features_on_cuda(self) -> torch.Tensor:
         """The bank's features on the GPU (loaded on first use), for Flat search without GPU FAISS."""
         if self._cuda_features is None:
+            import torch
+
             features = torch.empty(len(self), self.manifest.dim, device="cuda")
             for start, x in _blocks(self.bank):
                 features[start : start + len(x)] = torch.from_numpy(x)

@@ -33,7 +33,7 @@ import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 
 from isdretrieve.atomic import atomic_path, fsync_path
-from isdretrieve.bank import FeatureBank
+from isdretrieve.bank_file import FeatureBank
 from isdretrieve.errors import IsdError
 
 IVFDATA_FILE = "index.ivfdata"

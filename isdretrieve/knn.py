@@ -10,17 +10,26 @@ Neighbours are searched once for the largest k; every k reads its prefix.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-Weighting = Literal["exp", "uniform"]
-PRESETS: dict[str, tuple[tuple[int, ...], float, Weighting]] = {
-    "dino": ((20,), 0.07, "exp"),
-    "instdisc": ((200,), 0.1, "exp"),
-    "isd": ((1, 20), 0.07, "uniform"),
-}
+from isdretrieve.errors import InvalidArgument
+from isdretrieve.knn_protocols import PRESETS, Weighting
+
+if TYPE_CHECKING:
+    import torch  # imported where a function needs it: classify (isd-knn's path) runs on NumPy alone
+
+__all__ = [
+    "PRESETS",
+    "KnnResult",
+    "Weighting",
+    "classify",
+    "drop_self_matches",
+    "knn_class_scores",
+    "knn_top1",
+    "vote",
+]
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,16 @@ class KnnResult:
     per_class: dict[str, float] = field(default_factory=dict)  # class name (or id) -> top-1
 
 
+def vote_weights(sims, temperature: float, weighting: Weighting, exp):
+    """Each neighbour's vote from its similarity (float64 [Q, k] NumPy array or tensor; ``exp`` is
+    ``np.exp`` or ``torch.exp``): the one place the two weightings are written down."""
+    if weighting == "exp":
+        return exp(sims / temperature)
+    if weighting == "uniform":  # count first; the summed similarity (|Σ| ≤ k) only breaks ties
+        return (2 * sims.shape[1] + 1) + sims
+    raise InvalidArgument(f"unknown weighting '{weighting}' (expected exp or uniform)")
+
+
 def vote(
     sims: torch.Tensor,
     neighbour_labels: torch.Tensor,
@@ -42,18 +61,23 @@ def vote(
     weighting: Weighting,
 ) -> torch.Tensor:
     """Class scores [Q, C] (float64) from the similarities and labels of each query's neighbours [Q, k]."""
-    sims = sims.double()
-    if weighting == "exp":
-        weights = (sims / temperature).exp()
-    elif weighting == "uniform":  # count first; the summed similarity (|Σ| ≤ k) only breaks ties
-        weights = (2 * sims.shape[1] + 1) + sims
-    else:
-        raise ValueError(f"unknown weighting '{weighting}' (expected exp or uniform)")
+    import torch
+
+    weights = vote_weights(sims.double(), temperature, weighting, torch.exp)
     scores = torch.zeros(sims.shape[0], num_classes, dtype=torch.float64, device=sims.device)
     return scores.scatter_add_(1, neighbour_labels.long(), weights)
 
 
-@torch.no_grad()
+def vote_numpy(
+    sims: np.ndarray, neighbour_labels: np.ndarray, num_classes: int, temperature: float, weighting: Weighting
+) -> np.ndarray:
+    """:func:`vote` on NumPy arrays (``isd-knn``'s path, which needs no torch)."""
+    weights = vote_weights(sims.astype(np.float64), temperature, weighting, np.exp)
+    q = sims.shape[0]
+    flat = (np.arange(q)[:, None] * num_classes + neighbour_labels.astype(np.int64)).ravel()
+    return np.bincount(flat, weights.ravel(), minlength=q * num_classes).reshape(q, num_classes)
+
+
 def knn_class_scores(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -66,15 +90,18 @@ def knn_class_scores(
     chunk_size: int = 1024,
 ) -> torch.Tensor:
     """Class scores [Q, C] by brute-force torch search (GEMM + top-k in chunks, on the inputs' device)."""
+    import torch
+
     if k <= 0:
-        raise ValueError(f"k must be positive, got {k}")
+        raise InvalidArgument(f"k must be positive, got {k}")
     k = min(k, train_features.shape[0])
     num_classes = int(train_labels.max()) + 1 if num_classes is None else num_classes
     train_features = train_features.to(test_features.dtype)
     out = []
-    for start in range(0, test_features.shape[0], chunk_size):
-        sims, idx = (test_features[start : start + chunk_size] @ train_features.T).topk(k, dim=1)
-        out.append(vote(sims, train_labels[idx], num_classes, temperature, weighting))
+    with torch.no_grad():
+        for start in range(0, test_features.shape[0], chunk_size):
+            sims, idx = (test_features[start : start + chunk_size] @ train_features.T).topk(k, dim=1)
+            out.append(vote(sims, train_labels[idx], num_classes, temperature, weighting))
     return torch.cat(out)
 
 
@@ -127,27 +154,26 @@ def classify(
 ) -> list[KnnResult]:
     """Accuracy for each k from one neighbour search: ``sims``/``rows`` [Q, ≥max(ks)] sorted by similarity."""
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    neighbour_labels = torch.from_numpy(train_labels[rows])
-    truth = torch.from_numpy(test_labels)
+    neighbour_labels, truth = train_labels[rows], np.asarray(test_labels)
     results = []
     for k in ks:
-        scores = vote(
-            torch.from_numpy(sims[:, :k]), neighbour_labels[:, :k], num_classes, temperature, weighting
-        )
-        top_scores, ranked = scores.topk(min(5, num_classes), dim=1)
+        scores = vote_numpy(sims[:, :k], neighbour_labels[:, :k], num_classes, temperature, weighting)
+        # best class first; equal scores: the lower class id (a stable sort of the negated scores)
+        ranked = np.argsort(-scores, axis=1, kind="stable")[:, : min(5, num_classes)]
+        top_scores = np.take_along_axis(scores, ranked, axis=1)
         hit1 = ranked[:, 0] == truth
-        hit5 = ((ranked == truth[:, None]) & (top_scores > 0)).any(dim=1)  # a class without votes is no guess
+        hit5 = ((ranked == truth[:, None]) & (top_scores > 0)).any(axis=1)  # no votes: no guess
         per_class = {}
         for c in np.unique(test_labels):
             name = class_names[c] if class_names and c < len(class_names) else str(int(c))
-            per_class[name] = hit1[truth == int(c)].double().mean().item()
+            per_class[name] = float(hit1[truth == int(c)].mean())
         results.append(
             KnnResult(
                 k,
                 temperature,
                 weighting,
-                hit1.double().mean().item(),
-                hit5.double().mean().item(),
+                float(hit1.mean()),
+                float(hit5.mean()),
                 len(truth),
                 per_class,
             )

@@ -17,6 +17,7 @@ import html
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +27,10 @@ from isdretrieve.atomic import atomic_path
 from isdretrieve.data import ImageDataset, open_dataset
 from isdretrieve.errors import IsdError
 from isdretrieve.neighbours import NeighbourQuery, NeighbourResult
+
+if TYPE_CHECKING:
+    from isdretrieve.neighbours import QueryItem
+    from isdretrieve.retrieval import Retriever
 
 TILE = 96  # side of an image tile on a PNG page
 THUMB = 128  # side of an HTML thumbnail
@@ -377,3 +382,20 @@ def write_report(
     return Report(
         root, root / "index.html", [root / name for name in pages], pictures.missing, pictures.source.problem
     )
+
+
+def neighbours_report(
+    retriever: Retriever, queries: Sequence[QueryItem], out_dir: str | Path, *, k: int = 10, per_page: int = 8
+) -> tuple[list[NeighbourResult], Report]:
+    """The k nearest bank rows of ``queries`` in ``retriever``'s index, written as a report to ``out_dir``
+    (pictures from the bank's data SPEC); returns the results and what was written."""
+    results = retriever.neighbours(queries, k)
+    report = write_report(
+        results,
+        out_dir,
+        classes=retriever.classes,
+        images=ImageSource(retriever.index.bank.data_spec),
+        per_page=per_page,
+        title=str(retriever.index_dir),
+    )
+    return results, report

@@ -1,4 +1,5 @@
-"""Small line charts drawn with Pillow (no plotting library needed for a few audit curves)."""
+"""Line charts drawn with matplotlib (Agg backend, imported only when a chart is drawn): the mining
+audit's curves and a training run's ``curves.png``."""
 
 from __future__ import annotations
 
@@ -6,68 +7,60 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
-
 from isdretrieve.atomic import atomic_path
 
-COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14))
-PANEL_W, PANEL_H, MARGIN = 480, 320, 48
+PANEL_INCHES = (5.0, 3.4)  # width, height of one panel
+COLUMNS = 2  # panels per row
 
 
 @dataclass
 class Panel:
-    """One chart: named series of (x, y) points over a shared y range [0, 1] by default."""
+    """One chart: named series of (x, y) points; ``y_range`` None scales the y axis to the data."""
 
     title: str
     x_label: str
     series: dict[str, tuple[Sequence[float], Sequence[float]]] = field(default_factory=dict)
-    y_range: tuple[float, float] = (0.0, 1.0)
+    y_range: tuple[float, float] | None = (0.0, 1.0)
+    y_label: str = ""
+    log_y: bool = False
 
 
-def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    return [lo + (hi - lo) * i / (count - 1) for i in range(count)]
+def line_charts(panels: Sequence[Panel], path: str | Path, *, title: str = "") -> Path:
+    """Draw ``panels`` in rows of two into the PNG ``path`` (written atomically)."""
+    import matplotlib
 
+    matplotlib.use("Agg", force=False)  # no display needed; keeps an interactive backend if one is set
+    from matplotlib.figure import Figure
 
-def _draw_panel(draw: ImageDraw.ImageDraw, panel: Panel, left: int, font: ImageFont.ImageFont) -> None:
-    x0, y0, x1, y1 = left + MARGIN, MARGIN, left + PANEL_W - 16, PANEL_H - MARGIN
-    xs = [x for xs_, _ in panel.series.values() for x in xs_]
-    x_lo, x_hi = (min(xs), max(xs)) if xs else (0.0, 1.0)
-    if x_hi == x_lo:
-        x_hi = x_lo + 1.0
-    y_lo, y_hi = panel.y_range
-
-    def at(x: float, y: float) -> tuple[float, float]:
-        fx = (x - x_lo) / (x_hi - x_lo)
-        fy = (min(max(y, y_lo), y_hi) - y_lo) / (y_hi - y_lo)
-        return x0 + fx * (x1 - x0), y1 - fy * (y1 - y0)
-
-    draw.rectangle((x0, y0, x1, y1), outline=(0, 0, 0))
-    draw.text((x0, 12), panel.title, fill=(0, 0, 0), font=font)
-    draw.text(((x0 + x1) // 2 - 30, y1 + 24), panel.x_label, fill=(0, 0, 0), font=font)
-    for y in _ticks(y_lo, y_hi):
-        _, py = at(x_lo, y)
-        draw.line((x0 - 4, py, x0, py), fill=(0, 0, 0))
-        draw.text((left + 8, py - 6), f"{y:.2f}", fill=(0, 0, 0), font=font)
-    for x in _ticks(x_lo, x_hi):
-        px, _ = at(x, y_lo)
-        draw.line((px, y1, px, y1 + 4), fill=(0, 0, 0))
-        draw.text((px - 12, y1 + 8), f"{x:.3g}", fill=(0, 0, 0), font=font)
-    for n, (name, (sx, sy)) in enumerate(panel.series.items()):
-        colour = COLOURS[n % len(COLOURS)]
-        points = [at(x, y) for x, y in zip(sx, sy, strict=True)]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=2)
-        for px, py in points:
-            draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=colour)
-        draw.text((x1 - 110, y0 + 8 + 14 * n), name, fill=colour, font=font)
-
-
-def line_charts(panels: Sequence[Panel], path: str | Path) -> Path:
-    """Draw ``panels`` side by side into the PNG ``path`` (written atomically)."""
-    image = Image.new("RGB", (PANEL_W * max(1, len(panels)), PANEL_H), "white")
-    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
-    for i, panel in enumerate(panels):
-        _draw_panel(draw, panel, i * PANEL_W, font)
+    cols = min(COLUMNS, max(1, len(panels)))
+    rows = -(-max(1, len(panels)) // cols)
+    fig = Figure(figsize=(PANEL_INCHES[0] * cols, PANEL_INCHES[1] * rows), dpi=100, layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, panel in zip(axes, panels, strict=False):
+        _draw(ax, panel)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+        fig.savefig(tmp, format="png")
     return Path(path)
+
+
+def _draw(ax, panel: Panel) -> None:
+    for name, (xs, ys) in panel.series.items():
+        marker = "o" if len(xs) <= 30 else None
+        ax.plot(list(xs), list(ys), marker=marker, markersize=3, linewidth=1.5, label=name)
+    ax.set_title(panel.title)
+    ax.set_xlabel(panel.x_label)
+    if panel.y_label:
+        ax.set_ylabel(panel.y_label)
+    if panel.log_y:
+        ax.set_yscale("log")
+    if panel.y_range is not None:
+        ax.set_ylim(*panel.y_range)
+    ax.grid(True, alpha=0.3)
+    if len(panel.series) > 1:
+        ax.legend(loc="best", fontsize="small")
+    if not any(len(xs) for xs, _ in panel.series.values()):
+        ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes, color="grey")

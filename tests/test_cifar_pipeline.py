@@ -53,11 +53,10 @@ def test_cifar_encoder_banks_index_and_knn_match_numpy(cifar_root, tmp_path):
             index_cli, [*args, "--out", str(tmp_path / split), "--index", "Flat", "--quiet"]
         )
         assert result.exit_code == 0, result.output
-    out = tmp_path / "knn.json"
     args = ["--train", str(tmp_path / "train"), "--test", str(tmp_path / "test"), "--preset", "instdisc"]
-    result = runner.invoke(knn_cli, [*args, "--json", str(out)])
+    result = runner.invoke(knn_cli, [*args, "--json"])
     assert result.exit_code == 0, result.output
-    report = json.loads(out.read_text())
+    report = json.loads(result.stdout)
     assert (report["train_size"], report["test_size"]) == (50000, 10000)
     (knn,) = report["results"]
     assert (knn["k"], knn["temperature"], knn["weighting"]) == (200, 0.1, "exp")

@@ -44,8 +44,7 @@ def test_info_and_recall(digits_indices):
     assert recall.exit_code == 0 and "recall@5 = 1.0000" in recall.output
 
 
-def test_knn_cli_presets_and_self_exclusion(digits_indices, tmp_path):
-    out = tmp_path / "knn.json"
+def test_knn_cli_presets_and_self_exclusion(digits_indices):
     args = [
         "--train",
         str(digits_indices / "train"),
@@ -56,25 +55,23 @@ def test_knn_cli_presets_and_self_exclusion(digits_indices, tmp_path):
         "-k",
         "20",
     ]
-    result = CliRunner().invoke(knn_cli, [*args, "--json", str(out), "--linear"])
+    result = CliRunner().invoke(knn_cli, [*args, "--json", "--linear"])
     assert result.exit_code == 0, result.output
-    report = json.loads(out.read_text())
+    report = json.loads(result.stdout)  # --json: stdout holds the report and nothing else
     assert [r["k"] for r in report["results"]] == [1, 20] and not report["exclude_self"]
     assert report["results"][1]["top1"] > 0.9 and report["linear"]["top1"] > 0.8
     # the train bank against itself: each row's own entry is excluded, so k=1 is not trivially 1.0
     train = str(digits_indices / "train")
-    same = CliRunner().invoke(
-        knn_cli, ["--train", train, "--test", train, "--preset", "isd", "--json", str(out)]
-    )
+    same = CliRunner().invoke(knn_cli, ["--train", train, "--test", train, "--preset", "isd", "--json"])
     assert same.exit_code == 0, same.output
-    report = json.loads(out.read_text())
+    report = json.loads(same.stdout)
     assert report["exclude_self"] and 0.8 < report["results"][0]["top1"] < 1.0
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["-k", "0"], "k must be positive"),
+        (["-k", "0"], "0 is not in the range x>=1"),
         (["-k", "5000"], "larger than the train bank"),
     ],
 )
@@ -146,13 +143,12 @@ def test_knn_from_checkpoint_builds_banks_on_the_fly(digits_indices, tmp_path):
         "--data",
         "digits",
         "--json",
-        str(tmp_path / "k.json"),
     ]
     result = CliRunner().invoke(knn_cli, [*args, "--work-dir", str(tmp_path / "work")])
     assert result.exit_code == 0, result.output
-    on_the_fly = json.loads((tmp_path / "k.json").read_text())["results"][0]
+    on_the_fly = json.loads(result.stdout)["results"][0]
     prebuilt = ["--train", str(digits_indices / "train"), "--test", str(digits_indices / "test")]
-    CliRunner().invoke(knn_cli, [*prebuilt, "--json", str(tmp_path / "p.json")])
-    assert on_the_fly == json.loads((tmp_path / "p.json").read_text())["results"][0]
+    again = CliRunner().invoke(knn_cli, [*prebuilt, "--json"])
+    assert on_the_fly == json.loads(again.stdout)["results"][0]
     both = CliRunner().invoke(knn_cli, [*args, *prebuilt])
     assert both.exit_code == 2 and "give --train and --test, or --checkpoint with --data" in both.output

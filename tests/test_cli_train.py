@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from isdretrieve.cli.train import main
 
@@ -29,6 +31,14 @@ def test_trains_and_reports_knn(tmp_path):
     assert "k-NN top-1 (k=20, T=0.07, weighted):" in result.output
     assert (tmp_path / "run" / "encoder.pt").is_file()
     assert (tmp_path / "run" / "recipe.yaml").read_text().count("queue_size: 128") == 1
+    _assert_drawn(tmp_path / "run" / "curves.png")
+
+
+def _assert_drawn(path: Path) -> None:
+    """A real chart: a PNG of a sensible size with many distinct pixel values (not a blank canvas)."""
+    image = np.asarray(Image.open(path).convert("L"), dtype=np.float64)
+    assert image.shape[0] > 300 and image.shape[1] > 600, image.shape
+    assert image.std() > 10 and len(np.unique(image)) > 50
 
 
 @pytest.mark.parametrize(

@@ -230,10 +230,10 @@ def test_cli_digits_table_and_bad_input(digits_index, tmp_path):
     for bad, message in [
         (["--query", "450"], "unknown bank row 450"),
         (["--query", str(tmp_path / "missing.png")], "query image not found"),
-        (["--query", "0", "-k", "0"], "k must be between 1"),
+        (["--query", "0", "-k", "0"], "'-k': 0 is not in the range x>=1"),
         (["--query", str(tmp_path / "empty")], "holds no images"),
-        (["--sample", "0"], "at least 1"),
-        (["--sample", "3", "--per-page", "0"], "--per-page must be at least 1"),
+        (["--sample", "0"], "'--sample': 0 is not in the range x>=1"),
+        (["--sample", "3", "--per-page", "0"], "'--per-page': 0 is not in the range x>=1"),
     ]:
         result = runner.invoke(index_cli, ["neighbours", str(digits_index), *bad, *out])
         assert result.exit_code == 2, result.output

@@ -1,19 +1,111 @@
-"""What every command shares: user errors become one line on stderr and exit code 2."""
+"""What every command shares: one-line errors (exit code 2), ``--json`` output, validated option types."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
+import math
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 
 from isdretrieve.errors import IsdError
 
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
 verbose_option = click.option("--verbose", is_flag=True, help="Show the full traceback on errors.")
+json_option = click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the result as one JSON document on stdout; nothing else goes to stdout.",
+)
+
+POSITIVE = click.IntRange(min=1)
+NON_NEGATIVE = click.IntRange(min=0)
+UNIT = click.FloatRange(0.0, 1.0)
+
+
+class DeviceType(click.ParamType):
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; whether CUDA is present is checked where it is used."""
+
+    name = "device"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value).strip().lower()
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+            self.fail(f"{value!r} is not a device: use auto, cpu, cuda or cuda:N", param, ctx)
+        return text
+
+
+DEVICE = DeviceType()
+
+
+class OneLineErrors:
+    """Mixin for a top-level command or group: click's usage errors become one line on stderr.
+
+    Click prints a usage block, a hint and the error on four lines; here it is ``error: MESSAGE (see
+    'COMMAND --help')`` with click's exit code (2 for usage errors), like the library's own errors.
+    """
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as exc:
+            message = " ".join(exc.format_message().split())
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            click.echo(f"error: {message}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+class Command(OneLineErrors, click.Command):
+    """A stand-alone command (``isd-train``, ``isd-knn``) with one-line usage errors."""
+
+
+class Group(OneLineErrors, click.Group):
+    """A command group (``isd-index``) with one-line usage errors for all its subcommands."""
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON types: dataclasses as dicts, paths as strings, NaN/inf as null."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item") and callable(value.item):  # NumPy / torch scalars
+        return jsonable(value.item())
+    return value
+
+
+def emit(result: Any, as_json: bool, text: str | Callable[[], object] | None = None) -> None:
+    """A command's result: with ``--json`` one JSON document on stdout; otherwise ``text`` (a string to
+    echo, or a function that prints the human-readable form)."""
+    if as_json:
+        click.echo(json.dumps(jsonable(result), indent=2))
+    elif callable(text):
+        text()
+    elif text is not None:
+        click.echo(text)
 
 
 def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -7,14 +7,38 @@ from pathlib import Path
 
 import click
 
-from isdretrieve.cli.common import user_errors, verbose_option
+from isdretrieve.cli.common import (
+    CONTEXT,
+    DEVICE,
+    NON_NEGATIVE,
+    POSITIVE,
+    Group,
+    emit,
+    json_option,
+    user_errors,
+    verbose_option,
+)
 from isdretrieve.cli.mine import bank_file, mine
 from isdretrieve.cli.neighbours import neighbours
+from isdretrieve.errors import IsdError
 
-CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+def _memory_budget(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """``--memory-budget 4G`` as bytes, checked while the options are read."""
+    if value is None:
+        return None
+    from isdretrieve.pipeline import parse_size
+
+    try:
+        size = parse_size(value)
+    except IsdError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if size <= 0:
+        raise click.BadParameter(f"must be more than 0 bytes, got {value!r}")
+    return size
 
 
-@click.group(context_settings=CONTEXT)
+@click.group(cls=Group, context_settings=CONTEXT)
 def main() -> None:
     """Build and use feature banks and FAISS indices."""
 
@@ -28,9 +52,15 @@ def export_options(command):
         click.option(
             "--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True
         ),
-        click.option("--batch-size", default=256, show_default=True),
-        click.option("--device", default="auto", show_default=True),
-        click.option("--workers", default=2, show_default=True, help="Image-decoding worker processes."),
+        click.option("--batch-size", type=POSITIVE, default=256, show_default=True),
+        click.option("--device", type=DEVICE, default="auto", show_default=True),
+        click.option(
+            "--workers",
+            type=NON_NEGATIVE,
+            default=2,
+            show_default=True,
+            help="Image-decoding worker processes.",
+        ),
         click.option(
             "--on-bad-image", type=click.Choice(["error", "skip"]), default="error", show_default=True
         ),
@@ -79,9 +109,17 @@ def export_kwargs(teacher: bool, quiet: bool, **options: object) -> dict[str, ob
     "--index", "factory", default="auto", show_default=True, help="auto, or any FAISS factory string."
 )
 @click.option(
-    "--recall-target", default=0.95, show_default=True, help="recall@10 an approximate index is tuned to."
+    "--recall-target",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=0.95,
+    show_default=True,
+    help="recall@10 an approximate index is tuned to.",
 )
-@click.option("--memory-budget", help="Index memory budget for auto, e.g. 4G (default: half the RAM).")
+@click.option(
+    "--memory-budget",
+    callback=_memory_budget,
+    help="Index memory budget for auto, e.g. 4G (default: half the RAM).",
+)
 @click.option(
     "--on-disk", is_flag=True, help="Keep an IVF index's lists on disk (auto does when RAM is short)."
 )
@@ -91,6 +129,7 @@ def export_kwargs(teacher: bool, quiet: bool, **options: object) -> dict[str, ob
     help="On-disk builds: rows added per shard (default: what half the budget holds).",
 )
 @export_options
+@json_option
 @verbose_option
 @user_errors
 def build(
@@ -103,9 +142,10 @@ def build(
     out: Path,
     factory: str,
     recall_target: float,
-    memory_budget: str | None,
+    memory_budget: int | None,
     on_disk: bool,
     shard_rows: int | None,
+    as_json: bool,
     **export: object,
 ) -> None:
     """Encode a data set into OUT/bank.h5 and build OUT/index.faiss (resumable: rerun to finish).
@@ -113,9 +153,8 @@ def build(
     Or index an existing bank (--bank), or embeddings made elsewhere (--embeddings), imported as OUT/bank.h5.
     """
     from isdretrieve.index import build_index
-    from isdretrieve.pipeline import build_index_from_checkpoint, parse_size
+    from isdretrieve.pipeline import build_index_from_checkpoint
 
-    budget = parse_size(memory_budget) if memory_budget else None
     options = export_kwargs(**export)
     sources = [name for name, given in (("--bank", bank), ("--embeddings", embeddings)) if given]
     if (key or labels) and not embeddings:
@@ -135,7 +174,7 @@ def build(
             out,
             factory=factory,
             recall_target=recall_target,
-            memory_budget=budget,
+            memory_budget=memory_budget,
             on_disk=on_disk,
             shard_rows=shard_rows,
             progress=options["progress"],
@@ -151,16 +190,17 @@ def build(
             out,
             factory=factory,
             recall_target=recall_target,
-            memory_budget=budget,
+            memory_budget=memory_budget,
             **options,
         )
     where = " on disk" if manifest.kind == "ondisk" else ""
-    click.echo(
+    text = (
         f"{out}: {manifest.factory}{where} over {manifest.count:,} x {manifest.dim}, "
         f"recall@{manifest.recall_k} {manifest.recall:.4f}, built in {manifest.build_seconds:.1f} s"
     )
     for note in manifest.notes:
         click.echo(f"note: {note}", err=True)
+    emit({"index_dir": out, **json.loads(manifest.to_json())}, as_json, text)
 
 
 @main.command(context_settings=CONTEXT)
@@ -184,6 +224,7 @@ def build(
     "--out", required=True, type=click.Path(path_type=Path), help="bank.h5, npy folder or .parquet to write."
 )
 @export_options
+@json_option
 @verbose_option
 @user_errors
 def export(
@@ -192,6 +233,7 @@ def export(
     source_bank: Path | None,
     fmt: str,
     out: Path,
+    as_json: bool,
     **options: object,
 ) -> None:
     """Export a bank (resumable), or convert one (--bank). Under torchrun each process writes its shard."""
@@ -209,9 +251,10 @@ def export(
     h5_out = out if fmt == "h5" else out.with_name(f"{out.name}.bank.h5")
     result = export_bank(checkpoint, data, h5_out, **export_kwargs(**options))
     skipped = f", {result.skipped} unreadable images skipped" if result.skipped else ""
-    click.echo(f"{result.path}: {result.rows:,} rows, {result.images_per_s:,.0f} images/s{skipped}")
+    text = f"{result.path}: {result.rows:,} rows, {result.images_per_s:,.0f} images/s{skipped}"
     if fmt != "h5":
-        click.echo(f"{export_embeddings(h5_out, out, fmt)}: {fmt} written from {h5_out}")
+        text += f"\n{export_embeddings(h5_out, out, fmt)}: {fmt} written from {h5_out}"
+    emit(result, as_json, text)
 
 
 @main.command(context_settings=CONTEXT)
@@ -219,37 +262,40 @@ def export(
 @click.option(
     "--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="bank.h5 to write."
 )
+@json_option
 @verbose_option
 @user_errors
-def join(shards: tuple[Path, ...], out: Path) -> None:
+def join(shards: tuple[Path, ...], out: Path, as_json: bool) -> None:
     """Join the shard banks of a torchrun export into one bank."""
     from isdretrieve.bank import FeatureBank, join_shards
 
     with FeatureBank.open(join_shards(list(shards), out)) as bank:
-        click.echo(f"{out}: {len(bank):,} rows from {len(shards)} shards")
+        rows = len(bank)
+    emit(
+        {"path": out, "rows": rows, "shards": len(shards)},
+        as_json,
+        f"{out}: {rows:,} rows from {len(shards)} shards",
+    )
 
 
 @main.command(context_settings=CONTEXT)
 @click.argument("index_dir", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@json_option
 @verbose_option
 @user_errors
 def info(index_dir: Path, as_json: bool) -> None:
-    """Show an index directory's manifest and bank."""
+    """Show an index directory's manifest and bank (reads no index and no model: starts fast)."""
+    from isdretrieve.index_manifest import describe_index
+
+    rows = describe_index(index_dir)
+    emit(rows, as_json, lambda: _print_rows(str(index_dir), rows))
+
+
+def _print_rows(title: str, rows: dict[str, object]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from isdretrieve.index import SearchIndex
-
-    with SearchIndex.open(index_dir) as index:
-        bank = index.bank
-        rows = json.loads(index.manifest.to_json())
-        rows.update(bank_rows=len(bank), data_spec=bank.data_spec, transform=bank.transform)
-        rows.update(classes=len(bank.classes), skipped_images=bank.skipped)
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    table = Table(title=str(index_dir), show_header=False)
+    table = Table(title=title, show_header=False)
     for key, value in rows.items():
         table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
     Console().print(table)
@@ -257,21 +303,24 @@ def info(index_dir: Path, as_json: bool) -> None:
 
 @main.command(context_settings=CONTEXT)
 @click.argument("index_dir", type=click.Path(path_type=Path))
-@click.option("-k", default=10, show_default=True)
-@click.option("--queries", default=1000, show_default=True, help="Bank rows sampled as queries.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("-k", type=POSITIVE, default=10, show_default=True)
+@click.option(
+    "--queries", type=POSITIVE, default=1000, show_default=True, help="Bank rows sampled as queries."
+)
+@click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True)
+@json_option
 @verbose_option
 @user_errors
-def recall(index_dir: Path, k: int, queries: int, seed: int) -> None:
+def recall(index_dir: Path, k: int, queries: int, seed: int, as_json: bool) -> None:
     """Re-measure recall@k of the index against exact search."""
     from isdretrieve.index import SearchIndex
 
     with SearchIndex.open(index_dir) as index:
         value = index.recall(k=k, queries=queries, seed=seed)
-        used = min(k, len(index) - 1)  # recall() lowers k to the other rows of a small bank
-        click.echo(
-            f"recall@{used} = {value:.4f} ({index.manifest.factory}, {min(queries, len(index)):,} queries)"
-        )
+        used, factory = min(queries, len(index)), index.manifest.factory
+        k_used = min(k, len(index) - 1)  # recall() lowers k to the other rows of a small bank
+    result = {"index_dir": index_dir, "k": k_used, "recall": value, "queries": used, "factory": factory}
+    emit(result, as_json, f"recall@{k_used} = {value:.4f} ({factory}, {used:,} queries)")
 
 
 main.add_command(mine)

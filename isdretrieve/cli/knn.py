@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import tempfile
 from pathlib import Path
 
 import click
 
-from isdretrieve.cli.common import user_errors, verbose_option
-from isdretrieve.knn import PRESETS
+from isdretrieve.cli.common import CONTEXT, POSITIVE, Command, emit, json_option, user_errors, verbose_option
+from isdretrieve.knn_protocols import PRESETS, WEIGHTINGS
 
 PathType = click.Path(path_type=Path)
 FileType = click.Path(dir_okay=False, path_type=Path)
 EITHER = "give --train and --test, or --checkpoint with --data"
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings=CONTEXT)
 @click.option("--train", "train_dir", type=PathType, help="Index directory of the memory.")
 @click.option("--test", "test_path", type=PathType, help="Index directory or bank.h5 of the queries.")
 @click.option(
@@ -30,9 +28,11 @@ EITHER = "give --train and --test, or --checkpoint with --data"
 @click.option(
     "--work-dir", type=PathType, help="Keep the banks built from --checkpoint here (default: temporary)."
 )
-@click.option("-k", "ks", multiple=True, type=int, help="k (repeatable); default from --preset.")
-@click.option("--temperature", "-T", type=float, help="T of the exp weighting.")
-@click.option("--weighting", type=click.Choice(["exp", "uniform"]))
+@click.option("-k", "ks", multiple=True, type=POSITIVE, help="k (repeatable); default from --preset.")
+@click.option(
+    "--temperature", "-T", type=click.FloatRange(min=0, min_open=True), help="T of the exp weighting."
+)
+@click.option("--weighting", type=click.Choice(WEIGHTINGS))
 @click.option(
     "--preset",
     type=click.Choice(sorted(PRESETS)),
@@ -50,7 +50,7 @@ EITHER = "give --train and --test, or --checkpoint with --data"
     "means) or the ISD protocol on its images (images: frozen encoder.pt of --train, crop + flip).",
 )
 @click.option("--per-class", is_flag=True, help="Print per-class top-1.")
-@click.option("--json", "json_out", type=FileType, help="Write every number here.")
+@json_option
 @verbose_option
 @user_errors
 def main(
@@ -65,13 +65,11 @@ def main(
     preset: str,
     linear: str | None,
     per_class: bool,
-    json_out: Path | None,
+    as_json: bool,
 ) -> None:
     """k-NN top-1/top-5 of the TEST bank's rows against the TRAIN index (or of a checkpoint on --data)."""
     from isdretrieve.evaluation import knn_evaluate, open_test_bank
     from isdretrieve.index import SearchIndex
-    from isdretrieve.linear_eval import ImageProbeConfig
-    from isdretrieve.linear_probe import ProbeConfig
 
     preset_ks, preset_t, preset_w = PRESETS[preset]
     with contextlib.ExitStack() as stack:
@@ -92,8 +90,25 @@ def main(
             ks=ks or preset_ks,
             temperature=temperature or preset_t,
             weighting=weighting or preset_w,
-            linear={"bank": ProbeConfig(), "images": ImageProbeConfig(), None: None}[linear],
+            linear=_probe_config(linear),
         )
+    emit(report, as_json, lambda: _print_report(report, per_class))
+
+
+def _probe_config(linear: str | None):
+    """The probe ``--linear bank|images`` asks for (torch is imported only then)."""
+    if linear is None:
+        return None
+    if linear == "images":
+        from isdretrieve.linear_eval import ImageProbeConfig
+
+        return ImageProbeConfig()
+    from isdretrieve.linear_probe import ProbeConfig
+
+    return ProbeConfig()
+
+
+def _print_report(report, per_class: bool) -> None:
     self_note = ", self-matches excluded" if report.exclude_self else ""
     click.echo(f"{report.test_size:,} queries vs {report.train_size:,} ({report.search}{self_note})")
     for r in report.results:
@@ -104,8 +119,6 @@ def main(
     if report.linear is not None:
         p = report.linear
         click.echo(f"linear probe (ISD protocol, {p.protocol}): top-1 {p.top1:.4f}  top-5 {p.top5:.4f}")
-    if json_out:
-        json_out.write_text(json.dumps(dataclasses.asdict(report), indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -8,9 +8,7 @@ from pathlib import Path
 
 import click
 
-from isdretrieve.cli.common import user_errors, verbose_option
-
-CONTEXT = {"help_option_names": ["-h", "--help"]}
+from isdretrieve.cli.common import CONTEXT, DEVICE, POSITIVE, emit, json_option, user_errors, verbose_option
 
 
 def bank_file(source: Path) -> Path:
@@ -23,10 +21,14 @@ def bank_file(source: Path) -> Path:
 @click.option(
     "--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="pairs.h5 to write."
 )
-@click.option("-k", default=5, show_default=True, help="Candidates per row (self excluded).")
-@click.option("--threshold", type=float, help="Keep candidates with cosine similarity >= S.")
+@click.option("-k", type=POSITIVE, default=5, show_default=True, help="Candidates per row (self excluded).")
 @click.option(
-    "--quantile", type=float, help="Keep candidates above this quantile of all candidate similarities."
+    "--threshold", type=click.FloatRange(-1, 1), help="Keep candidates with cosine similarity >= S."
+)
+@click.option(
+    "--quantile",
+    type=click.FloatRange(0, 1),
+    help="Keep candidates above this quantile of all candidate similarities.",
 )
 @click.option("--mutual", is_flag=True, help="Keep j for i only if i is also among j's candidates.")
 @click.option("--audit", is_flag=True, help="Measure precision/coverage against the bank's labels.")
@@ -35,9 +37,12 @@ def bank_file(source: Path) -> Path:
     is_flag=True,
     help="Search through SOURCE's index (an index directory), not exactly; its recall is measured.",
 )
-@click.option("--device", default="auto", show_default=True)
-@click.option("--chunk-rows", default=16384, show_default=True, help="Query rows searched at a time.")
+@click.option("--device", type=DEVICE, default="auto", show_default=True)
+@click.option(
+    "--chunk-rows", type=POSITIVE, default=16384, show_default=True, help="Query rows searched at a time."
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@json_option
 @verbose_option
 @user_errors
 def mine(
@@ -52,6 +57,7 @@ def mine(
     device: str,
     chunk_rows: int,
     quiet: bool,
+    as_json: bool,
 ) -> None:
     """Mine positives from SOURCE (an index directory or a bank.h5) into OUT (resumable: rerun to finish).
 
@@ -71,10 +77,21 @@ def mine(
             bank_path, out, params, device=device, chunk_rows=chunk_rows, progress=advance, index=index
         )
     search = f", approximate search recall@{pairs.params.k} {pairs.search_recall:.4f}" if approximate else ""
-    click.echo(
+    summary = (
         f"{out}: {pairs.num_pairs:,} pairs over {len(pairs):,} rows (coverage {pairs.coverage:.4f}, "
         f"threshold {pairs.threshold:.4f}, k={pairs.params.k}{', mutual' if mutual else ''}{search})"
     )
+    result = {
+        "pairs": out,
+        "rows": len(pairs),
+        "num_pairs": pairs.num_pairs,
+        "coverage": pairs.coverage,
+        "threshold": pairs.threshold,
+        "k": pairs.params.k,
+        "mutual": mutual,
+        "search_recall": pairs.search_recall if approximate else None,
+    }
+    report = None
     if audit:
         from isdretrieve.audit import audit_pairs, write_audit
 
@@ -83,8 +100,15 @@ def mine(
         stem = out.with_suffix("")
         json_path, png_path = Path(f"{stem}.audit.json"), Path(f"{stem}.audit.png")
         write_audit(report, json_path, png_path)
-        _print_audit(report)
-        click.echo(f"audit written to {json_path} and {png_path}")
+        result["audit"] = {"json": json_path, "png": png_path, **report.to_dict()}
+
+    def show() -> None:
+        click.echo(summary)
+        if report is not None:
+            _print_audit(report)
+            click.echo(f"audit written to {json_path} and {png_path}")
+
+    emit(result, as_json, show)
 
 
 @contextlib.contextmanager
@@ -93,10 +117,11 @@ def _progress(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
     if not enabled:
         yield None
         return
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (TextColumn("mining"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=True) as bar:
+    with Progress(*columns, transient=True, console=Console(stderr=True)) as bar:
         task = bar.add_task("mining", total=None)
         yield lambda done, total: bar.update(task, completed=done, total=total)
 

@@ -8,7 +8,15 @@ from typing import TYPE_CHECKING
 
 import click
 
-from isdretrieve.cli.common import user_errors, verbose_option
+from isdretrieve.cli.common import (
+    CONTEXT,
+    NON_NEGATIVE,
+    POSITIVE,
+    emit,
+    json_option,
+    user_errors,
+    verbose_option,
+)
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -19,7 +27,7 @@ TABLE_QUERIES = 20  # queries shown in the terminal; the report has all of them
 TABLE_HITS = 5  # neighbours shown per query in the terminal
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT)
 @click.argument("index_dir", type=click.Path(path_type=Path))
 @click.option(
     "--query",
@@ -28,13 +36,13 @@ TABLE_HITS = 5  # neighbours shown per query in the terminal
     metavar="SPEC",
     help="Bank rows (0,17,42 or rows:0,17), an image file, or a folder of images; repeatable.",
 )
-@click.option("--sample", type=int, help="Use N bank rows drawn at random as the queries.")
-@click.option("--seed", default=0, show_default=True, help="Seed of --sample.")
-@click.option("-k", default=10, show_default=True, help="Neighbours per query.")
+@click.option("--sample", type=POSITIVE, help="Use N bank rows drawn at random as the queries.")
+@click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True, help="Seed of --sample.")
+@click.option("-k", type=POSITIVE, default=10, show_default=True, help="Neighbours per query.")
 @click.option(
     "--out", required=True, type=click.Path(path_type=Path), help="Report folder (index.html, PNG pages)."
 )
-@click.option("--per-page", default=8, show_default=True, help="Queries per PNG page.")
+@click.option("--per-page", type=POSITIVE, default=8, show_default=True, help="Queries per PNG page.")
 @click.option(
     "--device",
     type=click.Choice(["auto", "cpu", "cuda"]),
@@ -42,6 +50,7 @@ TABLE_HITS = 5  # neighbours shown per query in the terminal
     show_default=True,
     help="Device that embeds image queries.",
 )
+@json_option
 @verbose_option
 @user_errors
 def neighbours(
@@ -53,6 +62,7 @@ def neighbours(
     out: Path,
     per_page: int,
     device: str,
+    as_json: bool,
 ) -> None:
     """Show the k nearest bank rows of each query and write a PNG/HTML report to OUT.
 
@@ -62,13 +72,11 @@ def neighbours(
     from rich.console import Console
 
     from isdretrieve.neighbours import QueryError, parse_query_spec
-    from isdretrieve.neighbours_report import ImageSource, write_report
+    from isdretrieve.neighbours_report import neighbours_report
     from isdretrieve.retrieval import Retriever
 
     if bool(specs) == (sample is not None):
         raise click.UsageError("give --query SPEC (repeatable) or --sample N")
-    if per_page < 1:
-        raise QueryError(f"--per-page must be at least 1, got {per_page}")
     if device == "cuda" and not torch.cuda.is_available():
         raise QueryError("--device cuda: no CUDA device is available")
     retriever = Retriever.open(index_dir, device=device)
@@ -78,34 +86,46 @@ def neighbours(
             if sample is not None
             else [q for spec in specs for q in parse_query_spec(spec)]
         )
-        results = retriever.neighbours(queries, k)
-        bank = retriever.index.bank
+        results, report = neighbours_report(retriever, queries, out, k=k, per_page=per_page)
         classes = retriever.classes
-        report = write_report(
-            results,
-            out,
-            classes=classes,
-            images=ImageSource(bank.data_spec),
-            per_page=per_page,
-            title=str(index_dir),
-        )
     finally:
         retriever.index.close()
-    console = Console()
-    console.print(_table(results, classes, k))
-    if report.missing:
+    wrong = sum(h.label_differs is True for r in results for h in r.hits)
+    known = sum(h.label_differs is not None for r in results for h in r.hits)
+    pages = len(report.pages)
+    result = {
+        "report": report.index_html,
+        "pages": report.pages,
+        "queries": len(results),
+        "k": k,
+        "labelled_neighbours": known,
+        "other_class_neighbours": wrong,
+        "missing_images": report.missing,
+        "results": [
+            {
+                "query": r.query.source,
+                "label": r.query.label,
+                "hits": [{"row": h.row, "score": h.score, "label": h.label, "path": h.path} for h in r.hits],
+            }
+            for r in results
+        ],
+    }
+    if report.missing:  # a warning: stderr, with or without --json
         why = f" ({report.problem})" if report.problem else ""
-        console.print(
+        Console(stderr=True).print(
             f"warning: {report.missing} images not found, drawn as placeholders{why}",
             style="yellow",
             markup=False,
         )
-    wrong = sum(h.label_differs is True for r in results for h in r.hits)
-    known = sum(h.label_differs is not None for r in results for h in r.hits)
-    if known:
-        click.echo(f"{wrong} of {known} labelled neighbours ({wrong / known:.1%}) are of another class")
-    pages = len(report.pages)
-    click.echo(f"report: {report.index_html} ({len(results)} queries, {pages} PNG page{'s' * (pages != 1)})")
+
+    def show() -> None:
+        Console().print(_table(results, classes, k))
+        if known:
+            click.echo(f"{wrong} of {known} labelled neighbours ({wrong / known:.1%}) are of another class")
+        plural = "s" * (pages != 1)
+        click.echo(f"report: {report.index_html} ({len(results)} queries, {pages} PNG page{plural})")
+
+    emit(result, as_json, show)
 
 
 def _table(results: Sequence[NeighbourResult], classes: Sequence[str], k: int) -> Table:

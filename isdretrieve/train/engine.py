@@ -26,6 +26,7 @@ from isdretrieve.models import EncoderHeader, build_backbone, export_encoder
 from isdretrieve.train import distributed
 from isdretrieve.train.batches import BatchSource, StepBatch, epoch_generator
 from isdretrieve.train.checkpointing import load_latest_checkpoint, save_checkpoint
+from isdretrieve.train.curves import write_training_curves
 from isdretrieve.train.methods import Batch, DataContext, Method, build_method
 from isdretrieve.train.monitor import KnnMonitor, KnnResult
 from isdretrieve.train.recipe import Recipe
@@ -294,6 +295,8 @@ class Trainer:
             self.knn = self._evaluate()
             record.update(_prefixed("knn_", self.knn))
         self.log.write(record)
+        if "knn_top1" in record:
+            self._write_curves()
         knn = f", k-NN top-1 {self.knn.top1:.4f}" if "knn_top1" in record else ""
         self.log.info(f"epoch {self.epoch}: {record['images_per_s']:,.0f} img/s, {elapsed:.1f} s{knn}")
         stop = self._should_stop(at_log_step=True)
@@ -403,11 +406,17 @@ class Trainer:
             )
         distributed.barrier()
 
+    def _write_curves(self) -> None:
+        """Redraw OUT/curves.png from metrics.jsonl (main process; at each monitor and at the end)."""
+        if self.dist.is_main:
+            write_training_curves(self.out_dir, title=f"{self.out_dir} ({self.recipe.method.name})")
+
     def _finish(self) -> TrainResult:
         encoder = None
         if self.dist.is_main:
             encoder = self.out_dir / "encoder.pt"
             export_encoder(self.method.feature_backbone, self.encoder_header(), encoder)
+            self._write_curves()
             self.log.info(f"done: {self.step} steps, {self.epoch} epochs; encoder written to {encoder}")
         distributed.barrier()
         return TrainResult(
