@@ -10,6 +10,7 @@ import click
 from isdretrieve.cli.common import user_errors, verbose_option
 from isdretrieve.cli.mine import mine
 from isdretrieve.cli.neighbours import neighbours
+from isdretrieve.cli.serve import serve
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -198,6 +199,7 @@ def recall(index_dir: Path, k: int, queries: int, seed: int) -> None:
 
 main.add_command(mine)
 main.add_command(neighbours)
+main.add_command(serve)
 
 if __name__ == "__main__":
     main()
