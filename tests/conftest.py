@@ -93,3 +93,17 @@ def build_test_index(root: Path, data: str, *, image_size: int = 16, name: str =
 def digits_test_index(tmp_path_factory) -> Path:
     """An exact index over the digits test split (450 rows, 10 classes) with a random-init encoder."""
     return build_test_index(tmp_path_factory.mktemp("digits-index"), "digits,split=test")
+
+
+@pytest.fixture(scope="session")
+def chromium_path() -> str:
+    """Path of headless Chromium; skipped without it unless ISD_REQUIRE_BROWSER is set (then a failure)."""
+    import os
+    import shutil
+
+    found = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(found).is_file():
+        if os.environ.get("ISD_REQUIRE_BROWSER", "") not in ("", "0"):
+            pytest.fail("ISD_REQUIRE_BROWSER is set but chromium is not installed")
+        pytest.skip("chromium is not installed (set ISD_REQUIRE_BROWSER=1 to make this a failure)")
+    return found
