@@ -74,11 +74,11 @@ class Server:
 
 
 @contextlib.contextmanager
-def serving(index_dirs: list[Path], **settings: object) -> Iterator[Server]:
-    """A running server over ``index_dirs`` with ``ServeSettings(**settings)``."""
+def serving(index_dirs: list[Path], device: str = "cpu", **settings: object) -> Iterator[Server]:
+    """A running server over ``index_dirs`` (encoders on ``device``) with ``ServeSettings(**settings)``."""
     from isdretrieve.serve.app import ServeSettings, create_app, open_indices
 
-    app = create_app(open_indices(index_dirs, device="cpu"), ServeSettings(**settings))
+    app = create_app(open_indices(index_dirs, device=device), ServeSettings(**settings))
     with Server(app) as server:
         server.served = app.app.state.served  # name -> ServedIndex, for tests that look inside
         yield server

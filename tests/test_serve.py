@@ -198,6 +198,33 @@ def test_pairs_and_their_audit(client, indices):
 
 
 # ------------------------------------------------------------------------------------ bad input, security
+BAD_INPUT_IDS = [
+    "non-image",
+    "empty-upload",
+    "decompression-bomb",
+    "no-files-field",
+    "row-past-the-bank",
+    "negative-row",
+    "row-not-a-number",
+    "row-path-traversal",
+    "k-zero",
+    "k-over-max",
+    "k-over-bank",
+    "sample-zero",
+    "vector-length",
+    "vector-nan",
+    "vectors-not-a-list",
+    "body-not-json",
+    "unknown-index",
+    "pairs-path-traversal",
+    "pairs-backslash-name",
+    "pairs-not-a-pairs-file",
+    "no-pairs-in-index",
+    "unknown-route",
+    "wrong-method",
+]
+
+
 @pytest.mark.parametrize(
     ("method", "path", "kwargs", "status", "words"),
     [
@@ -258,6 +285,7 @@ def test_pairs_and_their_audit(client, indices):
         ("get", "/no/such/route", {}, 404, ["Not Found"]),
         ("delete", "/api/indices", {}, 405, ["Method Not Allowed"]),
     ],
+    ids=BAD_INPUT_IDS,
 )
 def test_bad_input_is_a_one_line_4xx_and_the_server_keeps_serving(
     client, method, path, kwargs, status, words
@@ -363,17 +391,26 @@ def test_batcher_merges_waiting_jobs_into_one_forward():
         return x.float().flatten(1)[:, :2]
 
     batcher = EncodeBatcher(encode, max_batch=8)
-    first = batcher.submit(torch.zeros(1, 3, 2, 2, dtype=torch.uint8))
-    while not calls:  # the first forward is running
+    results: dict[int, float] = {}
+
+    def call(i: int) -> None:
+        results[i] = batcher.encode(torch.full((1, 3, 2, 2), i, dtype=torch.uint8))[0, 0].item()
+
+    first = threading.Thread(target=call, args=(100,))
+    first.start()
+    while not calls:  # the first forward runs on the first caller's thread
         time.sleep(0.001)
-    waiting = [batcher.submit(torch.full((1, 3, 2, 2), i, dtype=torch.uint8)) for i in range(10)]
+    waiting = [threading.Thread(target=call, args=(i,)) for i in range(10)]
+    for thread in waiting:
+        thread.start()
+    while len(batcher._queue) < 10:  # all ten queued behind the running forward
+        time.sleep(0.001)
     release.set()
-    assert [f.result(10)[0, 0].item() for f in waiting] == list(range(10)) and first.result(10).shape == (
-        1,
-        2,
-    )
+    for thread in [first, *waiting]:
+        thread.join(10)
+    assert results == {i: float(i) for i in [100, *range(10)]}  # each caller gets its own features
     assert calls == [1, 8, 2] and batcher.stats.forwards == 3 and batcher.stats.most_jobs == 8
-    batcher.close()
+    assert batcher.stats.jobs == batcher.stats.images == 11
 
 
 def test_batcher_passes_an_encoder_error_to_its_callers_and_keeps_running():
@@ -384,9 +421,8 @@ def test_batcher_passes_an_encoder_error_to_its_callers_and_keeps_running():
 
     batcher = EncodeBatcher(encode)
     with pytest.raises(RuntimeError, match="boom"):
-        batcher.submit(torch.zeros(3, 3, 1, 1, dtype=torch.uint8)).result(10)
-    assert batcher.submit(torch.ones(1, 3, 1, 1, dtype=torch.uint8)).result(10).shape == (1, 3)
-    batcher.close()
+        batcher.encode(torch.zeros(3, 3, 1, 1, dtype=torch.uint8))
+    assert batcher.encode(torch.ones(1, 3, 1, 1, dtype=torch.uint8)).shape == (1, 3)
 
 
 def test_concurrent_image_queries_get_their_own_results_from_shared_forwards(server, digits):
@@ -396,13 +432,13 @@ def test_concurrent_image_queries_get_their_own_results_from_shared_forwards(ser
 
     served: ServedIndex = server.served["digits"]
     batcher = served.batcher
-    original, before, jobs_before = batcher._encode, batcher.stats.forwards, batcher.stats.jobs
+    original, before, jobs_before = batcher.encode_batch, batcher.stats.forwards, batcher.stats.jobs
 
     def slow(x: torch.Tensor) -> torch.Tensor:
         time.sleep(0.05)
         return original(x)
 
-    batcher._encode = slow
+    batcher.encode_batch = slow
     images = [_png(digits[i][0]) for i in range(24)]
 
     def query(i: int) -> int:
@@ -417,7 +453,34 @@ def test_concurrent_image_queries_get_their_own_results_from_shared_forwards(ser
         with ThreadPoolExecutor(24) as pool:
             found = list(pool.map(query, range(24)))
     finally:
-        batcher._encode = original
+        batcher.encode_batch = original
     assert found == list(range(24))
     forwards = batcher.stats.forwards - before
     assert batcher.stats.jobs - jobs_before == 24 and forwards < 24 and batcher.stats.most_jobs > 1
+
+
+def test_an_encoder_failure_is_a_json_500_and_the_server_keeps_serving(server, client, digits):
+    batcher = server.served["digits"].batcher
+    original = batcher.encode_batch
+
+    def broken(x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("simulated encoder failure")
+
+    batcher.encode_batch = broken
+    try:
+        files = {"files": ("q.png", _png(digits[0][0]))}
+        _one_line_error(client.post("/api/indices/digits/search/images", files=files), 500, "RuntimeError")
+    finally:
+        batcher.encode_batch = original
+    again = client.post("/api/indices/digits/search/images", files={"files": ("q.png", _png(digits[0][0]))})
+    assert again.status_code == 200 and again.json()["results"][0]["hits"][0]["index"] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_encoder_runs_on_the_gpu_when_there_is_one(indices, digits):
+    with serving([indices["digits"]], device="auto") as running, httpx.Client(base_url=running.url) as c:
+        assert c.get("/api/indices/digits").json()["device"].startswith("cuda")
+        files = [("files", (f"{i}.png", _png(digits[i][0]))) for i in range(4)]
+        hits = c.post("/api/indices/digits/search/images", files=files).json()["results"]
+        assert [r["hits"][0]["index"] for r in hits] == [0, 1, 2, 3]

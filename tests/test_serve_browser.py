@@ -190,3 +190,22 @@ def test_hostile_file_and_class_names_run_nothing(page, browser, tmp_path):
     control.wait_for_function("() => window.__pwned !== undefined")
     assert control.evaluate("document.body.getAttribute('data-pwned')") == "1"
     context.close()
+
+
+def test_a_token_server_page_asks_for_the_token_then_works(browser, indices):
+    token = "a-long-enough-test-token"
+    with serving([indices["digits"]], token=token) as running:
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(running.url + "/")
+        page.wait_for_selector("#token-form:not([hidden])")
+        assert "token is required" in page.text_content("#error")
+        page.fill("#token", token)
+        page.click("#token-form button")  # sets the cookie and reloads
+        page.wait_for_selector("#rows .tile img")
+        assert page.locator("#rows .tile").count() == 24 and page.is_hidden("#token-form")
+        other = context.new_page()  # a wrong token given in the address: it moves into the cookie
+        other.goto(running.url + "/#token=wrong-token-wrong-token")
+        other.wait_for_selector("#token-form:not([hidden])")
+        assert "wrong token" in other.text_content("#error") and "#" not in other.url
+        context.close()

@@ -16,8 +16,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -28,6 +27,7 @@ from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi import Path as RoutePath
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
@@ -35,8 +35,9 @@ from isdretrieve.audit import audit_paths, load_audit
 from isdretrieve.data.uploads import ImageTooLarge, NotAnImage, decode_untrusted
 from isdretrieve.errors import IsdError
 from isdretrieve.mining import Pairs, find_pairs
+from isdretrieve.neighbours import Neighbour, label_differs
 from isdretrieve.neighbours_report import THUMB, fit
-from isdretrieve.retrieval import BankRow, Retriever
+from isdretrieve.retrieval import BankRow, Hit, Retriever
 from isdretrieve.serve.batcher import EncodeBatcher
 from isdretrieve.serve.security import Guard
 
@@ -109,16 +110,12 @@ def open_indices(index_dirs: Sequence[str | Path], *, device: str = "auto") -> d
 def _serve(name: str, retriever: Retriever, settings: ServeSettings) -> ServedIndex:
     batcher = None
     if retriever.has_encoder:
-        retriever.prepare(_blank())  # loads and checks the encoder now, not on the first query
+        retriever.prepare(
+            Image.new("RGB", (8, 8))
+        )  # loads and checks the encoder now, not on the first query
         batcher = EncodeBatcher(retriever.encode, max_batch=settings.max_batch)
     pairs = {path.stem: path for path in find_pairs(retriever.index_dir, retriever.index.bank.fingerprint)}
     return ServedIndex(name, retriever, batcher, pairs)
-
-
-def _blank() -> Any:
-    from PIL import Image
-
-    return Image.new("RGB", (8, 8))
 
 
 # ---------------------------------------------------------------------------------------------- JSON
@@ -138,12 +135,11 @@ def _row_json(served: ServedIndex, row: BankRow) -> dict[str, Any]:
     }
 
 
-def _hit_json(served: ServedIndex, hit: Any, query_label: int = -1) -> dict[str, Any]:
-    """A Hit or Neighbour as JSON; ``other_class`` is None where either label is unknown."""
-    other = getattr(hit, "label_differs", None)
-    if other is None and query_label >= 0 and hit.label >= 0:
-        other = hit.label != query_label
+def _hit_json(served: ServedIndex, hit: Hit | Neighbour) -> dict[str, Any]:
+    """A Hit or Neighbour as JSON; ``other_class`` is None where the query's label or this one is unknown
+    (always for a Hit: uploads and vectors have no label)."""
     row = _row_json(served, BankRow(hit.row, hit.index, hit.label, hit.path))
+    other = hit.label_differs if isinstance(hit, Neighbour) else None
     return {**row, "score": round(float(hit.score), 6), "other_class": other}
 
 
@@ -222,18 +218,10 @@ def create_app(retrievers: Mapping[str, Retriever], settings: ServeSettings | No
         raise IsdError("no index to serve")
     served = {name: _serve(name, r, settings) for name, r in retrievers.items()}
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        for one in served.values():
-            if one.batcher is not None:
-                one.batcher.close()
-
     app = FastAPI(
         title="isdretrieve search",
         summary="Nearest-neighbour search over ISD-family feature banks.",
         version="1",
-        lifespan=lifespan,
         redoc_url=None,
     )
     app.state.served = served
@@ -280,7 +268,7 @@ def create_app(retrievers: Mapping[str, Retriever], settings: ServeSettings | No
             decode_untrusted(upload.file.read(cap + 1), max_bytes=cap, max_pixels=settings.max_pixels)
             for upload in files
         ]
-        features = one.batcher.submit(one.retriever.prepare(images)).result()
+        features = one.batcher.encode(one.retriever.prepare(images))
         results = one.retriever.search(features, k)
         return {
             "results": [
@@ -365,9 +353,10 @@ def create_app(retrievers: Mapping[str, Retriever], settings: ServeSettings | No
         positives = []
         for r, s in zip(rows.tolist(), similarities.tolist(), strict=True):
             found = one.retriever.row(r)
-            hit = {**_row_json(one, found), "similarity": round(float(s), 6)}
-            known = anchor.label >= 0 and found.label >= 0
-            positives.append({**hit, "other_class": (found.label != anchor.label) if known else None})
+            other = label_differs(anchor.label, found.label)
+            positives.append(
+                {**_row_json(one, found), "similarity": round(float(s), 6), "other_class": other}
+            )
         return {"anchor": _row_json(one, anchor), "positives": positives}
 
     @app.get("/api/indices/{name}/pairs/{pairs_name}/audit", summary="The label audit of a pairs file")

@@ -1,33 +1,35 @@
-"""Micro-batching: image batches submitted by concurrent requests share one encoder forward.
+"""Micro-batching: image batches from concurrent requests share one encoder forward.
 
     batcher = EncodeBatcher(retriever.encode, max_batch=64)
-    features = batcher.submit(retriever.prepare([image])).result()   # from any thread
+    features = batcher.encode(retriever.prepare([image]))   # from any thread; blocks until done
 
-One worker thread runs the forwards. When it is free it takes every job waiting at that moment (up to
-``max_batch`` images) and runs them as one batch, so a lone request never waits for company, and
-requests that arrive while a forward runs are merged into the next one.
+No worker thread: each caller queues its images, then waits for the forward lock. Whoever holds it
+takes every queued batch (up to ``max_batch`` images, oldest first) and runs them as one forward, so
+a lone request encodes on its own thread at once, and requests that arrive while a forward runs are
+merged into the next one (their callers find their features ready when they get the lock).
 """
 
 from __future__ import annotations
 
-import queue
 import threading
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
     images: torch.Tensor  # uint8 [B,3,H,W]
-    future: Future[torch.Tensor] = field(default_factory=Future)
+    features: torch.Tensor | None = None
+    error: BaseException | None = None
+    done: bool = False
 
 
 @dataclass
 class BatcherStats:
-    """Forwards run, images encoded, requests served, and the largest number of requests in one forward."""
+    """Forwards run, images encoded, requests served, and the most requests merged into one forward."""
 
     forwards: int = 0
     images: int = 0
@@ -35,66 +37,58 @@ class BatcherStats:
     most_jobs: int = 0
 
 
+@dataclass
 class EncodeBatcher:
-    """Runs ``encode`` (uint8 [B,3,H,W] -> features [B,D]) on a worker thread over merged submissions."""
+    """Runs ``encode`` (uint8 [B,3,H,W] -> features [B,D]) over the batches waiting at each forward."""
 
-    def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], max_batch: int = 64) -> None:
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
-        self._encode, self.max_batch = encode, max_batch
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self.stats = BatcherStats()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="isd-encode-batcher", daemon=True)
-        self._thread.start()
+    encode_batch: Callable[[torch.Tensor], torch.Tensor]
+    max_batch: int = 64
+    stats: BatcherStats = field(default_factory=BatcherStats)
+    _queue: deque[_Job] = field(default_factory=deque, repr=False)
+    _queue_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _forward_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def submit(self, images: torch.Tensor) -> Future[torch.Tensor]:
-        """Queue a uint8 image batch; the future holds its features [B, D] (or the encoder's error)."""
-        if self._closed:
-            raise RuntimeError("the batcher is closed")
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {self.max_batch}")
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """The features [B, D] of ``images``, encoded alone or with other callers' images; the encoder's
+        error is raised in every caller whose images were in the failed forward."""
         job = _Job(images)
-        self._queue.put(job)
-        return job.future
+        with self._queue_lock:
+            self._queue.append(job)
+        while not job.done:
+            with self._forward_lock:
+                if not job.done:
+                    self._forward(self._take())
+        if job.error is not None:
+            raise job.error
+        return job.features
 
-    def close(self) -> None:
-        """Finish the queued jobs and stop the worker."""
-        if not self._closed:
-            self._closed = True
-            self._queue.put(None)
-            self._thread.join()
-
-    def _run(self) -> None:
-        pending: _Job | None = None
-        while True:
-            job = pending if pending is not None else self._queue.get()
-            pending = None
-            if job is None:
-                return
-            jobs, count = [job], len(job.images)
-            while count < self.max_batch:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None or count + len(more.images) > self.max_batch:
-                    pending = more  # the stop marker, or a job for the next forward
-                    break
-                jobs.append(more)
-                count += len(more.images)
-            self._forward(jobs)
+    def _take(self) -> list[_Job]:
+        """The oldest queued jobs, up to ``max_batch`` images (at least one job)."""
+        with self._queue_lock:
+            jobs = [self._queue.popleft()]
+            count = len(jobs[0].images)
+            while self._queue and count + len(self._queue[0].images) <= self.max_batch:
+                job = self._queue.popleft()
+                jobs.append(job)
+                count += len(job.images)
+        return jobs
 
     def _forward(self, jobs: list[_Job]) -> None:
         try:
-            features = self._encode(torch.cat([job.images for job in jobs]))
-        except BaseException as exc:  # every waiting request gets the error; the worker keeps running
+            features = self.encode_batch(torch.cat([job.images for job in jobs]))
+        except Exception as exc:  # every merged request gets the error; later forwards go on
             for job in jobs:
-                job.future.set_exception(exc)
+                job.error, job.done = exc, True
             return
         self.stats.forwards += 1
-        self.stats.images += sum(len(job.images) for job in jobs)
+        self.stats.images += len(features)
         self.stats.jobs += len(jobs)
         self.stats.most_jobs = max(self.stats.most_jobs, len(jobs))
         start = 0
         for job in jobs:
-            job.future.set_result(features[start : start + len(job.images)])
+            job.features, job.done = features[start : start + len(job.images)], True
             start += len(job.images)

@@ -138,8 +138,10 @@ class Guard:
         return unquote(cookie[TOKEN_COOKIE].value) if TOKEN_COOKIE in cookie else None
 
     async def _capped(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Run the app with the body counted; past the cap it sees a disconnect and the client a 413."""
-        received, over = 0, False
+        """Run the app with the body counted; past the cap it sees a disconnect and the client a 413.
+        An exception the app lets out after answering (Starlette re-raises a 500 it has sent) ends here,
+        so the connection is closed cleanly; one before any answer becomes a JSON 500."""
+        received, over, started = 0, False, False
 
         async def counted() -> Message:
             nonlocal received, over
@@ -152,14 +154,18 @@ class Guard:
             return message
 
         async def send_unless_over(message: Message) -> None:
+            nonlocal started
             if not over:
+                started = started or message["type"] == "http.response.start"
                 await send(message)
 
         try:
             await self.app(scope, counted, send_unless_over)
-        except Exception:
+        except Exception as exc:
             if not over:
-                raise
+                if not started:
+                    await self._reply(send, 500, f"internal error ({type(exc).__name__})")
+                return  # else answered (and logged) already
         if over:
             await self._reply(send, 413, f"request body over the {self.max_body:,}-byte limit")
 
