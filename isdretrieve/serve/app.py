@@ -110,9 +110,7 @@ def open_indices(index_dirs: Sequence[str | Path], *, device: str = "auto") -> d
 def _serve(name: str, retriever: Retriever, settings: ServeSettings) -> ServedIndex:
     batcher = None
     if retriever.has_encoder:
-        retriever.prepare(
-            Image.new("RGB", (8, 8))
-        )  # loads and checks the encoder now, not on the first query
+        retriever.prepare(Image.new("RGB", (8, 8)))  # loads and checks the encoder now, not at a query
         batcher = EncodeBatcher(retriever.encode, max_batch=settings.max_batch)
     pairs = {path.stem: path for path in find_pairs(retriever.index_dir, retriever.index.bank.fingerprint)}
     return ServedIndex(name, retriever, batcher, pairs)
