@@ -275,7 +275,7 @@ BAD_INPUT_IDS = [
             "/api/indices/digits/search/vectors",
             {"content": b"{not json", "headers": {"content-type": "application/json"}},
             422,
-            ["JSON"],
+            ["request body is not valid JSON: Expecting property name"],
         ),
         ("get", "/api/indices/nope/rows/1", {}, 404, ["unknown index 'nope'"]),
         ("get", "/api/indices/digits/pairs/..%2Fbank/audit", {}, 404, ["Not Found"]),
