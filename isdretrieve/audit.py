@@ -4,6 +4,7 @@ get one. Labels only measure the mining here; they never choose pairs."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -122,3 +123,29 @@ def write_audit(report: AuditReport, json_path: Path, png_path: Path) -> None:
         ],
         png_path,
     )
+
+
+def audit_paths(pairs_path: str | Path) -> tuple[Path, Path]:
+    """Where the audit of ``PAIRS.h5`` lives: ``PAIRS.audit.json`` and ``PAIRS.audit.png`` beside it."""
+    stem = Path(pairs_path).with_suffix("")
+    return Path(f"{stem}.audit.json"), Path(f"{stem}.audit.png")
+
+
+def load_audit(json_path: str | Path) -> dict:
+    """An audit JSON file as a dict, its NaN precisions (settings without pairs) as None (strict JSON)."""
+    path = Path(json_path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BankError(f"cannot read the audit {path}: {exc}") from None
+
+    def strict(value: object) -> object:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: strict(v) for key, v in value.items()}
+        if isinstance(value, list):
+            return [strict(v) for v in value]
+        return value
+
+    return strict(data)

@@ -426,3 +426,18 @@ def _existing(out: Path, fingerprint: str, params: MiningParams, search: str) ->
             f"({pairs.params}, {pairs.attrs.get('search', 'exact')} search): {_DELETE_HINT}"
         )
     return pairs
+
+
+def find_pairs(directory: str | Path, fingerprint: str) -> list[Path]:
+    """The pairs files (``*.h5`` of format ``isdretrieve.pairs/1``) in ``directory`` mined from the bank
+    with ``fingerprint``, sorted by name; other HDF5 files and pairs of other banks are left out."""
+    found = []
+    for path in sorted(Path(directory).glob("*.h5")):
+        try:
+            with h5py.File(path, "r") as f:
+                fmt, mined_from = attr_value(f.attrs.get("format")), attr_value(f.attrs.get("fingerprint"))
+        except OSError:
+            continue
+        if fmt == PAIRS_FORMAT and mined_from == fingerprint and path.is_file():
+            found.append(path)
+    return found

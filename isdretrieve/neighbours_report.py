@@ -103,13 +103,24 @@ class ImageSource:
 
     def row(self, index: int, path: str) -> Image.Image | None:
         """Dataset item ``index`` if the data set still names it ``path``, else the file ``path``."""
-        data = self._data()
-        if data is not None and 0 <= index < len(data) and data.path(index) == path:
-            try:
-                return tensor_to_pil(data[index][0])
-            except IsdError:
-                return None
+        if self.names(index, path):
+            return self.dataset_row(index, path)
         return open_image(Path(path)) if path else None
+
+    def names(self, index: int, path: str) -> bool:
+        """Whether the bank's data set still holds item ``index`` under the name ``path``."""
+        data = self._data()
+        return data is not None and 0 <= index < len(data) and data.path(index) == path
+
+    def dataset_row(self, index: int, path: str) -> Image.Image | None:
+        """Dataset item ``index`` read from the data set only (never from a path the bank names), or None
+        when the data set cannot be opened, no longer names it ``path``, or cannot decode it."""
+        if not self.names(index, path):
+            return None
+        try:
+            return tensor_to_pil(self._data()[index][0])
+        except IsdError:
+            return None
 
     def query(self, query: NeighbourQuery) -> Image.Image | None:
         if query.image is not None:

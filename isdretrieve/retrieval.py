@@ -5,6 +5,8 @@
     hits[0][0].path, hits[0][0].score, hits[0][0].label
     found = r.neighbours([17, "query.jpg", "more/"], k=8)   # bank rows (self left out), files, folders
     found = r.neighbours(r.sample_rows(16, seed=0), k=8)    # a random sample of bank rows
+    r.search_vectors([[0.1] * r.dim], k=5)                 # feature vectors, checked against the bank's D
+    r.row(17), r.row_image(17)                              # a bank row's label and path; its picture
 
 Images are embedded with the index's own encoder (``encoder.pt`` in the index directory, checked against
 the bank's fingerprint) and its eval transform.
@@ -12,6 +14,7 @@ the bank's fingerprint) and its eval transform.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +38,7 @@ from isdretrieve.neighbours import (
     expand_queries,
     label_differs,
 )
+from isdretrieve.neighbours_report import ImageSource, class_name
 
 ImageLike = str | Path | Image.Image
 Queries = ImageLike | Sequence[ImageLike] | torch.Tensor | np.ndarray
@@ -51,6 +55,16 @@ class Hit:
     path: str
 
 
+@dataclass(frozen=True)
+class BankRow:
+    """One bank row: its dataset index, label (−1 unknown) and path (or source index)."""
+
+    row: int
+    index: int
+    label: int
+    path: str
+
+
 class Retriever:
     def __init__(self, index: SearchIndex, index_dir: Path, device: str = "auto") -> None:
         self.index, self.index_dir = index, index_dir
@@ -61,6 +75,8 @@ class Retriever:
         self._labels, self._indices, self._paths = bank.labels(), bank.indices(), bank.paths()
         self._encoder: torch.nn.Module | None = None
         self._header: EncoderHeader | None = None
+        self._lock = threading.Lock()  # the encoder and the data set are opened once, by one thread
+        self._images = ImageSource(bank.data_spec)
 
     @classmethod
     def open(cls, index_dir: str | Path, *, device: str = "auto") -> Retriever:
@@ -76,7 +92,20 @@ class Retriever:
         """Class names of the bank's labels (empty when the data set had none)."""
         return self.index.bank.classes
 
+    def class_name(self, label: int) -> str:
+        """The name of ``label`` ("unlabelled" for −1; the number itself where the bank names none)."""
+        return class_name(label, self.classes)
+
+    @property
+    def has_encoder(self) -> bool:
+        """Whether the index directory holds an ``encoder.pt`` to embed images with."""
+        return (self.index_dir / "encoder.pt").is_file()
+
     def _load_encoder(self) -> tuple[torch.nn.Module, EncoderHeader]:
+        with self._lock:
+            return self._open_encoder()
+
+    def _open_encoder(self) -> tuple[torch.nn.Module, EncoderHeader]:
         if self._encoder is None:
             path = self.index_dir / "encoder.pt"
             if not path.is_file():
@@ -88,12 +117,18 @@ class Retriever:
             self._encoder, self._header = encoder.to(self.device).eval(), header
         return self._encoder, self._header
 
+    def prepare(self, images: Queries) -> torch.Tensor:
+        """Images (paths, PIL images or a batch) as the uint8 batch [B,3,S,S] that :meth:`encode` embeds;
+        decoding them apart from encoding lets several callers' images share one forward."""
+        _, header = self._load_encoder()
+        return self._as_uint8_batch(images, 256 if preset_for(header) == "imagenet" else header.image_size)
+
     @torch.no_grad()
     def encode(self, images: Queries, batch_size: int = 256) -> torch.Tensor:
         """L2-normalised float32 features [Q, D] (on CPU) of images: paths, PIL images or an image batch."""
         encoder, header = self._load_encoder()
         preset = preset_for(header)
-        batch = self._as_uint8_batch(images, 256 if preset == "imagenet" else header.image_size)
+        batch = self.prepare(images)
         feats = []
         for start in range(0, len(batch), batch_size):
             x = eval_view(batch[start : start + batch_size].to(self.device), preset)
@@ -113,14 +148,43 @@ class Retriever:
             for score_row, row_row in zip(scores, rows, strict=True)
         ]
 
-    def sample_rows(self, n: int, seed: int = 0) -> list[int]:
-        """``n`` distinct bank rows (all rows when ``n`` >= the bank's size) drawn with ``seed``, sorted."""
+    def search_vectors(self, vectors: Sequence[Sequence[float]] | np.ndarray, k: int = 10) -> list[list[Hit]]:
+        """:meth:`search` for feature vectors only ([Q, D] or [D]): a QueryError, not an image error, when
+        their length is not the bank's dimension or a value is not finite."""
+        try:
+            x = np.asarray(vectors, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise QueryError("feature vectors must be lists of numbers of one length") from None
+        x = x[None] if x.ndim == 1 else x
+        if x.ndim != 2 or x.shape[1] != self.dim or not len(x):
+            shape = "x".join(str(n) for n in x.shape)
+            raise QueryError(f"feature vectors must have {self.dim} numbers each (the bank's D), got {shape}")
+        if not np.isfinite(x).all():
+            raise QueryError("feature vectors must hold finite numbers only")
+        return self.search(x, k)
+
+    def row(self, row: int) -> BankRow:
+        """Bank row ``row``'s dataset index, label and path; a QueryError for a row the bank lacks."""
+        if not 0 <= row < len(self.index):
+            raise QueryError(f"unknown bank row {row}: the bank has rows 0..{len(self.index) - 1}")
+        return BankRow(row, int(self._indices[row]), int(self._labels[row]), self._paths[row])
+
+    def row_image(self, row: int) -> Image.Image | None:
+        """The picture of bank row ``row``, read from the bank's data SPEC (in-memory data sets too), or
+        None where that data set is gone or names the row differently; never read from another path."""
+        found = self.row(row)
+        with self._lock:
+            self._images.names(found.index, found.path)  # opens the data set once, under the lock
+        return self._images.dataset_row(found.index, found.path)
+
+    def sample_rows(self, n: int, seed: int = 0, label: int | None = None) -> list[int]:
+        """``n`` distinct bank rows (all of them when ``n`` >= their number) drawn with ``seed``, sorted;
+        only rows of class ``label`` when it is given (an empty list when the bank has none)."""
         if n < 1:
             raise QueryError(f"the sample size must be at least 1, got {n}")
+        pool = np.arange(len(self.index)) if label is None else np.flatnonzero(self._labels == label)
         rng = np.random.default_rng(seed)
-        return sorted(
-            int(r) for r in rng.choice(len(self.index), size=min(n, len(self.index)), replace=False)
-        )
+        return sorted(int(r) for r in rng.choice(pool, size=min(n, len(pool)), replace=False))
 
     def neighbours(self, queries: QueryItem | Sequence[QueryItem], k: int = 10) -> list[NeighbourResult]:
         """The k nearest bank rows of each query, in the order given: bank rows (``int``, each left out of
@@ -149,10 +213,8 @@ class Retriever:
     def _describe(self, number: int, item: QueryItem) -> NeighbourQuery:
         """The query ``item`` (the ``number``-th) with its row, dataset index, label and path."""
         if isinstance(item, int):
-            if not 0 <= item < len(self.index):
-                raise QueryError(f"unknown bank row {item}: the bank has rows 0..{len(self.index) - 1}")
-            index, label = int(self._indices[item]), int(self._labels[item])
-            return NeighbourQuery(f"row {item}", item, index, label, self._paths[item])
+            found = self.row(item)
+            return NeighbourQuery(f"row {item}", item, found.index, found.label, found.path)
         if isinstance(item, Image.Image):
             return NeighbourQuery(f"image {number}", None, None, -1, "", item)
         return NeighbourQuery(str(item), None, None, -1, str(item))

@@ -77,3 +77,33 @@ def digits_pairs(tmp_path_factory):
     root = tmp_path_factory.mktemp("sepp")
     bank = export_bank(random_encoder(root / "enc.pt"), "digits", root / "bank.h5", workers=0).path
     return mine_pairs(bank, root / "pairs.h5", MiningParams(k=3, mutual=True)), root / "pairs.h5"
+
+
+def build_test_index(root: Path, data: str, *, image_size: int = 16, name: str = "index") -> Path:
+    """An exact index ``root/NAME`` over ``data`` with a random-init small CNN (fixed seed), through the
+    pipeline, so the directory holds its ``encoder.pt``."""
+    from isdretrieve.pipeline import build_index_from_checkpoint
+
+    encoder = random_encoder(root / "enc.pt", image_size=image_size)
+    build_index_from_checkpoint(encoder, data, root / name, factory="Flat", workers=0)
+    return root / name
+
+
+@pytest.fixture(scope="session")
+def digits_test_index(tmp_path_factory) -> Path:
+    """An exact index over the digits test split (450 rows, 10 classes) with a random-init encoder."""
+    return build_test_index(tmp_path_factory.mktemp("digits-index"), "digits,split=test")
+
+
+@pytest.fixture(scope="session")
+def chromium_path() -> str:
+    """Path of headless Chromium; skipped without it unless ISD_REQUIRE_BROWSER is set (then a failure)."""
+    import os
+    import shutil
+
+    found = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(found).is_file():
+        if os.environ.get("ISD_REQUIRE_BROWSER", "") not in ("", "0"):
+            pytest.fail("ISD_REQUIRE_BROWSER is set but chromium is not installed")
+        pytest.skip("chromium is not installed (set ISD_REQUIRE_BROWSER=1 to make this a failure)")
+    return found

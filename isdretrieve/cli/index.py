@@ -20,6 +20,7 @@ from isdretrieve.cli.common import (
 )
 from isdretrieve.cli.mine import bank_file, mine
 from isdretrieve.cli.neighbours import neighbours
+from isdretrieve.cli.serve import serve
 from isdretrieve.errors import IsdError
 
 
@@ -325,6 +326,7 @@ def recall(index_dir: Path, k: int, queries: int, seed: int, as_json: bool) -> N
 
 main.add_command(mine)
 main.add_command(neighbours)
+main.add_command(serve)
 
 if __name__ == "__main__":
     main()

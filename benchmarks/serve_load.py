@@ -1,0 +1,256 @@
+"""Load on ``isd-index serve``: concurrent image searches against a real server on loopback.
+
+The server (``isd-index serve`` in its own process, 127.0.0.1 only) holds an exact index over the
+CIFAR-10 test split (JPEG q75 copy; the embedded digits when the copy is absent) embedded by a
+random-init small CNN at 32 px. Queries are test-split JPEG files uploaded as they are (k = 10), so each
+one must find itself first: a wrong top hit counts as an error, like any non-200 answer or exception.
+
+1. Single request: ``--single`` sequential searches of one image; their p50 against the p50 of the bare
+   in-process path for the same bytes (decode, encode, search with ``Retriever``; no HTTP). Goal <= 1.3.
+2. Load: ``--clients`` threads, each with its own keep-alive connection, search with random query images
+   for ``--seconds`` (stopping early at ``--max-requests``); zero errors required; p50/p99 latency,
+   requests/s, and the encoder batcher's forwards (how many requests shared one).
+
+Both processes run torch with ``--threads`` intra-op threads.
+
+    python benchmarks/serve_load.py [--clients 16] [--seconds 60] [--max-requests 200000] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # the harness, and this checkout's isdretrieve
+from _harness import cifar_root, write_result  # noqa: E402
+
+from isdretrieve.data import open_dataset  # noqa: E402
+from isdretrieve.models import IMAGENET_MEAN, IMAGENET_STD, EncoderHeader, build_backbone, export_encoder  # noqa: E402
+from isdretrieve.pipeline import build_index_from_checkpoint  # noqa: E402
+from isdretrieve.retrieval import Retriever  # noqa: E402
+
+REPO = HERE.parent
+GOAL = 1.3
+K = 10
+
+
+def build(root: Path) -> tuple[Path, str, list[tuple[int, bytes]]]:
+    """The index directory, its data SPEC, and (dataset index, file bytes) of 64 query images."""
+    found = cifar_root()
+    spec = f"folder:{found / 'test'}" if found else "digits,split=test"
+    torch.manual_seed(0)
+    header = EncoderHeader("small_cnn", False, 256, 32 if found else 16, IMAGENET_MEAN, IMAGENET_STD)
+    export_encoder(build_backbone("small_cnn"), header, root / "enc.pt")
+    build_index_from_checkpoint(root / "enc.pt", spec, root / "index", factory="Flat", workers=2)
+    data = open_dataset(spec)
+    picks = random.Random(0).sample(range(len(data)), 64)
+    if found:
+        queries = [(i, (found / "test" / data.path(i)).read_bytes()) for i in picks]
+    else:  # digits live in memory: upload them as PNG
+        from isdretrieve.neighbours_report import tensor_to_pil
+
+        queries = []
+        for i in picks:
+            buffer = io.BytesIO()
+            tensor_to_pil(data[i][0]).save(buffer, format="PNG")
+            queries.append((i, buffer.getvalue()))
+    return root / "index", spec, queries
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(index: Path, port: int, threads: int) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "isdretrieve.cli.index", "serve", str(index), "--port", str(port)]
+    server = subprocess.Popen(command + ["--device", "cpu"], env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/indices", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    server.kill()
+    raise SystemExit("the server did not start")
+
+
+def search(client: httpx.Client, query: tuple[int, bytes]) -> tuple[float, str]:
+    """(seconds, problem) of one search; problem is "" when the answer is right."""
+    index, data = query
+    start = time.perf_counter()
+    try:
+        response = client.post(
+            "/api/indices/index/search/images", params={"k": K}, files={"files": ("q", data)}
+        )
+    except httpx.HTTPError as exc:
+        return time.perf_counter() - start, f"{type(exc).__name__}: {exc}"
+    took = time.perf_counter() - start
+    if response.status_code != 200:
+        return took, f"HTTP {response.status_code}: {response.text[:200]}"
+    top = response.json()["results"][0]["hits"][0]
+    return took, "" if top["index"] == index else f"top hit {top['index']} for query {index}"
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def single(url: str, index: Path, query: tuple[int, bytes], repeat: int) -> dict:
+    """p50 of one search request against the bare in-process decode + encode + search of the same bytes,
+    alternating request by request so that both see the same background load; also the p50 of a request
+    that does no work (one bank row's JSON), the HTTP round trip's floor on this machine."""
+    from PIL import Image
+
+    retriever = Retriever.open(index, device="cpu")
+    bare, served, floor = [], [], []
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for n in range(repeat + 10):
+            start = time.perf_counter()
+            hits = retriever.search(Image.open(io.BytesIO(query[1])), k=K)
+            took = time.perf_counter() - start
+            assert hits[0][0].index == query[0]
+            served_took, problem = search(client, query)
+            assert not problem, problem
+            start = time.perf_counter()
+            assert client.get("/api/indices/index/rows/0").status_code == 200
+            floor_took = time.perf_counter() - start
+            if n >= 10:  # after warm-up
+                bare.append(took)
+                served.append(served_took)
+                floor.append(floor_took)
+    ratio = statistics.median(served) / statistics.median(bare)
+    return {
+        "requests": repeat,
+        "served_p50_ms": 1e3 * statistics.median(served),
+        "bare_p50_ms": 1e3 * statistics.median(bare),
+        "served_p99_ms": 1e3 * percentile(served, 99),
+        "bare_p99_ms": 1e3 * percentile(bare, 99),
+        "row_json_p50_ms": 1e3 * statistics.median(floor),
+        "ratio": ratio,
+        "goal": GOAL,
+        "meets_goal": ratio <= GOAL,
+    }
+
+
+def load(url: str, queries: list[tuple[int, bytes]], clients: int, seconds: float, max_requests: int) -> dict:
+    latencies: list[float] = []
+    problems: list[str] = []
+    lock, stop_at = threading.Lock(), time.monotonic() + seconds
+
+    def client_loop(seed: int) -> None:
+        rng = random.Random(seed)
+        with httpx.Client(base_url=url, timeout=60) as client:
+            while time.monotonic() < stop_at:
+                with lock:
+                    if len(latencies) >= max_requests:
+                        return
+                took, problem = search(client, rng.choice(queries))
+                with lock:
+                    latencies.append(took)
+                    if problem:
+                        problems.append(problem)
+
+    start = time.monotonic()
+    workers = [threading.Thread(target=client_loop, args=(n,)) for n in range(clients)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    wall = time.monotonic() - start
+    return {
+        "clients": clients,
+        "seconds": wall,
+        "requests": len(latencies),
+        "errors": len(problems),
+        "first_errors": problems[:5],
+        "requests_per_s": len(latencies) / wall,
+        "p50_ms": 1e3 * percentile(latencies, 50),
+        "p99_ms": 1e3 * percentile(latencies, 99),
+        "max_ms": 1e3 * max(latencies),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--max-requests", type=int, default=200_000)
+    parser.add_argument("--single", type=int, default=200, help="sequential requests for the single p50")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads, both processes")
+    args = parser.parse_args()
+    if not 1 <= args.clients <= 256 or not 0 < args.seconds <= 600:
+        raise SystemExit("--clients must be 1..256 and --seconds 0..600 (the benchmark is bounded)")
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        index, spec, queries = build(Path(tmp))
+        port = free_port()
+        server = start_server(index, port, args.threads)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            one = single(url, index, queries[0], args.single)
+            print(f"single: HTTP floor (a bank row's JSON) p50 {one['row_json_p50_ms']:.2f} ms", flush=True)
+            print(
+                f"single: served p50 {one['served_p50_ms']:.2f} ms, bare {one['bare_p50_ms']:.2f} ms, "
+                f"ratio {one['ratio']:.2f}",
+                flush=True,
+            )
+            loaded = load(url, queries, args.clients, args.seconds, args.max_requests)
+            batcher = httpx.get(f"{url}/api/indices/index", timeout=10).json()["batcher"]
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    batcher["requests_per_forward"] = batcher["jobs"] / max(1, batcher["forwards"])
+    print(
+        f"load: {loaded['requests']} requests from {loaded['clients']} clients in {loaded['seconds']:.1f} s, "
+        f"{loaded['errors']} errors, p50 {loaded['p50_ms']:.1f} ms, p99 {loaded['p99_ms']:.1f} ms, "
+        f"{loaded['requests_per_s']:.0f} req/s, {batcher['requests_per_forward']:.2f} requests a forward"
+    )
+    path = write_result(
+        "serve_load",
+        {
+            "protocol": {
+                "data": "CIFAR-10 test split (JPEG q75 copy), 10,000 files as folder:ROOT/test"
+                if spec.startswith("folder:")
+                else spec,
+                "encoder": "random-init small CNN (seed 0), 32 px, ImageNet statistics",
+                "index": "Flat (exact)",
+                "k": K,
+                "query": "one uploaded image file per request (multipart), decoded on the server",
+                "server": "isd-index serve, its own process, 127.0.0.1, device cpu",
+                "clients": "threads in the benchmark process, httpx keep-alive connections, same machine",
+                "torch_threads": args.threads,
+            },
+            "single": one,
+            "load": loaded,
+            "batcher": batcher,
+            "zero_errors": loaded["errors"] == 0,
+            "note": "shared 2-core VM: other jobs ran during the measurement (see load_average_1_5_15); "
+            "the clients and the server share its cores",
+        },
+    )
+    print(f"wrote {path}")
+    if loaded["errors"]:
+        raise SystemExit(f"{loaded['errors']} errors under load")
+
+
+if __name__ == "__main__":
+    main()
