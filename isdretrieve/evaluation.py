@@ -14,9 +14,9 @@ from isdretrieve.bank_file import FeatureBank
 from isdretrieve.errors import BankError
 from isdretrieve.index import SearchIndex
 from isdretrieve.knn import KnnResult, Weighting, classify, drop_self_matches
-from isdretrieve.linear_eval import ImageProbeConfig, linear_eval_from_banks
 
 if TYPE_CHECKING:  # the probe needs torch; k-NN alone runs on FAISS and NumPy
+    from isdretrieve.linear_eval import ImageProbeConfig
     from isdretrieve.linear_probe import ProbeConfig, ProbeResult
 
 
@@ -66,7 +66,7 @@ def knn_evaluate(
     ks: tuple[int, ...] = (20,),
     temperature: float = 0.07,
     weighting: Weighting = "exp",
-    linear: ProbeConfig | None = None,
+    linear: ProbeConfig | ImageProbeConfig | None = None,
     device: str = "auto",
 ) -> KnnReport:
     """k-NN accuracy of ``test`` rows against ``train``'s index for every k in ``ks`` (one search).
@@ -103,21 +103,9 @@ def knn_evaluate(
         weighting=weighting,
         class_names=train.bank.classes,
     )
-    probe = None
-    if isinstance(linear, ImageProbeConfig):
-        probe = linear_eval_from_banks(train.directory, train.bank, test, linear, device=device)
-    elif linear is not None:
-        import torch
-
-        from isdretrieve.linear_probe import linear_probe
-
-        probe = linear_probe(
-            torch.from_numpy(train.bank.features()),
-            torch.from_numpy(train_labels),
-            torch.from_numpy(queries),
-            torch.from_numpy(test_labels),
-            linear,
-        )
+    probe = (
+        None if linear is None else _probe(linear, train, test, train_labels, queries, test_labels, device)
+    )
     return KnnReport(
         train=str(train.directory),
         test=str(test.path),
@@ -130,4 +118,30 @@ def knn_evaluate(
         total_seconds=round(time.perf_counter() - started, 4),
         results=results,
         linear=probe,
+    )
+
+
+def _probe(
+    linear: ProbeConfig | ImageProbeConfig,
+    train: SearchIndex,
+    test: FeatureBank,
+    train_labels: np.ndarray,
+    queries: np.ndarray,
+    test_labels: np.ndarray,
+    device: str,
+) -> ProbeResult:
+    """The linear evaluation ``linear`` asks for: on the banks' features, or on the images."""
+    import torch  # the probes need torch; k-NN alone runs on FAISS and NumPy
+
+    from isdretrieve.linear_eval import ImageProbeConfig, linear_eval_from_banks
+    from isdretrieve.linear_probe import linear_probe
+
+    if isinstance(linear, ImageProbeConfig):
+        return linear_eval_from_banks(train.directory, train.bank, test, linear, device=device)
+    return linear_probe(
+        torch.from_numpy(train.bank.features()),
+        torch.from_numpy(train_labels),
+        torch.from_numpy(queries),
+        torch.from_numpy(test_labels),
+        linear,
     )
