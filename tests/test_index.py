@@ -147,8 +147,14 @@ def test_exact_search_torch_equals_faiss(digits_cnn):
     torch_scores, torch_rows = exact_search_torch(
         torch.from_numpy(features), torch.from_numpy(test), 10, chunk=64
     )
-    np.testing.assert_array_equal(torch_rows, faiss_rows)
     np.testing.assert_allclose(torch_scores, faiss_scores, atol=1e-5)
+    # rows agree except where two neighbours' scores tie to float32 rounding (the GEMMs sum in other orders)
+    exact = np.abs(np.diff(faiss_scores, axis=1)) > 1e-5
+    clear = np.ones_like(faiss_rows, dtype=bool)
+    clear[:, 1:] &= exact
+    clear[:, :-1] &= exact
+    np.testing.assert_array_equal(torch_rows[clear], faiss_rows[clear])
+    assert clear.mean() > 0.9
 
 
 @pytest.mark.gpu
