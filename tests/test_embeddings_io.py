@@ -185,9 +185,9 @@ def test_five_image_folder_builds_searches_and_reports(five_images, tmp_path):
     recall = invoke(index_cli, "recall", idx)  # -k 10 on 5 rows: the 4 other rows
     assert recall.exit_code == 0 and "recall@4 = 1.0000" in recall.output, recall.output
 
-    knn = invoke(knn_cli, "--train", idx, "--test", idx, "-k", "3", "--json", tmp_path / "knn.json")
+    knn = invoke(knn_cli, "--train", idx, "--test", idx, "-k", "3", "--json")
     assert knn.exit_code == 0, knn.output
-    assert json.loads((tmp_path / "knn.json").read_text())["results"][0]["k"] == 3
+    assert json.loads(knn.stdout)["results"][0]["k"] == 3
 
     mined = invoke(index_cli, "mine", idx, "--out", tmp_path / "pairs.h5", "--audit", "--quiet")  # k=5 > 4
     assert mined.exit_code == 0 and "k=4" in mined.output, mined.output
