@@ -220,3 +220,25 @@ def test_isd_step_with_shuffle_bn_trains():
     out = isd(Batch(views, torch.arange(16), torch.zeros(16), progress=0.1))
     out.loss.backward()
     assert torch.isfinite(out.loss) and isd.student.backbone.stage1[0].bn.weight.grad is not None
+
+
+@pytest.mark.slow
+def test_compiled_split_batch_norm_step_matches_eager():
+    """engine.compile with shuffle-BN: one ISD step's loss and gradients, compiled vs eager."""
+    import copy
+
+    torch.manual_seed(0)
+    eager = ISD(_backbone(), IsdConfig(queue_size=256))
+    compiled = copy.deepcopy(eager)
+    compiled.student.compile()
+    compiled.teacher.compile()
+    views = [torch.rand(64, 3, 16, 16) for _ in range(2)]
+    outs = [m(Batch(views, torch.arange(64), torch.zeros(64), progress=0.1)) for m in (eager, compiled)]
+    for out in outs:
+        out.loss.backward()
+    torch.testing.assert_close(outs[1].loss, outs[0].loss, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        if p.grad is not None:
+            torch.testing.assert_close(
+                q.grad, p.grad, rtol=1e-3, atol=1e-4 * p.grad.abs().max().item(), msg=name
+            )
