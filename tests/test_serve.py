@@ -484,3 +484,40 @@ def test_the_encoder_runs_on_the_gpu_when_there_is_one(indices, digits):
         files = [("files", (f"{i}.png", _png(digits[i][0]))) for i in range(4)]
         hits = c.post("/api/indices/digits/search/images", files=files).json()["results"]
         assert [r["hits"][0]["index"] for r in hits] == [0, 1, 2, 3]
+
+
+def test_the_console_command_serves_and_prints_its_address_as_json(indices):
+    """``isd-index serve --json`` as a real process: one JSON line on stdout, then it answers on loopback,
+    and SIGTERM stops it."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = "from isdretrieve.cli.index import main; main()"
+    args = ["serve", str(indices["digits"]), "--port", str(port), "--device", "cpu", "--json"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    child = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        lines = [child.stdout.readline()]
+        while lines[-1].rstrip() != "}":  # one (indented) JSON document, then the server runs
+            assert lines[-1], "the command ended before printing its address"
+            lines.append(child.stdout.readline())
+        started = json.loads("".join(lines))
+        assert started["url"] == f"http://127.0.0.1:{port}/" and list(started["indices"]) == ["digits"]
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                listed = httpx.get(f"{started['url']}api/indices", timeout=5)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the server never answered"
+                time.sleep(0.2)
+        assert listed.status_code == 200 and "digits" in listed.text
+    finally:
+        child.send_signal(signal.SIGTERM)
+        child.wait(timeout=30)

@@ -48,6 +48,28 @@ class DeviceType(click.ParamType):
 DEVICE = DeviceType()
 
 
+class SizeType(click.ParamType):
+    """A size in bytes such as ``512MB`` or ``4G``, more than 0 bytes."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        from isdretrieve.pipeline import parse_size
+
+        try:
+            size = parse_size(str(value))
+        except IsdError as exc:
+            self.fail(str(exc), param, ctx)
+        if size <= 0:
+            self.fail(f"must be more than 0 bytes, got {value!r}", param, ctx)
+        return size
+
+
+SIZE = SizeType()
+
+
 class OneLineErrors:
     """Mixin for a top-level command or group: click's usage errors become one line on stderr.
 

@@ -12,6 +12,7 @@ from isdretrieve.cli.common import (
     DEVICE,
     NON_NEGATIVE,
     POSITIVE,
+    SIZE,
     Group,
     emit,
     json_option,
@@ -21,22 +22,6 @@ from isdretrieve.cli.common import (
 from isdretrieve.cli.mine import bank_file, mine
 from isdretrieve.cli.neighbours import neighbours
 from isdretrieve.cli.serve import serve
-from isdretrieve.errors import IsdError
-
-
-def _memory_budget(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    """``--memory-budget 4G`` as bytes, checked while the options are read."""
-    if value is None:
-        return None
-    from isdretrieve.pipeline import parse_size
-
-    try:
-        size = parse_size(value)
-    except IsdError as exc:
-        raise click.BadParameter(str(exc)) from None
-    if size <= 0:
-        raise click.BadParameter(f"must be more than 0 bytes, got {value!r}")
-    return size
 
 
 @click.group(cls=Group, context_settings=CONTEXT)
@@ -118,7 +103,7 @@ def export_kwargs(teacher: bool, quiet: bool, **options: object) -> dict[str, ob
 )
 @click.option(
     "--memory-budget",
-    callback=_memory_budget,
+    type=SIZE,
     help="Index memory budget for auto, e.g. 4G (default: half the RAM).",
 )
 @click.option(

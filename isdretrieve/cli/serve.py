@@ -6,9 +6,7 @@ from pathlib import Path
 
 import click
 
-from isdretrieve.cli.common import user_errors, verbose_option
-
-CONTEXT = {"help_option_names": ["-h", "--help"]}
+from isdretrieve.cli.common import CONTEXT, DEVICE, SIZE, emit, json_option, user_errors, verbose_option
 
 
 @click.command(context_settings=CONTEXT)
@@ -20,14 +18,17 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
     envvar="ISD_SERVE_TOKEN",
     help="Token every /api request must carry (env ISD_SERVE_TOKEN); required off loopback.",
 )
-@click.option("--device", default="auto", show_default=True, help="Encoder device: auto, cpu, cuda.")
-@click.option("--max-upload", default="8MB", show_default=True, help="Largest uploaded image, in bytes.")
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help="Encoder device.")
+@click.option(
+    "--max-upload", type=SIZE, default="8MB", show_default=True, help="Largest uploaded image, in bytes."
+)
 @click.option(
     "--max-pixels", default=40_000_000, show_default=True, type=click.IntRange(1), help="Per image."
 )
 @click.option(
     "--max-batch", default=64, show_default=True, type=click.IntRange(1, 4096), help="Images per forward."
 )
+@json_option
 @verbose_option
 @user_errors
 def serve(
@@ -36,13 +37,16 @@ def serve(
     port: int,
     token: str | None,
     device: str,
-    max_upload: str,
+    max_upload: int,
     max_pixels: int,
     max_batch: int,
+    as_json: bool,
 ) -> None:
-    """Serve INDEX_DIR... over HTTP: a JSON API (docs at /docs) and a search page at /."""
+    """Serve INDEX_DIR... over HTTP: a JSON API (docs at /docs) and a search page at /.
+
+    With --json, the address and the indices served are printed as one JSON document once listening starts.
+    """
     from isdretrieve.errors import IsdError
-    from isdretrieve.pipeline import parse_size
     from isdretrieve.serve.security import check_bind
 
     check_bind(host, token)
@@ -55,9 +59,12 @@ def serve(
             f"isd-index serve needs the serve extra ({exc.name} is missing): pip install 'isdretrieve[serve]'"
         ) from None
     settings = ServeSettings(
-        token=token, max_upload_bytes=parse_size(max_upload), max_pixels=max_pixels, max_batch=max_batch
+        token=token, max_upload_bytes=max_upload, max_pixels=max_pixels, max_batch=max_batch
     )
-    app = create_app(open_indices(index_dirs, device=device), settings)
+    retrievers = open_indices(index_dirs, device=device)
+    app = create_app(retrievers, settings)
     where = f"[{host}]" if ":" in host else host
-    click.echo(f"serving {len(index_dirs)} index(es) on http://{where}:{port}/ (Ctrl-C stops)", err=True)
+    url = f"http://{where}:{port}/"
+    click.echo(f"serving {len(index_dirs)} index(es) on {url} (Ctrl-C stops)", err=True)
+    emit({"url": url, "indices": {name: r.index_dir for name, r in retrievers.items()}}, as_json)
     uvicorn.run(app, host=host, port=port, log_level="warning")
