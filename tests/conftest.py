@@ -107,3 +107,24 @@ def chromium_path() -> str:
             pytest.fail("ISD_REQUIRE_BROWSER is set but chromium is not installed")
         pytest.skip("chromium is not installed (set ISD_REQUIRE_BROWSER=1 to make this a failure)")
     return found
+
+
+# A child process that exports a bank and SIGKILLs itself before embedding batch N+1.
+# argv: ENCODER SPEC OUT N WORKERS (batch size 50).
+KILLED_EXPORT = """
+import os, signal, sys
+import torch
+import isdretrieve.bank as bank
+
+torch.set_num_threads(1)
+real, calls = bank._embed, [0]
+
+def embed(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] > int(sys.argv[4]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+
+bank._embed = embed
+bank.export_bank(sys.argv[1], sys.argv[2], sys.argv[3], batch_size=50, workers=int(sys.argv[5]))
+"""

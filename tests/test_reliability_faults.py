@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import KILLED_EXPORT
 
 from isdretrieve.bank import FeatureBank, export_bank
 from isdretrieve.cli.index import main as index_main
@@ -275,34 +276,13 @@ def _bank_bytes(path: Path) -> tuple:
         )
 
 
-_BANK_CHILD = textwrap.dedent(
-    """
-    import os, signal, sys
-    import torch
-    import isdretrieve.bank as bank
-
-    torch.set_num_threads(1)
-    real, calls = bank._embed, [0]
-
-    def embed(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] > int(sys.argv[3]):
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(*args, **kwargs)
-
-    bank._embed = embed
-    bank.export_bank(sys.argv[1], "digits,split=test", sys.argv[2], batch_size=50, workers=0)
-    """
-)
-
-
 @pytest.mark.parametrize("seed", [0, 1])
 def test_bank_export_killed_at_a_random_batch_then_rerun_is_identical(
     seed: int, encoder: Path, straight_bank: Path, tmp_path: Path
 ) -> None:
     batches = random.Random(seed).randrange(0, 9)
     out = tmp_path / "bank.h5"
-    args = [sys.executable, "-c", _BANK_CHILD, str(encoder), str(out), str(batches)]
+    args = [sys.executable, "-c", KILLED_EXPORT, str(encoder), SPEC, str(out), str(batches), "0"]
     child = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert child.returncode == -signal.SIGKILL, child.stderr
     with pytest.raises(BankError, match="incomplete"):  # never reads as complete before it is

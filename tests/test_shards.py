@@ -10,12 +10,12 @@ import signal
 import subprocess
 import sys
 import tarfile
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import KILLED_EXPORT
 from PIL import Image
 
 import isdretrieve.bank as bank_module
@@ -264,25 +264,6 @@ def test_bad_members_follow_on_bad_image(tmp_path: Path, enc16: Path) -> None:
 
 
 # ------------------------------------------------------------------------------- the must-show
-_KILLED_EXPORT = textwrap.dedent(
-    """
-    import os, signal, sys
-    import torch
-    import isdretrieve.bank as bank
-
-    torch.set_num_threads(1)
-    real, calls = bank._embed, [0]
-
-    def embed(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] > int(sys.argv[4]):
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(*args, **kwargs)
-
-    bank._embed = embed
-    bank.export_bank(sys.argv[1], sys.argv[2], sys.argv[3], batch_size=50, workers=2)
-    """
-)
 
 
 @pytest.mark.cifar
@@ -304,7 +285,7 @@ def test_cifar_shards_export_killed_at_random_then_resumed_is_byte_identical(
 
     batches = random.Random(seed).randrange(1, 32)  # of 32: after it started writing, before the end
     out = tmp_path / "killed.h5"
-    args = [sys.executable, "-c", _KILLED_EXPORT, str(encoder), spec, str(out), str(batches)]
+    args = [sys.executable, "-c", KILLED_EXPORT, str(encoder), spec, str(out), str(batches), "2"]
     child = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert child.returncode == -signal.SIGKILL, child.stderr
     with pytest.raises(BankError, match="incomplete"):
