@@ -32,10 +32,13 @@ import numpy as np
 import torch
 
 from isdretrieve.atomic import atomic_path
-from isdretrieve.bank import FeatureBank, export_bank
+from isdretrieve.bank import export_bank, preset_for
+from isdretrieve.data import open_dataset
 from isdretrieve.knn import head_tail_accuracy, knn_class_scores, per_class_top1
 from isdretrieve.mining import MiningParams, mine_pairs
+from isdretrieve.models import load_backbone
 from isdretrieve.train import Trainer, recipe_from_data
+from isdretrieve.train.monitor import embed
 from isdretrieve.typed_config import load_yaml
 
 TRAINING = Path(__file__).resolve().parents[1]
@@ -81,15 +84,26 @@ def recipe_for(cell: Cell, args: argparse.Namespace, pairs: Path | None) -> dict
     return data
 
 
-def evaluate(encoder: Path, cell_dir: Path, train: str, test: str, lt_counts: list[int]) -> dict:
-    """k-NN of the run's encoder: its own training images as memory, the full test split as queries."""
-    banks = {}
-    for role, spec in (("train", train), ("test", test)):
-        path = cell_dir / f"{role}.h5"
-        export_bank(encoder, spec, path, device="cpu", workers=0)
-        with FeatureBank.open(path) as bank:
-            banks[role] = (torch.from_numpy(bank.features()), torch.from_numpy(bank.labels()))
-    (memory, memory_labels), (queries, query_labels) = banks["train"], banks["test"]
+class Images:
+    """Each SPEC's images decoded once per process (every cell reads the same three sets)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, spec: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if spec not in self._cache:
+            dataset = open_dataset(spec)
+            self._cache[spec] = (dataset.load_all(num_workers=2), dataset.labels.long())
+        return self._cache[spec]
+
+
+def evaluate(encoder: Path, train: str, test: str, lt_counts: list[int], images: Images) -> dict:
+    """k-NN of the run's encoder: its own training images as memory, the full test split as queries,
+    L2-normalised backbone features of the eval view (the training monitor's embedding)."""
+    backbone, header = load_backbone(encoder)
+    (memory_images, memory_labels), (query_images, query_labels) = images(train), images(test)
+    memory = embed(backbone, memory_images, preset_for(header))
+    queries = embed(backbone, query_images, preset_for(header))
     scores = knn_class_scores(memory, memory_labels, queries, k=K, temperature=T, num_classes=10)
     per_class = per_class_top1(scores, query_labels, 10)
     split = head_tail_accuracy(per_class, lt_counts, n=3)
@@ -106,7 +120,15 @@ def evaluate(encoder: Path, cell_dir: Path, train: str, test: str, lt_counts: li
     }
 
 
-def run_cell(cell: Cell, args: argparse.Namespace, pairs: Path | None, lt_counts: list[int]) -> dict:
+def loop_seconds(run_dir: Path) -> float:
+    """Seconds spent in the training loop (the epochs' own timings, without setup and data loading)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    return sum(r.get("epoch_seconds", 0.0) for r in records)
+
+
+def run_cell(
+    cell: Cell, args: argparse.Namespace, pairs: Path | None, lt_counts: list[int], images: Images
+) -> dict:
     cell_dir = args.out / cell.name
     recipe = recipe_from_data(recipe_for(cell, args, pairs))
     started = time.perf_counter()
@@ -117,8 +139,9 @@ def run_cell(cell: Cell, args: argparse.Namespace, pairs: Path | None, lt_counts
     result = trainer.fit()
     train_seconds = time.perf_counter() - started
     t0 = time.perf_counter()
-    knn = evaluate(result.encoder, cell_dir, recipe.data.train, f"folder:{args.root},split=test", lt_counts)
+    knn = evaluate(result.encoder, recipe.data.train, f"folder:{args.root},split=test", lt_counts, images)
     steps_run = result.steps - steps_before
+    in_loop = loop_seconds(cell_dir / "run")
     return {
         **asdict(cell),
         "train_spec": recipe.data.train,
@@ -126,7 +149,8 @@ def run_cell(cell: Cell, args: argparse.Namespace, pairs: Path | None, lt_counts
         "batch_size": recipe.optim.batch_size,
         "lr": recipe.optim.lr,
         "train_seconds": round(train_seconds, 1),
-        "seconds_per_step": round(train_seconds / steps_run, 3) if steps_run else None,
+        "seconds_per_step": round(in_loop / result.steps, 3) if result.steps else None,
+        "setup_seconds": round(train_seconds - in_loop, 1) if steps_run else None,
         "eval_seconds": round(time.perf_counter() - t0, 1),
         "encoder": str(result.encoder),
         **knn,
@@ -153,13 +177,13 @@ def table(records: list[dict]) -> str:
         "CIFAR-10 test split (JPEG q75 copy); head/tail = mean per-class top-1 of the 3 largest/smallest "
         "LT classes.",
         "",
-        "| cell | steps | top-1 | head | tail | s/step |",
-        "|---|---|---|---|---|---|",
+        "| cell | steps | top-1 | head | tail | s/step (loop) | setup s | eval s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         lines.append(
             f"| {r['name']} | {r['steps']} | {r['top1']:.4f} | {r['head']:.4f} | {r['tail']:.4f} "
-            f"| {r['seconds_per_step']} |"
+            f"| {r['seconds_per_step']} | {r['setup_seconds']} | {r['eval_seconds']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -182,9 +206,8 @@ def main() -> None:
         {r["name"]: r for r in json.loads(results_path.read_text())["cells"]} if results_path.exists() else {}
     )
 
-    from isdretrieve.data import open_dataset
-
-    lt_counts = np.bincount(open_dataset(train_spec(args.root, "lt")).labels.numpy(), minlength=10).tolist()
+    images = Images()
+    lt_counts = np.bincount(images(train_spec(args.root, "lt"))[1].numpy(), minlength=10).tolist()
     pairs = None
     for cell in cells(args.seeds, args.balanced_seeds):
         if args.only and cell.name not in args.only:
@@ -198,7 +221,7 @@ def main() -> None:
             t0 = time.perf_counter()
             pairs = mine(args, Path(miner["encoder"]))
             print(f"mined pairs in {time.perf_counter() - t0:.1f} s", flush=True)
-        record = run_cell(cell, args, pairs, lt_counts)
+        record = run_cell(cell, args, pairs, lt_counts, images)
         done[cell.name] = record
         scores = f"top-1 {record['top1']:.4f} head {record['head']:.4f} tail {record['tail']:.4f}"
         seconds = f"{record['train_seconds']} s train, {record['eval_seconds']} s eval"
