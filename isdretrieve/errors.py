@@ -27,6 +27,10 @@ class BankError(IsdError):
     """A feature bank is missing, incomplete, corrupt or does not match."""
 
 
+class MissingExtra(IsdError):
+    """A feature needs an optional dependency (an extra such as ``isdretrieve[timm]``) not installed."""
+
+
 class Interrupted(KeyboardInterrupt):
     """Training stopped on SIGTERM/SIGINT after saving a checkpoint; the CLI exits with 128 + signal."""
 

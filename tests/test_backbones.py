@@ -29,7 +29,7 @@ def test_output_shape_and_feature_dim(arch: str, cifar_stem: bool, size: int) ->
 
 
 def test_feature_dims() -> None:
-    assert [feature_dim(a) for a in ARCHS] == [512, 2048, 256]
+    assert [feature_dim(a) for a in ARCHS] == [512, 2048, 256, 192, 384, 768]
 
 
 def test_unknown_arch_lists_choices() -> None:
