@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +89,7 @@ def _digits_folder(folder: Path, n: int = 12) -> Path:
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
-@pytest.mark.parametrize("preset", ["digits", "cifar", "imagenet"])
+@pytest.mark.parametrize("preset", ["digits", "cifar", pytest.param("imagenet", marks=pytest.mark.slow)])
 def test_bank_row_finds_itself_first(preset: str, kind: str, tmp_path: Path, request) -> None:
     size = {"digits": 16, "cifar": 32, "imagenet": 224}[preset]
     if preset == "digits":
@@ -260,11 +261,12 @@ def test_bad_init_files_are_one_line(dino_file, tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- train -> index -> k-NN
 TINY = [
-    "--set", "optim.epochs=1", "--set", "optim.max_steps=3", "--set", "optim.batch_size=64",
+    "--set", "optim.epochs=1", "--set", "optim.max_steps=2", "--set", "optim.batch_size=32",
     "--set", "method.queue_size=128", "--set", "monitor.every=0", "--quiet",
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("arch", "extra"),
     [("vit_tiny", ["--set", "model.depth=2", "--set", "model.patch=4"]), ("timm:test_resnet", [])],
@@ -309,3 +311,35 @@ def test_train_from_dino_init_and_resume_skips_it(dino_file, tmp_path: Path) -> 
     )
     assert bad.exit_code == 2
     assert bad.output.startswith("error: model.init: checkpoint not found") and bad.output.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------------ errors
+def test_timm_missing_or_unknown_is_one_line(monkeypatch, tmp_path: Path) -> None:
+    unknown = CliRunner().invoke(
+        train_main, [DEMO, "--out", str(tmp_path / "a"), "--set", "model.arch=timm:nope"]
+    )
+    assert (
+        unknown.exit_code == 2
+        and unknown.output == "error: model.arch: unknown timm model 'nope' (see timm.list_models())\n"
+    )
+    monkeypatch.setitem(sys.modules, "timm", None)  # as if the extra were not installed
+    missing = CliRunner().invoke(
+        train_main, [DEMO, "--out", str(tmp_path / "b"), "--set", "model.arch=timm:resnet10t"]
+    )
+    assert missing.exit_code == 2
+    assert missing.output == "error: timm: backbones need timm: pip install 'isdretrieve[timm]'\n"
+
+
+def test_vit_patch_must_divide_the_image(tmp_path: Path) -> None:
+    bad = CliRunner().invoke(
+        train_main,
+        [DEMO, "--out", str(tmp_path / "a"), "--set", "model.arch=vit_tiny", "--set", "model.patch=5"],
+    )
+    assert bad.exit_code == 2
+    assert bad.output == "error: model.arch: vit_tiny: image size 16 is not a multiple of the patch size 5\n"
+
+
+def test_header_without_patch_field_still_loads() -> None:
+    old = {"arch": "resnet18", "cifar_stem": True, "feature_dim": 512, "image_size": 32,
+           "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}  # fmt: skip
+    assert EncoderHeader.from_dict(old).patch_size == 0
