@@ -212,6 +212,20 @@ def test_dino_checkpoint_through_the_cli(dino_file, tmp_path: Path) -> None:
     assert json.loads(report.read_text())["results"][0]["top1"] > 0.3  # chance is 0.1
 
 
+def test_adasim_style_checkpoint_loads_like_dino(dino_file, tmp_path: Path) -> None:
+    """AdaSim's checkpoint.pth is DINO's plus its loss state and the neighbour memory (all tensors)."""
+    obj = torch.load(dino_file[0], weights_only=False)
+    obj["adasim_loss"] = obj.pop("dino_loss")
+    obj |= {"features": torch.randn(50, 192), "nn_matrix": torch.zeros(50, 4, 10, dtype=torch.long)}
+    torch.save(obj, tmp_path / "adasim.pth")
+    for which in ("student", "teacher"):
+        ours, header = load_backbone(tmp_path / "adasim.pth", which=which)
+        same, _ = load_backbone(dino_file[0], which=which)
+        assert header.source == f"adasim.pth:{which}"
+        for key, value in same.state_dict().items():
+            torch.testing.assert_close(ours.state_dict()[key], value, atol=0, rtol=0)
+
+
 def test_dino_checkpoint_as_model_init(dino_file) -> None:
     path, _, teacher = dino_file
     model = build_backbone("vit_tiny", image_size=DINO_SIZE, patch_size=DINO_PATCH, depth=2).eval()
