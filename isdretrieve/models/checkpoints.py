@@ -36,10 +36,8 @@ WHICH = ("student", "teacher")
 SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
 
 _NON_BACKBONE_KEYS = frozenset({"queue", "queue_ptr", "labels"})
-_CLASSIFIERS = (
-    "head.",
-    "heads.",
-)  # a plain timm / torchvision ViT's classifier (ResNets' fc.* is dropped always)
+# the classifier of a plain timm / torchvision ViT state dict (a ResNet's fc.* is always dropped)
+_CLASSIFIERS = ("head.", "heads.")
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
 
 
@@ -361,15 +359,13 @@ def _load_strict(model: nn.Module, arch: str, state: dict[str, torch.Tensor], pa
     model.load_state_dict(state, strict=True)
 
 
-def load_init(model: nn.Module, arch: str, path: str | Path, *, which: str = "student") -> str:
+def load_init(model: nn.Module, arch: str, path: str | Path, *, which: str = "student") -> None:
     """Put the ``which`` backbone of any supported file (torchvision / timm state dict, our encoder.pt or
-    training checkpoint, official ISD, MoCo, DINO / AdaSim) into ``model`` (of ``arch``), strictly.
-    Returns the file's sha256."""
+    training checkpoint, official ISD, MoCo, DINO / AdaSim) into ``model`` (of ``arch``), strictly."""
     _check_which(which)
     path = Path(path)
     _, state, _ = _read_state(path, which)
     _load_strict(model, arch, _names_for(arch, state), path)
-    return file_sha256(path)
 
 
 def _build_for(
