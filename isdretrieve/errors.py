@@ -31,6 +31,10 @@ class InvalidArgument(IsdError, ValueError):
     """An argument of a library call is outside what it accepts (a batch size of 0, an unknown choice)."""
 
 
+class MissingExtra(IsdError):
+    """A feature needs an optional dependency (an extra such as ``isdretrieve[timm]``) not installed."""
+
+
 class Interrupted(KeyboardInterrupt):
     """Training stopped on SIGTERM/SIGINT after saving a checkpoint; the CLI exits with 128 + signal."""
 

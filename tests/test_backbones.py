@@ -29,7 +29,7 @@ def test_output_shape_and_feature_dim(arch: str, cifar_stem: bool, size: int) ->
 
 
 def test_feature_dims() -> None:
-    assert [feature_dim(a) for a in ARCHS] == [512, 2048, 256]
+    assert [feature_dim(a) for a in ARCHS] == [512, 2048, 256, 192, 384, 768]
 
 
 def test_unknown_arch_lists_choices() -> None:
@@ -110,3 +110,20 @@ def test_isd_base_predictor_keys() -> None:
     }
     assert isinstance(head[2], nn.ReLU)
     assert head(torch.randn(4, 512)).shape == (4, 512)
+
+
+@pytest.mark.parametrize(("arch", "width"), [("vit_tiny", 192), ("vit_small", 384), ("vit_base", 768)])
+def test_vit_sizes_and_torchvision_keys(arch: str, width: int) -> None:
+    model = build_backbone(arch, image_size=32, patch_size=4, depth=1).eval()
+    heads = {"vit_tiny": 3, "vit_small": 6, "vit_base": 12}[arch]
+    reference = import_torchvision().models.VisionTransformer(32, 4, 1, heads, width, 4 * width)
+    expected = {k: v.shape for k, v in reference.state_dict().items() if not k.startswith("heads.")}
+    assert {k: v.shape for k, v in model.state_dict().items()} == expected
+    assert model.encoder.layers[0].self_attention.num_heads == heads
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, width) == (2, model.feature_dim)
+
+
+def test_vit_default_patch_follows_the_image_size() -> None:
+    assert build_backbone("vit_tiny", image_size=224, depth=1).patch_size == 16
+    assert build_backbone("vit_tiny", image_size=32, depth=1).patch_size == 4

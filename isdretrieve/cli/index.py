@@ -66,7 +66,7 @@ def export_kwargs(teacher: bool, quiet: bool, **options: object) -> dict[str, ob
 @click.option(
     "--checkpoint",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Training checkpoint, encoder.pt, official ISD or MoCo file.",
+    help="Training checkpoint, encoder.pt, official ISD, MoCo or DINO/AdaSim file.",
 )
 @click.option("--data", help="Data SPEC to encode (with --checkpoint), e.g. cifar10:ROOT,split=train.")
 @click.option(

@@ -1,6 +1,6 @@
 """Backbones, heads and checkpoint I/O."""
 
-from isdretrieve.models.backbones import ARCHS, SmallCNN, build_backbone, feature_dim
+from isdretrieve.models.backbones import ARCHS, SmallCNN, build_backbone, feature_dim, is_timm, is_vit
 from isdretrieve.models.checkpoints import (
     CHECKPOINT_FORMAT,
     ENCODER_FORMAT,
@@ -12,6 +12,7 @@ from isdretrieve.models.checkpoints import (
     extract_backbone_state,
     file_sha256,
     load_backbone,
+    load_init,
     safe_load,
 )
 from isdretrieve.models.heads import dino_head, isd_base_predictor, moco_v2_head, projection_mlp
@@ -32,7 +33,10 @@ __all__ = [
     "feature_dim",
     "file_sha256",
     "isd_base_predictor",
+    "is_timm",
+    "is_vit",
     "load_backbone",
+    "load_init",
     "moco_v2_head",
     "projection_mlp",
     "safe_load",

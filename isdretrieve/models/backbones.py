@@ -1,7 +1,9 @@
-"""Backbones: torchvision ResNets without their classifier, and a small CNN for CPU demos.
+"""Backbones: torchvision ResNets without their classifier, ViTs (CLS token), a small CNN for CPU demos,
+and ``timm:NAME`` for any timm model (the optional extra ``isdretrieve[timm]``).
 
 Every backbone maps images [B, 3, H, W] to pooled features [B, D] and carries ``feature_dim = D``.
-ResNet state-dict keys are exactly torchvision's (minus ``fc.*``), so official ISD weights load directly.
+ResNet state-dict keys are exactly torchvision's (minus ``fc.*``), so official ISD weights load directly;
+ViTs are torchvision's ``VisionTransformer`` (see ``models/vit.py`` for why, and for DINO's key names).
 """
 
 from __future__ import annotations
@@ -9,22 +11,37 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from isdretrieve._torchvision import import_torchvision
+from isdretrieve.models.timm_backbone import TIMM_PREFIX, build_timm
+from isdretrieve.models.vit import VIT_WIDTHS, build_vit
 
-ARCHS = ("resnet18", "resnet50", "small_cnn")
-_FEATURE_DIMS = {"resnet18": 512, "resnet50": 2048, "small_cnn": 256}
+ARCHS = ("resnet18", "resnet50", "small_cnn", *VIT_WIDTHS)
+_FEATURE_DIMS = {"resnet18": 512, "resnet50": 2048, "small_cnn": 256} | {
+    a: w for a, (w, _) in VIT_WIDTHS.items()
+}
 
 # small_cnn: output widths of the 3x3 conv blocks in each stage; a 2x2 max-pool follows stages 1-3.
 SMALL_CNN_STAGES: tuple[tuple[int, ...], ...] = ((32,), (64,), (128,), (256, 256))
 
 
 def _check_arch(arch: str) -> None:
-    if arch not in ARCHS:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHS)}")
+    if arch not in ARCHS and not is_timm(arch):
+        raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHS)}, timm:NAME")
+
+
+def is_timm(arch: str) -> bool:
+    return arch.startswith(TIMM_PREFIX) and len(arch) > len(TIMM_PREFIX)
+
+
+def is_vit(arch: str) -> bool:
+    return arch in VIT_WIDTHS
 
 
 def feature_dim(arch: str) -> int:
-    """Dimension of the pooled feature that ``build_backbone(arch)`` returns."""
+    """Dimension of the pooled feature that ``build_backbone(arch)`` returns (``timm:`` models: build
+    one and read its ``feature_dim``)."""
     _check_arch(arch)
+    if is_timm(arch):
+        raise ValueError(f"the feature dimension of {arch} is known once it is built")
     return _FEATURE_DIMS[arch]
 
 
@@ -74,15 +91,28 @@ class SmallCNN(nn.Module):
         return self.pool(x).flatten(1)
 
 
-def build_backbone(arch: str, *, cifar_stem: bool = False) -> nn.Module:
-    """Build a randomly initialised backbone whose forward returns [B, feature_dim(arch)].
+def build_backbone(
+    arch: str,
+    *,
+    cifar_stem: bool = False,
+    image_size: int = 224,
+    patch_size: int | None = None,
+    depth: int | None = None,
+) -> nn.Module:
+    """Build a randomly initialised backbone whose forward returns [B, model.feature_dim].
 
     ``cifar_stem`` (ResNets only) swaps the 7x7/2 conv1 + max-pool for a 3x3/1 conv1 and no pooling,
-    the usual stem for 32x32 images. It is ignored for ``small_cnn``.
+    the usual stem for 32x32 images. ViTs and fixed-size timm models are built for ``image_size``
+    (square) with ``patch_size`` (ViTs: None = 16 from 64 px up, else 4); ``depth`` sets a ViT's number
+    of blocks (None = 12). Convolutional models ignore the three.
     """
     _check_arch(arch)
     if arch == "small_cnn":
         return SmallCNN()
+    if is_vit(arch):
+        return build_vit(arch, image_size=image_size, patch_size=patch_size, depth=depth)
+    if is_timm(arch):
+        return build_timm(arch, image_size=image_size, patch_size=patch_size)
     tv = import_torchvision()
     model = getattr(tv.models, arch)(weights=None)
     model.fc = nn.Identity()

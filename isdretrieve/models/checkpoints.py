@@ -1,7 +1,9 @@
 """Checkpoint files: safe loading, atomic saving, encoder export, and backbone loading.
 
 ``load_backbone`` reads our own training checkpoints and encoder exports, official ISD training files
-(ISD-base and ISD-MLP), MoCo-style files and plain (torchvision-keyed) backbone state dicts.
+(ISD-base and ISD-MLP), MoCo-style files, official DINO / AdaSim training files (``student`` /
+``teacher``) and plain torchvision or timm backbone state dicts; ``load_init`` puts the same files'
+weights into a model being built for training (``model.init``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from torch import nn
 
 from isdretrieve.atomic import atomic_path
 from isdretrieve.errors import CheckpointError
-from isdretrieve.models.backbones import ARCHS, build_backbone, feature_dim
+from isdretrieve.models.backbones import ARCHS, build_backbone, is_timm, is_vit
+from isdretrieve.models.timm_backbone import classifier_prefixes, timm_patch
+from isdretrieve.models.vit import is_timm_vit_state, timm_to_torchvision, vit_shape
 
 CHECKPOINT_FORMAT = "isdretrieve.checkpoint/1"
 ENCODER_FORMAT = "isdretrieve.encoder/1"
@@ -28,10 +32,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 WHICH = ("student", "teacher")
 # Globals a checkpoint may reference beyond torch's own weights-only set: official ISD files pickle their
-# argparse options under "opt".
+# argparse options under "opt", official DINO / AdaSim files under "args".
 SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
 
 _NON_BACKBONE_KEYS = frozenset({"queue", "queue_ptr", "labels"})
+# the classifier of a plain timm / torchvision ViT state dict (a ResNet's fc.* is always dropped)
+_CLASSIFIERS = ("head.", "heads.")
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
 
 
@@ -108,6 +114,7 @@ class EncoderHeader:
     std: tuple[float, float, float]
     source: str = ""  # where the weights came from: "<file name>:<student|teacher>"
     source_sha256: str = ""  # sha256 of the source file ("" if unknown)
+    patch_size: int = 0  # ViTs' (and timm patch models') patch side; 0 for convolutional backbones
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-type dict (mean/std as lists), safe to pickle with weights_only and to write as JSON."""
@@ -140,6 +147,7 @@ class EncoderHeader:
                 std=std,  # type: ignore[arg-type]
                 source=str(d.get("source", "")),
                 source_sha256=str(d.get("source_sha256", "")),
+                patch_size=int(d.get("patch_size", 0)),
             )
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"invalid encoder header: {exc}") from exc
@@ -210,10 +218,20 @@ def _from_query_key(state: dict[str, torch.Tensor], which: str) -> dict[str, tor
     return merged
 
 
+def _from_dino(obj: dict, which: str) -> dict[str, torch.Tensor]:
+    """Official DINO / AdaSim ``checkpoint.pth``: ``student`` (``module.backbone.*`` under DDP) and
+    ``teacher`` (``backbone.*``) state dicts, each with its ``head.*``; the backbone is taken."""
+    backbone = _under(_clean(obj[which]), "backbone.")
+    if not backbone:
+        raise CheckpointError(f"no {which} backbone in this DINO-style file (no '{which}' 'backbone.*' keys)")
+    return backbone
+
+
 def extract_backbone_state(obj: dict, *, which: str = "student") -> dict[str, torch.Tensor]:
     """Backbone state dict (torchvision keys, no ``fc.*``) of the student or teacher in a loaded checkpoint.
 
-    Recognised, in order: our training checkpoint, our encoder export, official ISD training files
+    Recognised, in order: our training checkpoint, our encoder export, official DINO / AdaSim files
+    (``student``/``teacher`` with ``backbone.*`` and ``head.*``), official ISD training files
     (``encoder_q``/``encoder_k``/``predict_q``), MoCo-style files, plain backbone state dicts. For official
     ISD files the teacher's BN running mean/var come from the student, as in the official k-NN evaluator.
     """
@@ -240,6 +258,8 @@ def extract_backbone_state(obj: dict, *, which: str = "student") -> dict[str, to
             f"unsupported format {fmt!r} (this version reads {CHECKPOINT_FORMAT} and {ENCODER_FORMAT})"
         )
 
+    if isinstance(obj.get("student"), dict) and isinstance(obj.get("teacher"), dict):
+        return _from_dino(obj, which)
     raw = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), dict)), obj)
     state = _clean(raw)
     if any(k.startswith(("encoder_q.", "encoder_k.")) for k in state):
@@ -256,17 +276,24 @@ def extract_backbone_state(obj: dict, *, which: str = "student") -> dict[str, to
 
 
 # ------------------------------------------------------------------------------------------ loading
-def _infer_arch(state: dict[str, torch.Tensor], path: Path) -> str:
+def _infer_arch(state: dict[str, torch.Tensor], path: Path, hint: str = "") -> str:
+    shape = vit_shape(state)
+    if shape:
+        return shape[0]
     if "stage1.0.conv.weight" in state:
         return "small_cnn"
     if "layer4.0.conv3.weight" in state:
         return "resnet50"
     if "layer1.0.conv1.weight" in state:
         return "resnet18"
+    notes = [hint] if hint else []
+    if "class_token" in state:
+        notes.insert(0, f"a ViT {state['class_token'].shape[-1]} wide, not 192, 384 or 768")
     first = ", ".join(list(state)[:5])
+    extra = "".join(f"; {note}" for note in notes)
     raise CheckpointError(
-        f"cannot tell the architecture of checkpoint {path} from its keys ({first}, ...); "
-        f"choose one of {', '.join(ARCHS)} explicitly"
+        f"cannot tell the architecture of checkpoint {path} from its keys ({first}, ...{extra}); "
+        f"choose one of {', '.join(ARCHS)} or timm:NAME explicitly"
     )
 
 
@@ -295,6 +322,65 @@ def _check_fit(model: nn.Module, state: dict[str, torch.Tensor], path: Path, wha
         raise CheckpointError(f"checkpoint {path} does not fit {what}: {', '.join(parts)}")
 
 
+def _read_state(path: Path, which: str) -> tuple[dict, dict[str, torch.Tensor], EncoderHeader | None]:
+    """The file's object, its student/teacher backbone state and our header (None in foreign files)."""
+    obj = safe_load(path)
+    try:
+        state = extract_backbone_state(obj, which=which)
+        fmt = obj.get("format")
+        stored = obj.get("encoder") if fmt == CHECKPOINT_FORMAT else obj.get("header")
+        header = EncoderHeader.from_dict(stored) if fmt in (CHECKPOINT_FORMAT, ENCODER_FORMAT) else None
+    except CheckpointError as exc:
+        raise CheckpointError(f"checkpoint {path}: {exc}") from exc
+    return obj, state, header
+
+
+def _names_for(arch: str | None, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm / DINO ViT names become torchvision's unless the weights go into a ``timm:`` model."""
+    if not (arch and is_timm(arch)) and is_timm_vit_state(state):
+        return timm_to_torchvision(state)
+    return state
+
+
+def _describe(arch: str, model: nn.Module) -> str:
+    if is_vit(arch):
+        return f"{arch} (patch {model.patch_size}, {model.image_size} px, {len(model.encoder.layers)} blocks)"
+    if is_timm(arch) or arch == "small_cnn":
+        return arch
+    return f"{arch} ({'cifar' if isinstance(model.maxpool, nn.Identity) else 'standard'} stem)"
+
+
+def _load_strict(model: nn.Module, arch: str, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Load ``state`` into ``model`` with strict keys, dropping only a removed classifier's keys."""
+    own = model.state_dict()
+    drop = classifier_prefixes(model) if is_timm(arch) else _CLASSIFIERS
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(drop)}
+    _check_fit(model, state, path, _describe(arch, model))
+    model.load_state_dict(state, strict=True)
+
+
+def load_init(model: nn.Module, arch: str, path: str | Path, *, which: str = "student") -> None:
+    """Put the ``which`` backbone of any supported file (torchvision / timm state dict, our encoder.pt or
+    training checkpoint, official ISD, MoCo, DINO / AdaSim) into ``model`` (of ``arch``), strictly."""
+    _check_which(which)
+    path = Path(path)
+    _, state, _ = _read_state(path, which)
+    _load_strict(model, arch, _names_for(arch, state), path)
+
+
+def _build_for(
+    arch: str, state: dict[str, torch.Tensor], header: EncoderHeader | None, cifar_stem: bool
+) -> nn.Module:
+    """The model that ``state`` should fit: ViT patch, image size and depth are read off the weights."""
+    shape = vit_shape(state) if is_vit(arch) else None
+    if shape:
+        _, patch, size, depth = shape
+        return build_backbone(arch, image_size=size, patch_size=patch, depth=depth)
+    size = header.image_size if header else 224
+    patch = (header.patch_size if header else 0) or None
+    return build_backbone(arch, cifar_stem=cifar_stem, image_size=size, patch_size=patch)
+
+
 def load_backbone(
     path: str | Path,
     *,
@@ -304,52 +390,55 @@ def load_backbone(
 ) -> tuple[nn.Module, EncoderHeader]:
     """Load the student or teacher backbone of any supported checkpoint, strictly, in eval mode.
 
-    Architecture and stem come from our header when present, else from the keys; ``arch`` and
-    ``cifar_stem`` override both. Foreign files get a header with ImageNet mean/std, image size 224
-    (32 for the CIFAR stem and small_cnn) and ``source = "<file name>:<which>"``.
+    Architecture and stem come from our header when present, else from the keys (a ViT's width, patch,
+    image size and depth from its weights; a DINO file's ``args.arch`` only names it in errors); ``arch``
+    and ``cifar_stem`` override both. Foreign files get a header with ImageNet mean/std, image size 224
+    (32 for the CIFAR stem and small_cnn; a ViT's own) and ``source = "<file name>:<which>"``.
     """
     _check_which(which)
     path = Path(path)
-    obj = safe_load(path)
-    try:
-        state = extract_backbone_state(obj, which=which)
-        fmt = obj.get("format")
-        stored = obj.get("encoder") if fmt == CHECKPOINT_FORMAT else obj.get("header")
-        header = EncoderHeader.from_dict(stored) if fmt in (CHECKPOINT_FORMAT, ENCODER_FORMAT) else None
-    except CheckpointError as exc:
-        raise CheckpointError(f"checkpoint {path}: {exc}") from exc
-
-    arch = arch or (header.arch if header else _infer_arch(state, path))
-    if arch not in ARCHS:
-        raise CheckpointError(f"unknown architecture {arch!r} for {path}; choose one of {', '.join(ARCHS)}")
+    obj, state, header = _read_state(path, which)
+    state = _names_for(arch or (header.arch if header else None), state)
+    args = obj.get("args")
+    hint = f"args.arch = {args.arch}" if isinstance(getattr(args, "arch", None), str) else ""
+    arch = arch or (header.arch if header else _infer_arch(state, path, hint))
+    if arch not in ARCHS and not is_timm(arch):
+        raise CheckpointError(
+            f"unknown architecture {arch!r} for {path}; choose one of {', '.join(ARCHS)} or timm:NAME"
+        )
     if cifar_stem is None:
         conv1 = state.get("conv1.weight")
         inferred = conv1 is not None and conv1.dim() == 4 and conv1.shape[-1] == 3
         cifar_stem = header.cifar_stem if header else inferred
-    cifar_stem = cifar_stem and arch != "small_cnn"
+    cifar_stem = cifar_stem and arch in ("resnet18", "resnet50")
 
+    try:
+        model = _build_for(arch, state, header, cifar_stem)
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path}: {exc}") from None
+    _load_strict(model, arch, state, path)
+    built = {
+        "arch": arch,
+        "cifar_stem": cifar_stem,
+        "feature_dim": model.feature_dim,
+        "patch_size": int(model.patch_size) if is_vit(arch) else timm_patch(model),
+    }
+    if is_vit(arch):
+        built["image_size"] = int(model.image_size)
     if header is None:
         header = EncoderHeader(
-            arch=arch,
-            cifar_stem=cifar_stem,
-            feature_dim=feature_dim(arch),
-            image_size=32 if cifar_stem or arch == "small_cnn" else 224,
+            **{"image_size": 32 if cifar_stem or arch == "small_cnn" else 224, **built},
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
             source=f"{path.name}:{which}",
             source_sha256=file_sha256(path),
         )
     else:
-        header = dataclasses.replace(header, arch=arch, cifar_stem=cifar_stem, feature_dim=feature_dim(arch))
+        header = dataclasses.replace(header, **built)
         if obj.get("format") == CHECKPOINT_FORMAT:
             header = dataclasses.replace(
                 header, source=f"{path.name}:{which}", source_sha256=file_sha256(path)
             )
         elif not header.source:  # an export that does not say where it came from: point at the export
             header = dataclasses.replace(header, source=path.name, source_sha256=file_sha256(path))
-
-    model = build_backbone(arch, cifar_stem=cifar_stem)
-    stem = "" if arch == "small_cnn" else (" (cifar stem)" if cifar_stem else " (standard stem)")
-    _check_fit(model, state, path, f"{arch}{stem}")
-    model.load_state_dict(state, strict=True)
     return model.eval(), header

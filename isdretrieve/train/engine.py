@@ -22,10 +22,11 @@ from torch.profiler import record_function
 from isdretrieve.bank import items_sha256
 from isdretrieve.data import augment_views, open_dataset, parse_spec, view_config
 from isdretrieve.errors import CheckpointError, Interrupted, RecipeError, TrainingDiverged
-from isdretrieve.models import EncoderHeader, build_backbone, export_encoder
+from isdretrieve.models import EncoderHeader, build_backbone, export_encoder, is_timm, is_vit, load_init
+from isdretrieve.models.timm_backbone import timm_patch
 from isdretrieve.train import distributed
 from isdretrieve.train.batches import BatchSource, StepBatch, epoch_generator
-from isdretrieve.train.checkpointing import load_latest_checkpoint, save_checkpoint
+from isdretrieve.train.checkpointing import list_checkpoints, load_latest_checkpoint, save_checkpoint
 from isdretrieve.train.curves import write_training_curves
 from isdretrieve.train.methods import Batch, DataContext, Method, build_method
 from isdretrieve.train.monitor import KnnMonitor, KnnResult
@@ -85,6 +86,8 @@ class Trainer:
 
         torch.manual_seed(eng.seed)
         backbone = self._build_backbone()
+        if recipe.model.init and not (resume and list_checkpoints(self.out_dir)):
+            self._init_backbone(backbone)
         items = items_sha256(self.dataset, 0, len(self.dataset))
         context = DataContext(len(self.dataset), self.dataset.labels.cpu(), eng.seed, items)
         self.method: Method = build_method(recipe.method, backbone, context).to(device)
@@ -134,10 +137,27 @@ class Trainer:
 
     # -- construction helpers -------------------------------------------------------------------
     def _build_backbone(self) -> nn.Module:
+        m = self.recipe.model
         try:
-            return build_backbone(self.recipe.model.arch, cifar_stem=self.recipe.model.cifar_stem)
+            return build_backbone(
+                m.arch,
+                cifar_stem=m.cifar_stem,
+                image_size=self.views["weak"].size,
+                patch_size=m.patch,
+                depth=m.depth,
+            )
         except ValueError as exc:
             raise RecipeError(f"model.arch: {exc}") from None
+
+    def _init_backbone(self, backbone: nn.Module) -> None:
+        """``model.init``: the file's ``init_from`` backbone into the student; the methods' teachers are
+        copies of it made after this."""
+        m = self.recipe.model
+        try:
+            load_init(backbone, m.arch, m.init, which=m.init_from)
+        except CheckpointError as exc:
+            raise CheckpointError(f"model.init: {exc}") from None
+        self.log.info(f"initialised the {m.arch} backbone from {m.init} ({m.init_from})")
 
     def _build_monitor(self) -> KnnMonitor:
         m, spec = self.recipe.monitor, parse_spec(self.recipe.data.train)
@@ -161,7 +181,9 @@ class Trainer:
         )
 
     def encoder_header(self) -> EncoderHeader:
-        view = self.views["weak"]
+        view, backbone = self.views["weak"], self.method.feature_backbone
+        arch = self.recipe.model.arch
+        patch = int(backbone.patch_size) if is_vit(arch) else timm_patch(backbone) if is_timm(arch) else 0
         return EncoderHeader(
             arch=self.recipe.model.arch,
             cifar_stem=self.recipe.model.cifar_stem,
@@ -170,6 +192,7 @@ class Trainer:
             mean=tuple(view.mean),
             std=tuple(view.std),
             source=f"{self.out_dir.name}:student",
+            patch_size=patch,
         )
 
     def _prepare_output(self, resume: bool) -> None:

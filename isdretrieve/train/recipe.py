@@ -230,8 +230,19 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The backbone: ``arch`` one of resnet18, resnet50, small_cnn, vit_tiny, vit_small, vit_base or
+    timm:NAME, built for the data preset's image size. ``patch`` (ViTs: None = 16 from 64 px up, else 4;
+    timm patch models: None = the model's own) and ``depth`` (ViT blocks, None = 12) shape ViTs.
+    ``init``: a weights file to start from (torchvision or timm state dict, encoder.pt, our training
+    checkpoint, official ISD / MoCo / DINO / AdaSim file), its ``init_from`` backbone loaded strictly at
+    a fresh start (never on --resume); "" = random init."""
+
     arch: str = "small_cnn"
     cifar_stem: bool = False
+    patch: int | None = None
+    depth: int | None = None
+    init: str = ""
+    init_from: Literal["student", "teacher"] = "student"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,122 @@
+"""Vision Transformers: torchvision's ``VisionTransformer`` with DINO's sizes, returning the CLS token.
+
+Why torchvision and not timm: torchvision is already a core dependency while timm is an optional extra
+(``isdretrieve[timm]``), so ``vit_tiny`` / ``vit_small`` / ``vit_base`` work on a bare install; torchvision's
+class takes any image size and patch (fixed per model, which the encoder header records), and our
+exports keep torchvision key names as the ResNets do. DINO / AdaSim / timm checkpoints use timm's key
+names; :func:`timm_to_torchvision` renames them (a fixed one-to-one table, the tensors unchanged), so
+official weights load strictly without timm installed.
+
+Sizes (DINO's): tiny 192 wide / 3 heads, small 384 / 6, base 768 / 12; MLP 4x wide, 12 blocks by default,
+LayerNorm eps 1e-6. Features are the CLS token after the final LayerNorm, as DINO's evaluation takes them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+
+from isdretrieve._torchvision import import_torchvision
+
+VIT_WIDTHS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}  # arch: (width, heads)
+VIT_DEPTH = 12
+MLP_RATIO = 4
+
+
+def default_patch(image_size: int) -> int:
+    """Patch 16 for ImageNet-size images (224 -> 14 x 14 tokens), 4 for 32 px and smaller (32 -> 8 x 8)."""
+    return 16 if image_size >= 64 else 4
+
+
+def build_vit(
+    arch: str, *, image_size: int, patch_size: int | None = None, depth: int | None = None
+) -> nn.Module:
+    """A random-init ViT whose forward returns the final-norm CLS token [B, width]."""
+    width, heads = VIT_WIDTHS[arch]
+    patch = patch_size or default_patch(image_size)
+    if patch < 1 or image_size % patch:
+        raise ValueError(f"{arch}: image size {image_size} is not a multiple of the patch size {patch}")
+    depth = depth or VIT_DEPTH
+    if depth < 1:
+        raise ValueError(f"{arch}: depth must be positive, got {depth}")
+    tv = import_torchvision()
+    model = tv.models.VisionTransformer(
+        image_size=image_size,
+        patch_size=patch,
+        num_layers=depth,
+        num_heads=heads,
+        hidden_dim=width,
+        mlp_dim=MLP_RATIO * width,
+    )
+    model.heads = nn.Identity()
+    model.feature_dim = width
+    return model
+
+
+# ------------------------------------------------------------------------------------------- weights
+_BLOCK = "encoder.layers.encoder_layer_{}."
+_BLOCK_PARTS = {
+    "norm1.": "ln_1.",
+    "attn.qkv.weight": "self_attention.in_proj_weight",
+    "attn.qkv.bias": "self_attention.in_proj_bias",
+    "attn.proj.": "self_attention.out_proj.",
+    "norm2.": "ln_2.",
+    "mlp.fc1.": "mlp.0.",
+    "mlp.fc2.": "mlp.3.",
+}
+_TOP = {
+    "cls_token": "class_token",
+    "pos_embed": "encoder.pos_embedding",
+    "patch_embed.proj.weight": "conv_proj.weight",
+    "patch_embed.proj.bias": "conv_proj.bias",
+    "norm.weight": "encoder.ln.weight",
+    "norm.bias": "encoder.ln.bias",
+}
+_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(.+)")
+_LAYER_KEY = re.compile(r"encoder\.layers\.encoder_layer_(\d+)\.")
+
+
+def is_timm_vit_state(state: dict[str, torch.Tensor]) -> bool:
+    """Keys in timm / DINO naming (``cls_token``, ``blocks.N.*``)."""
+    return "cls_token" in state and any(k.startswith("blocks.") for k in state)
+
+
+def timm_to_torchvision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a timm / DINO ViT state dict to torchvision's names; keys without a counterpart stay as
+    they are (so a strict load reports them). qkv is [3D, D] in q, k, v order in both, as is in_proj."""
+    out = {}
+    for key, value in state.items():
+        match = _BLOCK_KEY.fullmatch(key)
+        if match:
+            block, rest = match.groups()
+            for old, new in _BLOCK_PARTS.items():
+                if rest.startswith(old):
+                    key = _BLOCK.format(block) + new + rest[len(old) :]
+                    break
+        else:
+            key = _TOP.get(key, key)
+        out[key] = value
+    return out
+
+
+def vit_shape(state: dict[str, torch.Tensor]) -> tuple[str, int, int, int] | None:
+    """(arch, patch, image size, depth) read off torchvision-named ViT weights, None if not a ViT or
+    its width is not one of ours. Image size = sqrt(tokens - 1) * patch, from the position embedding."""
+    cls, proj, pos = (
+        state.get("class_token"),
+        state.get("conv_proj.weight"),
+        state.get("encoder.pos_embedding"),
+    )
+    if cls is None or proj is None or pos is None:
+        return None
+    width = int(cls.shape[-1])
+    arch = next((name for name, (w, _) in VIT_WIDTHS.items() if w == width), None)
+    if arch is None:
+        return None
+    patch = int(proj.shape[-1])
+    grid = math.isqrt(int(pos.shape[1]) - 1)
+    depth = len({m.group(1) for k in state if (m := _LAYER_KEY.match(k))})
+    return arch, patch, grid * patch, depth
