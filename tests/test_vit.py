@@ -206,10 +206,9 @@ def test_dino_checkpoint_through_the_cli(dino_file, tmp_path: Path) -> None:
     )  # fmt: skip
     assert built.exit_code == 0, built.output
     assert load_backbone(out / "encoder.pt")[1].source == "checkpoint.pth:teacher"
-    report = tmp_path / "knn.json"
-    knn = CliRunner().invoke(knn_main, ["--checkpoint", path, "--data", "digits", "--json", str(report)])
+    knn = CliRunner().invoke(knn_main, ["--checkpoint", path, "--data", "digits", "--json"])
     assert knn.exit_code == 0, knn.output
-    assert json.loads(report.read_text())["results"][0]["top1"] > 0.3  # chance is 0.1
+    assert json.loads(knn.stdout)["results"][0]["top1"] > 0.3  # chance is 0.1
 
 
 def test_adasim_style_checkpoint_loads_like_dino(dino_file, tmp_path: Path) -> None:
@@ -294,12 +293,11 @@ def test_train_export_index_knn(arch: str, extra: list[str], tmp_path: Path) -> 
     model, header = load_backbone(run / "encoder.pt")  # rebuilt from the file alone
     assert (header.arch, header.image_size) == (arch, 16)
     assert header.patch_size == (4 if arch == "vit_tiny" else 0)
-    report = tmp_path / "knn.json"
     knn = CliRunner().invoke(
-        knn_main, ["--checkpoint", str(run / "encoder.pt"), "--data", "digits", "--json", str(report)]
+        knn_main, ["--checkpoint", str(run / "encoder.pt"), "--data", "digits", "--json"]
     )
     assert knn.exit_code == 0, knn.output
-    assert json.loads(report.read_text())["results"][0]["top1"] > 0.3
+    assert json.loads(knn.stdout)["results"][0]["top1"] > 0.3
 
 
 def test_train_from_dino_init_and_resume_skips_it(dino_file, tmp_path: Path) -> None:
