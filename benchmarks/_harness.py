@@ -72,6 +72,18 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def random_encoder(path: Path, arch: str, image_size: int, *, seed: int = 0) -> Path:
+    """A random-init ``arch`` (CIFAR stem for the ResNets) exported as ``encoder.pt`` for ``image_size``."""
+    from isdretrieve.models import IMAGENET_MEAN, IMAGENET_STD, EncoderHeader, build_backbone, export_encoder
+
+    torch.manual_seed(seed)
+    cifar_stem = arch != "small_cnn"
+    backbone = build_backbone(arch, cifar_stem=cifar_stem)
+    header = EncoderHeader(arch, cifar_stem, backbone.feature_dim, image_size, IMAGENET_MEAN, IMAGENET_STD)
+    export_encoder(backbone, header, path)
+    return path
+
+
 def summary(runs: list[float]) -> dict[str, Any]:
     """Best and median of run times in seconds (and the runs themselves)."""
     return {"best_s": min(runs), "median_s": statistics.median(runs), "runs_s": runs}

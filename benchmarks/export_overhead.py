@@ -22,18 +22,11 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # the harness, and this checkout's isdretrieve
-from _harness import cifar_root, summary, timed, write_result  # noqa: E402
+from _harness import cifar_root, random_encoder, summary, timed, write_result  # noqa: E402
 
 from isdretrieve.bank import export_bank, preset_for  # noqa: E402
 from isdretrieve.data import ArrayDataset, eval_view, open_dataset  # noqa: E402
-from isdretrieve.models import (  # noqa: E402
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    EncoderHeader,
-    build_backbone,
-    export_encoder,
-    load_backbone,
-)
+from isdretrieve.models import load_backbone  # noqa: E402
 
 REPO = HERE.parent
 TARGET = 1.10
@@ -60,18 +53,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    cifar_stem = args.arch == "resnet18"
 
     root = cifar_root()
     spec, size = (f"folder:{root.relative_to(REPO)},split=test", 32) if root else ("digits", 16)
     data = InMemory(open_dataset(spec))
     bs = args.batch_size
     with tempfile.TemporaryDirectory() as tmp:
-        encoder = Path(tmp) / "encoder.pt"
-        torch.manual_seed(0)
-        backbone = build_backbone(args.arch, cifar_stem=cifar_stem)
-        header = EncoderHeader(args.arch, cifar_stem, backbone.feature_dim, size, IMAGENET_MEAN, IMAGENET_STD)
-        export_encoder(backbone, header, encoder)
+        encoder = random_encoder(Path(tmp) / "encoder.pt", args.arch, size)
         model, header = load_backbone(encoder)
         model = model.to(device)
         on_cuda = device.type == "cuda"

@@ -23,18 +23,11 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # the harness, and this checkout's isdretrieve
-from _harness import cifar_root, summary, sync, timed, write_result  # noqa: E402
+from _harness import cifar_root, random_encoder, summary, sync, timed, write_result  # noqa: E402
 
 from isdretrieve.bank import _embed, export_bank, preset_for  # noqa: E402
 from isdretrieve.data import open_dataset, write_shards  # noqa: E402
-from isdretrieve.models import (  # noqa: E402
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    EncoderHeader,
-    build_backbone,
-    export_encoder,
-    load_backbone,
-)
+from isdretrieve.models import load_backbone  # noqa: E402
 
 
 def main() -> None:
@@ -58,13 +51,7 @@ def main() -> None:
         write_shards(source, Path(tmp) / "shards", shards=args.shards)
         spec = f"wds:{tmp}/shards/{{00000..{args.shards - 1:05d}}}.tar"
         images = source.load_all(num_workers=2)
-        encoder = Path(tmp) / "encoder.pt"
-        torch.manual_seed(0)
-        backbone = build_backbone(args.arch, cifar_stem=args.arch != "small_cnn")
-        header = EncoderHeader(
-            args.arch, args.arch != "small_cnn", backbone.feature_dim, size, IMAGENET_MEAN, IMAGENET_STD
-        )
-        export_encoder(backbone, header, encoder)
+        encoder = random_encoder(Path(tmp) / "encoder.pt", args.arch, size)
         model, header = load_backbone(encoder)
         model = model.to(device)
         if on_cuda:

@@ -62,6 +62,21 @@ def random_encoder(path: Path, *, image_size: int = 16, seed: int = 0) -> Path:
     return path
 
 
+def bank_contents(path: Path) -> tuple:
+    """A complete bank's rows (features as stored, labels, indices, paths) and fingerprint, to compare
+    two exports byte for byte."""
+    from isdretrieve.bank import FeatureBank
+
+    with FeatureBank.open(path) as bank:
+        return (
+            bank.features(dtype=None).tobytes(),
+            bank.labels().tobytes(),
+            bank.indices().tobytes(),
+            bank.paths(),
+            bank.fingerprint,
+        )
+
+
 @pytest.fixture(scope="session")
 def make_encoder():
     """:func:`random_encoder`, for tests that need an encoder file."""

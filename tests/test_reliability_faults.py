@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import KILLED_EXPORT
+from conftest import KILLED_EXPORT, bank_contents
 
 from isdretrieve.bank import FeatureBank, export_bank
 from isdretrieve.cli.index import main as index_main
@@ -265,17 +265,6 @@ def straight_bank(encoder: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return export_bank(encoder, SPEC, out, batch_size=50, workers=0).path
 
 
-def _bank_bytes(path: Path) -> tuple:
-    with FeatureBank.open(path) as bank:
-        return (
-            bank.features(dtype=None).tobytes(),
-            bank.labels().tobytes(),
-            bank.indices().tobytes(),
-            bank.paths(),
-            bank.fingerprint,
-        )
-
-
 @pytest.mark.parametrize("seed", [0, 1])
 def test_bank_export_killed_at_a_random_batch_then_rerun_is_identical(
     seed: int, encoder: Path, straight_bank: Path, tmp_path: Path
@@ -289,7 +278,7 @@ def test_bank_export_killed_at_a_random_batch_then_rerun_is_identical(
         FeatureBank.open(out)
     result = export_bank(encoder, SPEC, out, batch_size=50, workers=0)
     assert result.resumed_from == 50 * batches and result.rows == 450
-    assert _bank_bytes(out) == _bank_bytes(straight_bank)
+    assert bank_contents(out) == bank_contents(straight_bank)
 
 
 def test_disk_full_during_a_bank_write_leaves_an_incomplete_bank_that_resumes(
@@ -316,7 +305,7 @@ def test_disk_full_during_a_bank_write_leaves_an_incomplete_bank_that_resumes(
     with pytest.raises(BankError, match=r"incomplete \(150 of 450 rows\)"):
         FeatureBank.open(out)
     assert export_bank(encoder, SPEC, out, batch_size=50, workers=0).resumed_from == 150
-    assert _bank_bytes(out) == _bank_bytes(straight_bank)
+    assert bank_contents(out) == bank_contents(straight_bank)
 
 
 _INDEX_CHILD = textwrap.dedent(

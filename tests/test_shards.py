@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import KILLED_EXPORT
+from conftest import KILLED_EXPORT, bank_contents
 from PIL import Image
 
 import isdretrieve.bank as bank_module
@@ -55,16 +55,6 @@ def _png(colour: tuple[int, int, int], size: tuple[int, int] = (8, 8)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, colour).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _bank(path: Path) -> tuple:
-    with FeatureBank.open(path) as bank:
-        return (
-            bank.features(dtype=None).tobytes(),
-            bank.labels().tobytes(),
-            bank.indices().tobytes(),
-            bank.paths(),
-        )
 
 
 # -------------------------------------------------------------------------------------- patterns
@@ -175,7 +165,7 @@ def test_export_matches_the_in_memory_export_whatever_the_workers(
     a = export_bank(enc16, digits_shards, tmp_path / "a.h5", batch_size=32, workers=0)
     b = export_bank(enc16, digits_shards, tmp_path / "b.h5", batch_size=32, workers=3)
     ref = export_bank(enc16, "digits,split=test", tmp_path / "ref.h5", batch_size=32, workers=0)
-    assert a.rows == b.rows == 450 and _bank(a.path) == _bank(b.path)
+    assert a.rows == b.rows == 450 and bank_contents(a.path) == bank_contents(b.path)
     with FeatureBank.open(a.path) as bank, FeatureBank.open(ref.path) as plain:
         np.testing.assert_allclose(bank.features(), plain.features(), atol=1e-6)
         np.testing.assert_array_equal(bank.labels(), plain.labels())
@@ -197,7 +187,7 @@ def test_torchrun_ranks_take_contiguous_shard_blocks_and_join(
     assert parts == [shard_path(tmp_path / "bank.h5", r, 3) for r in range(3)]
     with FeatureBank.open(parts[1]) as bank:  # shards 2, 3, 4
         assert bank.paths()[0] == "00002.tar/00000112" and len(bank) == 281 - 112
-    assert _bank(join_shards(parts, tmp_path / "joined.h5")) == _bank(single)
+    assert bank_contents(join_shards(parts, tmp_path / "joined.h5")) == bank_contents(single)
     with pytest.raises(DataError, match="8 shards cannot be split across 9 processes"):
         export_bank(enc16, digits_shards, tmp_path / "x.h5", shard=(0, 9), workers=0)
 
@@ -230,7 +220,7 @@ def test_resume_skips_finished_shards_and_refuses_a_changed_list(
     stop_at = 0
     result = export_bank(enc16, digits_shards, out, batch_size=20, workers=2)
     assert sum(encoded) == 450 - 225 and result.resumed_from == 225  # shards 0, 1 never encoded again
-    assert _bank(out) == _bank(reference)
+    assert bank_contents(out) == bank_contents(reference)
 
     partial = tmp_path / "partial.h5"
     with monkeypatch.context() as patch:
@@ -305,7 +295,7 @@ def test_cifar_shards_export_killed_at_random_then_resumed_is_byte_identical(
     finally:
         bank_module._embed = real
     assert sum(counted) == 1600 - 200 * len(done) and result.resumed_from == 200 * len(done)
-    assert _bank(out) == _bank(straight.path)
+    assert bank_contents(out) == bank_contents(straight.path)
 
 
 # ------------------------------------------------------------------------------- the command line
