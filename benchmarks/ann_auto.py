@@ -30,8 +30,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _harness import CIFAR_TARBALL, cifar_root, machine_info, write_result  # noqa: E402
 
-from isdretrieve.bank import encoder_fingerprint, write_bank  # noqa: E402
+from isdretrieve.bank import write_bank  # noqa: E402
 from isdretrieve.data import IMAGENET_MEAN, IMAGENET_STD, augment_views, open_dataset, view_config  # noqa: E402
+from isdretrieve.frozen_encoder import encoder_fingerprint  # noqa: E402
 from isdretrieve.index import SearchIndex, build_index, recall_at_k  # noqa: E402
 from isdretrieve.models import EncoderHeader, build_backbone, load_backbone  # noqa: E402
 

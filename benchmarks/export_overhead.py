@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # the harness, and this checkout's isdretrieve
 from _harness import cifar_root, random_encoder, summary, timed, write_result  # noqa: E402
 
-from isdretrieve.bank import export_bank, preset_for  # noqa: E402
+from isdretrieve.bank import export_bank  # noqa: E402
 from isdretrieve.data import ArrayDataset, eval_view, open_dataset  # noqa: E402
 from isdretrieve.models import load_backbone  # noqa: E402
 
@@ -60,12 +60,12 @@ def main() -> None:
     bs = args.batch_size
     with tempfile.TemporaryDirectory() as tmp:
         encoder = random_encoder(Path(tmp) / "encoder.pt", args.arch, size)
-        model, header = load_backbone(encoder)
+        model, _ = load_backbone(encoder)
         model = model.to(device)
         on_cuda = device.type == "cuda"
         if on_cuda:
             model = model.to(memory_format=torch.channels_last)
-        preset = preset_for(header)
+        preset = {16: "digits", 32: "cifar"}[size]
 
         @torch.inference_mode()
         def bare() -> None:

@@ -25,9 +25,9 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # the harness, and this checkout's isdretrieve
 from _harness import cifar_root, random_encoder, summary, sync, timed, write_result  # noqa: E402
 
-from isdretrieve.bank import _embed, export_bank, preset_for  # noqa: E402
+from isdretrieve.bank import export_bank  # noqa: E402
 from isdretrieve.data import open_dataset, write_shards  # noqa: E402
-from isdretrieve.models import load_backbone  # noqa: E402
+from isdretrieve.frozen_encoder import FrozenEncoder  # noqa: E402
 
 
 def main() -> None:
@@ -52,16 +52,13 @@ def main() -> None:
         spec = f"wds:{tmp}/shards/{{00000..{args.shards - 1:05d}}}.tar"
         images = source.load_all(num_workers=2)
         encoder = random_encoder(Path(tmp) / "encoder.pt", args.arch, size)
-        model, header = load_backbone(encoder)
-        model = model.to(device)
-        if on_cuda:
-            model = model.to(memory_format=torch.channels_last)
-        preset, bs = preset_for(header), args.batch_size
+        bs = args.batch_size
+        frozen = FrozenEncoder.load(encoder, device=device, batch_size=bs)
 
         @torch.inference_mode()
         def bare() -> None:  # the export's own per-batch embedding, over decoded images
             for a in range(0, len(images), bs):
-                _embed(model, images[a : a + bs], preset, device, None)
+                frozen.embed(images[a : a + bs])
             sync(device)
 
         def export() -> None:

@@ -9,11 +9,10 @@ Layout of ``bank.h5`` (``format = "isdretrieve.bank/1"``):
 | `indices`  | [N]    | int64, the dataset index of each row   |
 | `paths`    | [N]    | variable-length UTF-8, the dataset's ``path(i)`` |
 
-Attributes: ``format``, ``fingerprint``, ``encoder`` (JSON header), ``transform``, ``data_spec``, ``classes``
-(JSON), ``normalized``, ``skipped``, ``skipped_paths`` (JSON, at most 1000), ``created``, ``versions`` (JSON),
-and the resume marker ``rows_done`` / ``complete``. Exports also keep ``shard`` (JSON ``[rank, world]``),
-``items_done`` and ``items_total`` (dataset items of the shard consumed / in all, skipped ones included) and
-``items_sha256`` (over the shard's item names, so a resume refuses a data folder that changed).
+Attributes: one typed record, :class:`~isdretrieve.bank_file.BankAttrs` (the encoder's fingerprint and
+header, transform, data SPEC, classes, provenance, and the export's progress: ``rows_done`` /
+``complete``, the shard, the items consumed and their file-list hash, skipped images); it is the only
+code that writes or reads them. Features come from :class:`~isdretrieve.frozen_encoder.FrozenEncoder`.
 
 An export writes ``out`` in place, flushing and advancing ``rows_done`` after every batch, and sets
 ``complete`` only after the last row is on disk; :meth:`FeatureBank.open` refuses a bank that is not
@@ -34,8 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -48,64 +45,34 @@ import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from isdretrieve import __version__
 from isdretrieve.atomic import atomic_path, fsync_path, names_file
 from isdretrieve.bank_file import (  # noqa: F401  (re-exported: reading banks is part of this API)
     BANK_FORMAT,
+    BankAttrs,
     FeatureBank,
     attr_value,
     open_h5,
 )
-from isdretrieve.data import IMAGENET_MEAN, IMAGENET_STD, ArrayDataset, ImageDataset, eval_view, open_dataset
+from isdretrieve.data import ArrayDataset, ImageDataset, items_sha256, open_dataset
+from isdretrieve.data.augment import SMALL_SIDE
 from isdretrieve.data.shards import ShardDataset, ShardStream, rank_shards
 from isdretrieve.data.specs import DataSpec, parse_spec
+from isdretrieve.encoder_header import EncoderHeader
 from isdretrieve.errors import BankError, DataError, InvalidArgument
-from isdretrieve.models import EncoderHeader, load_backbone
+from isdretrieve.frozen_encoder import FrozenEncoder
 
 DTYPES = ("float32", "float16")
 ON_BAD_IMAGE = ("error", "skip")
 MAX_SKIPPED_PATHS = 1000
-IMAGENET_EVAL_SIZE = 256  # folder/list images are decoded at this side for the imagenet preset
 _CHUNK_BYTES = 1 << 20
 _COPY_ROWS = 1 << 16
 _DELETE_HINT = "delete it or choose another --out"
 
 
-# ------------------------------------------------------------------------------------------ identity
-def encoder_fingerprint(backbone: nn.Module, header: EncoderHeader) -> str:
-    """First 16 hex digits of a SHA-256 over the weights and the input contract of an encoder.
-
-    Hashed: every state-dict entry in sorted key order (name, dtype, shape, raw bytes) except the BN
-    ``num_batches_tracked`` counters, which do not change eval features; then the header's arch,
-    cifar_stem, image_size, mean and std. Identical weights give identical fingerprints.
-    """
-    digest = hashlib.sha256()
-    state = backbone.state_dict()
-    for name in sorted(state):
-        if name.endswith("num_batches_tracked"):
-            continue
-        tensor = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    contract = {
-        "arch": header.arch,
-        "cifar_stem": header.cifar_stem,
-        "image_size": header.image_size,
-        "mean": [float(x) for x in header.mean],
-        "std": [float(x) for x in header.std],
-    }
-    digest.update(json.dumps(contract, sort_keys=True).encode())
-    return digest.hexdigest()[:16]
-
-
-def preset_for(header: EncoderHeader) -> str:
-    """Eval preset of an encoder: image_size 16 -> "digits", 32 -> "cifar", anything else -> "imagenet"."""
-    return {16: "digits", 32: "cifar"}.get(int(header.image_size), "imagenet")
-
-
+# ------------------------------------------------------------------------------------------ layout
 def shard_path(out: str | Path, rank: int, world: int) -> Path:
     """Where rank ``rank`` of ``world`` writes under torchrun: ``bank.h5`` -> ``bank.shard0-of-2.h5``."""
     out = Path(out)
@@ -113,15 +80,13 @@ def shard_path(out: str | Path, rank: int, world: int) -> Path:
 
 
 # ------------------------------------------------------------------------------------- file helpers
-def _versions() -> str:
-    return json.dumps(
-        {
-            "isdretrieve": __version__,
-            "torch": torch.__version__,
-            "h5py": h5py.__version__,
-            "numpy": np.__version__,
-        }
-    )
+def _versions() -> dict[str, str]:
+    return {
+        "isdretrieve": __version__,
+        "torch": torch.__version__,
+        "h5py": h5py.__version__,
+        "numpy": np.__version__,
+    }
 
 
 @contextlib.contextmanager
@@ -142,18 +107,7 @@ def _create_layout(f: h5py.File, n: int, dim: int, dtype: str) -> None:
     f.create_dataset("paths", (n,), dtype=h5py.string_dtype(), maxshape=(None,), chunks=(min(flat, 4096),))
 
 
-def _header_json(encoder: EncoderHeader | dict | None) -> str:
-    if isinstance(encoder, EncoderHeader):
-        encoder = encoder.to_dict()
-    return json.dumps(encoder)
-
-
-def _write_attrs(f: h5py.File, **attrs: Any) -> None:
-    for key, value in attrs.items():
-        f.attrs[key] = np.int64(value) if isinstance(value, int) and not isinstance(value, bool) else value
-
-
-def _base_attrs(
+def _identity(
     *,
     fingerprint: str,
     encoder: EncoderHeader | dict | None,
@@ -161,18 +115,20 @@ def _base_attrs(
     data_spec: str,
     classes: Sequence[str],
     normalized: bool,
-) -> dict[str, Any]:
-    return {
-        "format": BANK_FORMAT,
-        "fingerprint": str(fingerprint),
-        "encoder": _header_json(encoder),
-        "transform": str(transform),
-        "data_spec": str(data_spec),
-        "classes": json.dumps([str(c) for c in classes]),
-        "normalized": bool(normalized),
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "versions": _versions(),
-    }
+) -> BankAttrs:
+    """The attributes a new bank starts with (no progress yet)."""
+    if isinstance(encoder, dict):
+        encoder = EncoderHeader.from_dict(encoder)
+    return BankAttrs(
+        fingerprint=str(fingerprint),
+        encoder=encoder,
+        transform=str(transform),
+        data_spec=str(data_spec),
+        classes=tuple(str(c) for c in classes),
+        normalized=bool(normalized),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        versions=_versions(),
+    )
 
 
 # --------------------------------------------------------------------------------------- writing
@@ -240,14 +196,14 @@ def write_bank(
 def finish_complete_bank(
     f: h5py.File, labels: np.ndarray, indices: np.ndarray, paths: Sequence[str], **base: Any
 ) -> None:
-    """Write the per-row metadata and the attributes (``_base_attrs`` of ``base``) of a complete bank
-    whose features are written (``write_bank``, ``embeddings_io.write_bank_blocks``)."""
+    """Write the per-row metadata and the attributes (identity of ``base``, complete) of a bank whose
+    features are written (``write_bank``, ``embeddings_io.write_bank_blocks``)."""
     n = len(labels)
     f["labels"][...] = labels
     f["indices"][...] = indices
     f["paths"][...] = np.array(list(paths), dtype=object)
-    _write_attrs(f, **_base_attrs(**base), skipped=0, skipped_paths="[]", shard="[0, 1]")
-    _write_attrs(f, items_done=n, items_total=n, rows_done=n, complete=True)
+    done = {"items_done": n, "items_total": n, "rows_done": n, "complete": True}
+    dataclasses.replace(_identity(**base), **done).write(f)
 
 
 # --------------------------------------------------------------------------------------- export
@@ -300,58 +256,16 @@ def _batches(
         yield images, labels, indices, list(errors)
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device(device)
-
-
-def _input_affine(header: EncoderHeader) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """eval_view normalises with ImageNet mean/std; map that to the header's when they differ."""
-    if tuple(header.mean) == IMAGENET_MEAN and tuple(header.std) == IMAGENET_STD:
-        return None
-    m_in, s_in = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
-    m, s = torch.tensor(header.mean), torch.tensor(header.std)
-    return (s_in / s).view(1, 3, 1, 1), ((m_in - m) / s).view(1, 3, 1, 1)
-
-
-def _embed(
-    model: nn.Module,
-    images: torch.Tensor,
-    preset: str,
-    device: torch.device,
-    affine: tuple[torch.Tensor, torch.Tensor] | None,
-) -> torch.Tensor:
-    """L2-normalised float32 CPU features of a uint8 batch."""
-    x = eval_view(images.to(device, non_blocking=True), preset)
-    if affine is not None:
-        x = x * affine[0].to(device) + affine[1].to(device)
-    if device.type == "cuda":
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            y = model(x.contiguous(memory_format=torch.channels_last))
-    else:
-        y = model(x)
-    return F.normalize(y.float(), dim=1).cpu()
-
-
-def _open_data(data: str | DataSpec | ImageDataset, preset: str) -> ImageDataset:
+def _open_data(data: str | DataSpec | ImageDataset, encoder: FrozenEncoder) -> ImageDataset:
+    """The data set; files for an encoder larger than CIFAR's are decoded at its decode side (256 for
+    224 px), smaller ones at their own size."""
     if isinstance(data, ImageDataset):
         return data
     spec = parse_spec(data)
-    if preset == "imagenet" and spec.kind in ("folder", "list", "wds") and spec.size is None:
-        spec = dataclasses.replace(spec, size=IMAGENET_EVAL_SIZE)
+    large = encoder.image_size > SMALL_SIDE
+    if large and spec.kind in ("folder", "list", "wds") and spec.size is None:
+        spec = dataclasses.replace(spec, size=encoder.decode_side)
     return open_dataset(spec)
-
-
-def items_sha256(dataset: ImageDataset, lo: int, hi: int) -> str:
-    """First 16 hex digits of a SHA-256 over the names of items lo..hi-1: a resume must see the same files."""
-    digest = hashlib.sha256()
-    for i in range(lo, hi):
-        digest.update(dataset.path(i).encode())
-        digest.update(b"\0")
-    return digest.hexdigest()[:16]
 
 
 def _shard_files(dataset: ShardDataset, block: Sequence[int]) -> list[list]:
@@ -389,19 +303,19 @@ def _check_existing(out: Path, expect: dict[str, Any], shard_files: list[list] |
             raise BankError(f"{out} exists and is not a feature bank: {_DELETE_HINT}")
         if any(name not in h5 for name in ("features", "labels", "indices", "paths")):
             raise BankError(f"{out} is a corrupt feature bank (datasets missing): {_DELETE_HINT}")
+        info = BankAttrs.read(h5, out)
         found = {
-            "fingerprint": attr_value(h5.attrs.get("fingerprint")),
-            "data": attr_value(h5.attrs.get("data_spec")),
+            "fingerprint": info.fingerprint,
+            "data": info.data_spec,
             "dtype": str(h5["features"].dtype),
-            "shard": "/".join(map(str, json.loads(attr_value(h5.attrs.get("shard", "[0, 1]"))))),
+            "shard": f"{info.shard[0]}/{info.shard[1]}",
             "dim": int(h5["features"].shape[1]),
         }
         if "items_total" in h5.attrs:
-            found["images"] = int(h5.attrs["items_total"])
-        if "items_sha256" in h5.attrs:  # not in joined banks
-            found["file list sha256"] = attr_value(h5.attrs["items_sha256"])
-        complete = bool(h5.attrs.get("complete", False))
-        was_shards = json.loads(attr_value(h5.attrs.get("shard_files", "null")))
+            found["images"] = info.items_total
+        if info.items_sha256:  # not in joined banks
+            found["file list sha256"] = info.items_sha256
+    was_shards = None if info.shard_files is None else [list(s) for s in info.shard_files]
     if shard_files is not None and was_shards is not None and was_shards != shard_files:
         raise BankError(_shard_list_change(out, was_shards, shard_files))
     diffs = [
@@ -410,9 +324,9 @@ def _check_existing(out: Path, expect: dict[str, Any], shard_files: list[list] |
         if key in found and found[key] != want
     ]
     if diffs:
-        state = "complete" if complete else "partial"
+        state = "complete" if info.complete else "partial"
         raise BankError(f"{out} holds a {state} bank of another export ({'; '.join(diffs)}): {_DELETE_HINT}")
-    return complete
+    return info.complete
 
 
 def export_bank(
@@ -455,10 +369,8 @@ def export_bank(
     if not (world >= 1 and 0 <= rank < world):
         raise InvalidArgument(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
 
-    model, header = load_backbone(encoder, which=which)
-    fingerprint = encoder_fingerprint(model, header)
-    preset = preset_for(header)
-    dataset = _open_data(data, preset)
+    frozen = FrozenEncoder.load(encoder, which=which, device=device, batch_size=batch_size)
+    dataset = _open_data(data, frozen)
     n = len(dataset)
     lo, hi = rank * n // world, (rank + 1) * n // world
     block, shard_files = None, None
@@ -468,9 +380,9 @@ def export_bank(
             raise DataError(f"{len(dataset.shards)} shards cannot be split across {world} processes")
         lo, hi = int(dataset.shard_starts[block[0]]), int(dataset.shard_starts[block[-1] + 1])
         shard_files = _shard_files(dataset, block)
-    dim = int(getattr(model, "feature_dim", header.feature_dim))
+    dim = frozen.dim
     expect = {
-        "fingerprint": fingerprint,
+        "fingerprint": frozen.fingerprint,
         "data": str(dataset.spec),
         "dtype": dtype,
         "shard": f"{rank}/{world}",
@@ -486,44 +398,36 @@ def export_bank(
     else:
         with _atomic_h5(out) as f:
             _create_layout(f, hi - lo, dim, dtype)
-            base = _base_attrs(
-                fingerprint=fingerprint,
-                encoder=header,
-                transform=f"eval:{preset}",
+            identity = _identity(
+                fingerprint=frozen.fingerprint,
+                encoder=frozen.header,
+                transform=frozen.transform_name,
                 data_spec=str(dataset.spec),
                 classes=dataset.classes,
                 normalized=True,
             )
-            _write_attrs(f, **base, skipped=0, skipped_paths="[]", shard=json.dumps([rank, world]))
-            _write_attrs(f, items_done=0, items_total=hi - lo, items_sha256=expect["file list sha256"])
-            _write_attrs(f, rows_done=0, complete=False)
+            progress_attrs: dict[str, Any] = {"shard": (rank, world), "items_total": hi - lo}
+            progress_attrs["items_sha256"] = expect["file list sha256"]
             if shard_files is not None:
-                _write_attrs(f, shard_files=json.dumps(shard_files), shards_done="[]")
+                progress_attrs.update(shard_files=tuple(map(tuple, shard_files)), shards_done=())
+            dataclasses.replace(identity, **progress_attrs).write(f)
 
-    run_device = _resolve_device(device)
-    model = model.to(run_device)
-    if run_device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    affine = _input_affine(header)
     try:
         h5 = h5py.File(out, "r+")
     except OSError as exc:
         raise BankError(f"cannot open {out} for writing (another export writing it?): {exc}") from None
-    job = _Job(model, preset, run_device, affine, dtype, on_bad_image, batch_size, workers, progress, started)
+    pin = frozen.device.type == "cuda"
+    job = _Job(frozen, dtype, on_bad_image, batch_size, workers, progress, started)
     if block is not None:
         assert isinstance(dataset, ShardDataset)
         return _export_shards(h5, out, dataset, block, lo, job)
     with h5, names_file(out):
-        rows, resumed_from, items, skipped = (
-            int(h5.attrs["rows_done"]),
-            int(h5.attrs["rows_done"]),
-            int(h5.attrs["items_done"]),
-            int(h5.attrs["skipped"]),
-        )
-        skipped_paths = list(json.loads(attr_value(h5.attrs["skipped_paths"])))
+        info = BankAttrs.read(h5, out)
+        rows, resumed_from, items, skipped = info.rows_done, info.rows_done, info.items_done, info.skipped
+        skipped_paths = list(info.skipped_paths)
         processed = 0
         with _progress_bar(progress, total=hi - lo, done=items) as advance, torch.inference_mode():
-            batches = _batches(dataset, lo + items, hi, batch_size, workers, run_device.type == "cuda")
+            batches = _batches(dataset, lo + items, hi, batch_size, workers, pin)
             for images, labels, indices, errors in batches:
                 keep = np.ones(len(indices), dtype=bool)
                 if errors is not None and any(errors):
@@ -534,7 +438,7 @@ def export_bank(
                     skipped += len(bad)
                     room = MAX_SKIPPED_PATHS - len(skipped_paths)
                     skipped_paths += [dataset.path(int(indices[k])) for k in bad[: max(0, room)]]
-                feats = _embed(model, images, preset, run_device, affine)
+                feats = frozen.embed(images)
                 if not torch.isfinite(feats[torch.from_numpy(keep)]).all():
                     a, b = int(indices[0]), int(indices[-1])
                     raise BankError(f"the encoder produced non-finite features for dataset items {a}..{b}")
@@ -548,18 +452,16 @@ def export_bank(
                 )
                 h5.flush()  # rows first, then the marker that covers them
                 rows, items, processed = rows + k, items + len(indices), processed + len(indices)
-                h5.attrs.modify("rows_done", np.int64(rows))
-                h5.attrs.modify("items_done", np.int64(items))
+                BankAttrs.update(h5, rows_done=rows, items_done=items)
                 if not keep.all():
-                    h5.attrs.modify("skipped", np.int64(skipped))
-                    h5.attrs.modify("skipped_paths", json.dumps(skipped_paths))
+                    BankAttrs.update(h5, skipped=skipped, skipped_paths=skipped_paths)
                 h5.flush()
                 advance(len(indices), processed / max(time.perf_counter() - started, 1e-9))
         for name in ("features", "labels", "indices", "paths"):
             h5[name].resize(rows, axis=0)
         h5.flush()
         fsync_path(out)
-        h5.attrs.modify("complete", True)
+        BankAttrs.update(h5, complete=True)
         h5.flush()
     fsync_path(out)
     seconds = time.perf_counter() - started
@@ -572,10 +474,7 @@ def export_bank(
 class _Job:
     """What every batch of an export needs."""
 
-    model: nn.Module
-    preset: str
-    device: torch.device
-    affine: tuple[torch.Tensor, torch.Tensor] | None
+    encoder: FrozenEncoder
     dtype: str
     on_bad_image: str
     batch_size: int
@@ -589,22 +488,23 @@ def _export_shards(
 ) -> ExportResult:
     """The shard-granular export loop (see the module docstring); ``h5`` is the open bank."""
     with h5, names_file(out):
-        done = set(json.loads(attr_value(h5.attrs["shards_done"])))
-        skipped = int(h5.attrs["skipped"])
-        skipped_paths = list(json.loads(attr_value(h5.attrs["skipped_paths"])))
+        info = BankAttrs.read(h5, out)
+        done, skipped, skipped_paths = set(info.shards_done or ()), info.skipped, list(info.skipped_paths)
         counts = [len(dataset.shards[s]) for s in block]
         finished = sum(counts[k] for k in done)
         todo = [s for k, s in enumerate(block) if k not in done]
         pending: dict[int, list[str]] = {}  # skipped items of shards not finished yet
         processed, total = 0, sum(counts)
-        stream = ShardStream(dataset, todo, job.batch_size).loader(job.workers, job.device.type == "cuda")
+        stream = ShardStream(dataset, todo, job.batch_size).loader(
+            job.workers, job.encoder.device.type == "cuda"
+        )
         with _progress_bar(job.progress, total=total, done=finished) as advance, torch.inference_mode():
             for batch in stream:
                 bad = [k for k, text in enumerate(batch.errors) if text]
                 if bad and job.on_bad_image == "error":
                     raise DataError(batch.errors[bad[0]])
                 pending.setdefault(batch.shard, []).extend(dataset.path(int(batch.indices[k])) for k in bad)
-                feats = _embed(job.model, batch.images, job.preset, job.device, job.affine)
+                feats = job.encoder.embed(batch.images)
                 keep = torch.ones(len(batch.indices), dtype=torch.bool)
                 keep[bad] = False
                 if not torch.isfinite(feats[keep]).all():
@@ -629,19 +529,21 @@ def _export_shards(
                     lost = pending.pop(batch.shard, [])
                     skipped += len(lost)
                     skipped_paths += lost[: max(0, MAX_SKIPPED_PATHS - len(skipped_paths))]
-                    h5.attrs.modify("shards_done", json.dumps(sorted(done)))
-                    h5.attrs.modify("rows_done", np.int64(finished - skipped))
-                    h5.attrs.modify("items_done", np.int64(finished))
-                    h5.attrs.modify("skipped", np.int64(skipped))
-                    h5.attrs.modify("skipped_paths", json.dumps(skipped_paths))
+                    BankAttrs.update(
+                        h5,
+                        shards_done=sorted(done),
+                        rows_done=finished - skipped,
+                        items_done=finished,
+                        skipped=skipped,
+                        skipped_paths=skipped_paths,
+                    )
                     h5.flush()
                 elapsed = max(time.perf_counter() - job.started, 1e-9)
                 advance(len(index_array), processed / elapsed)
         resumed_from = total - sum(len(dataset.shards[s]) for s in todo)
         if skipped == 0:
             fsync_path(out)
-            h5.attrs.modify("rows_done", np.int64(total))
-            h5.attrs.modify("complete", True)
+            BankAttrs.update(h5, rows_done=total, complete=True)
             h5.flush()
     if skipped:
         _drop_skipped_rows(out)
@@ -668,8 +570,7 @@ def _drop_skipped_rows(out: Path) -> None:
                     f[name][row : row + k] = src[name][a:b][mask]
                 f["paths"][row : row + k] = src["paths"].asstr()[a:b][mask].astype(object)
                 row += k
-            _write_attrs(f, **{key: attr_value(value) for key, value in src.attrs.items()})
-            _write_attrs(f, rows_done=n, complete=True)
+            dataclasses.replace(BankAttrs.read(src, out), rows_done=n, complete=True).write(f)
 
 
 @contextlib.contextmanager
@@ -737,20 +638,22 @@ def join_shards(shards: Sequence[str | Path], out: str | Path) -> Path:
                 f["paths"][row : row + size] = np.array(bank.paths(), dtype=object)
                 row += size
             f["indices"][...] = index
-            keep = ("format", "fingerprint", "encoder", "transform", "data_spec", "classes", "normalized")
-            _write_attrs(f, **{key: first.attrs[key] for key in keep if key in first.attrs})
-            _write_attrs(
-                f,
+            items = sum(bank.info.items_total or len(bank) for bank in banks)
+            dataclasses.replace(
+                first.info,
                 skipped=sum(bank.skipped for bank in banks),
-                skipped_paths=json.dumps(skipped_paths[:MAX_SKIPPED_PATHS]),
-                shard="[0, 1]",
+                skipped_paths=tuple(skipped_paths[:MAX_SKIPPED_PATHS]),
+                shard=(0, 1),
                 created=datetime.now(UTC).isoformat(timespec="seconds"),
                 versions=_versions(),
-                items_done=sum(int(bank.attrs.get("items_total", len(bank))) for bank in banks),
-                items_total=sum(int(bank.attrs.get("items_total", len(bank))) for bank in banks),
+                items_done=items,
+                items_total=items,
+                items_sha256="",
                 rows_done=n,
                 complete=True,
-            )
+                shard_files=None,
+                shards_done=None,
+            ).write(f)
     finally:
         for bank in banks:
             bank.close()

@@ -4,8 +4,8 @@ writes them and documents the layout."""
 
 from __future__ import annotations
 
-import functools
 import json
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +15,7 @@ import numpy as np
 from isdretrieve.errors import BankError, CheckpointError
 
 if TYPE_CHECKING:
-    from isdretrieve.models import EncoderHeader
+    from isdretrieve.encoder_header import EncoderHeader
 
 BANK_FORMAT = "isdretrieve.bank/1"
 
@@ -41,25 +41,160 @@ def open_h5(path: Path, mode: str = "r") -> h5py.File:
     return h5py.File(path, mode)
 
 
-class FeatureBank:
-    """A complete feature bank, opened read-only. Use :meth:`open`; close it (or use ``with``)."""
+@dataclass(frozen=True)
+class BankAttrs:
+    """Every attribute of ``bank.h5``, typed: the one place that writes and reads them.
 
-    def __init__(self, path: Path, h5: h5py.File) -> None:
-        self.path = path
-        self._h5 = h5
-        self.attrs: dict[str, Any] = {key: attr_value(value) for key, value in h5.attrs.items()}
-        self.fingerprint: str = str(self.attrs.get("fingerprint", ""))
-        self.transform: str = str(self.attrs.get("transform", ""))
-        self.data_spec: str = str(self.attrs.get("data_spec", ""))
-        self.skipped: int = int(self.attrs.get("skipped", 0))
-        try:
-            self.classes: list[str] = list(json.loads(self.attrs.get("classes", "[]")))
-            self.skipped_paths: list[str] = list(json.loads(self.attrs.get("skipped_paths", "[]")))
-            shard = json.loads(self.attrs.get("shard", "[0, 1]"))
-            self.shard: tuple[int, int] = (int(shard[0]), int(shard[1]))
-            self._header: dict | None = json.loads(self.attrs.get("encoder", "null"))
-        except (ValueError, TypeError, IndexError) as exc:
-            raise BankError(f"feature bank {path} has a malformed attribute: {exc}") from None
+    Identity (written once): ``fingerprint`` (of the encoder, "" for outside features), ``encoder`` (its
+    header, None for outside features), ``transform``, ``data_spec``, ``classes``, ``normalized``,
+    ``created``, ``versions``. Progress of an export (rewritten as it goes): ``skipped`` and
+    ``skipped_paths`` (unreadable images), ``shard`` (rank, world), ``items_done`` / ``items_total``
+    (dataset items consumed / in the shard), ``items_sha256`` (over the shard's item names; "" in joined
+    banks), ``rows_done``, ``complete``; for ``wds:`` data also ``shard_files`` ([name, bytes, samples]
+    per tar) and ``shards_done`` (positions in that list). On disk lists, tuples, dicts and the header
+    are JSON strings, integers int64.
+    """
+
+    fingerprint: str = ""
+    encoder: EncoderHeader | None = None
+    transform: str = ""
+    data_spec: str = ""
+    classes: tuple[str, ...] = ()
+    normalized: bool = False
+    created: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+    skipped: int = 0
+    skipped_paths: tuple[str, ...] = ()
+    shard: tuple[int, int] = (0, 1)
+    items_done: int = 0
+    items_total: int = 0
+    items_sha256: str = ""
+    rows_done: int = 0
+    complete: bool = False
+    shard_files: tuple[tuple[str, int, int], ...] | None = None
+    shards_done: tuple[int, ...] | None = None
+    format: str = BANK_FORMAT
+
+    @classmethod
+    def read(cls, h5: h5py.File, path: Path) -> BankAttrs:
+        """The attributes of an open bank file; BankError naming the attribute that is malformed."""
+        raw = {key: attr_value(value) for key, value in h5.attrs.items()}
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in raw:
+                continue
+            try:
+                values[f.name] = _decode(f.name, raw[f.name])
+            except (ValueError, TypeError, IndexError, KeyError, CheckpointError) as exc:
+                raise BankError(f"feature bank {path} has a malformed attribute {f.name!r}: {exc}") from None
+        return cls(**values)
+
+    def write(self, h5: h5py.File) -> None:
+        """Write every attribute (``items_sha256``, ``shard_files`` and ``shards_done`` only when set)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None or (f.name == "items_sha256" and not value):
+                continue
+            h5.attrs[f.name] = _encode(f.name, value)
+
+    @staticmethod
+    def update(h5: h5py.File, **changes: Any) -> None:
+        """Rewrite some progress attributes of a bank being exported, encoded as :meth:`write` does."""
+        names = {f.name for f in fields(BankAttrs)}
+        for name, value in changes.items():
+            if name not in names:
+                raise KeyError(f"no bank attribute {name!r}")
+            h5.attrs.modify(name, _encode(name, value))
+
+
+_JSON = frozenset({"classes", "versions", "skipped_paths", "shard", "shard_files", "shards_done"})
+
+
+def _encode(name: str, value: Any) -> Any:
+    if name == "encoder":
+        return json.dumps(None if value is None else value.to_dict())
+    if name in _JSON:
+        return json.dumps(_plain(value))
+    if isinstance(value, bool):
+        return np.bool_(value)
+    if isinstance(value, int):
+        return np.int64(value)
+    return str(value)
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, recursively, for JSON."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _decode(name: str, value: Any) -> Any:
+    if name == "encoder":
+        from isdretrieve.encoder_header import EncoderHeader
+
+        header = json.loads(value)
+        return None if header is None else EncoderHeader.from_dict(header)
+    if name in _JSON:
+        data = json.loads(value)
+        if name == "versions":
+            return {str(k): str(v) for k, v in dict(data).items()}
+        if name == "shard":
+            rank, world = data
+            return int(rank), int(world)
+        if name == "shard_files":
+            return tuple((str(n), int(b), int(c)) for n, b, c in data)
+        if name == "shards_done":
+            return tuple(int(k) for k in data)
+        return tuple(str(v) for v in data)
+    default = next(f.default for f in fields(BankAttrs) if f.name == name)
+    if isinstance(default, bool):
+        return bool(value)
+    if isinstance(default, int):
+        return int(value)
+    return str(value)
+
+
+class FeatureBank:
+    """A complete feature bank, opened read-only. Use :meth:`open`; close it (or use ``with``).
+
+    ``info`` holds its attributes (:class:`BankAttrs`); the most used ones are properties too."""
+
+    def __init__(self, path: Path, h5: h5py.File, info: BankAttrs) -> None:
+        self.path, self._h5, self.info = path, h5, info
+
+    @property
+    def fingerprint(self) -> str:
+        return self.info.fingerprint
+
+    @property
+    def transform(self) -> str:
+        return self.info.transform
+
+    @property
+    def data_spec(self) -> str:
+        return self.info.data_spec
+
+    @property
+    def skipped(self) -> int:
+        return self.info.skipped
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.info.classes)
+
+    @property
+    def skipped_paths(self) -> list[str]:
+        return list(self.info.skipped_paths)
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        return self.info.shard
+
+    @property
+    def encoder(self) -> EncoderHeader | None:
+        """The encoder's header (architecture, input size, normalisation); None for outside features."""
+        return self.info.encoder
 
     @classmethod
     def open(cls, path: str | Path) -> FeatureBank:
@@ -76,24 +211,13 @@ class FeatureBank:
                 f"cannot read feature bank {path}: not an HDF5 file, or truncated ({exc})"
             ) from None
         try:
-            check_complete(h5, path)
-            return cls(path, h5)
+            return cls(path, h5, check_complete(h5, path))
         except BaseException:
             h5.close()
             raise
 
     def __len__(self) -> int:
         return int(self._h5["features"].shape[0])
-
-    @functools.cached_property
-    def encoder(self) -> EncoderHeader | None:
-        """The encoder's header (architecture, input size, normalisation); None for outside features."""
-        from isdretrieve.models import EncoderHeader  # torch: only when a caller needs the encoder
-
-        try:
-            return None if self._header is None else EncoderHeader.from_dict(self._header)
-        except CheckpointError as exc:
-            raise BankError(f"feature bank {self.path} has a malformed encoder attribute: {exc}") from None
 
     def __repr__(self) -> str:
         shape = f"n={len(self)}, dim={self.dim}, dtype={self.dtype}"
@@ -110,7 +234,7 @@ class FeatureBank:
 
     @property
     def normalized(self) -> bool:
-        return bool(self.attrs.get("normalized", False))
+        return self.info.normalized
 
     def features(self, start: int = 0, stop: int | None = None, dtype: Any = np.float32) -> np.ndarray:
         """Rows ``start:stop`` as ``dtype`` (float32 by default; None keeps the stored type)."""
@@ -136,7 +260,8 @@ class FeatureBank:
         self.close()
 
 
-def check_complete(h5: h5py.File, path: Path) -> None:
+def check_complete(h5: h5py.File, path: Path) -> BankAttrs:
+    """The attributes of a complete bank; BankError if ``h5`` is not a bank, is corrupt or incomplete."""
     fmt = attr_value(h5.attrs.get("format"))
     if fmt != BANK_FORMAT:
         what = "no format attribute" if fmt is None else f"format {fmt!r}"
@@ -144,14 +269,15 @@ def check_complete(h5: h5py.File, path: Path) -> None:
     missing = [name for name in ("features", "labels", "indices", "paths") if name not in h5]
     if missing:
         raise BankError(f"feature bank {path} is corrupt: missing dataset(s) {', '.join(missing)}")
-    rows_done = int(h5.attrs.get("rows_done", 0))
-    if not bool(h5.attrs.get("complete", False)):
-        total = int(h5.attrs.get("items_total", h5["features"].shape[0]))
+    info = BankAttrs.read(h5, path)
+    if not info.complete:
+        total = info.items_total or int(h5["features"].shape[0])
         raise BankError(
-            f"bank {path} is incomplete ({rows_done} of {total} rows): rerun the export to finish it"
+            f"bank {path} is incomplete ({info.rows_done} of {total} rows): rerun the export to finish it"
         )
     lengths = {name: int(h5[name].shape[0]) for name in ("features", "labels", "indices", "paths")}
-    if any(n != rows_done for n in lengths.values()):
+    if any(n != info.rows_done for n in lengths.values()):
         raise BankError(
-            f"feature bank {path} is corrupt: rows_done={rows_done} but dataset lengths {lengths}"
+            f"feature bank {path} is corrupt: rows_done={info.rows_done} but dataset lengths {lengths}"
         )
+    return info

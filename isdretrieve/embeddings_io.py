@@ -32,6 +32,7 @@ import numpy as np
 
 from isdretrieve.atomic import atomic_path, fsync_path
 from isdretrieve.bank import FeatureBank, _atomic_h5, _create_layout, finish_complete_bank
+from isdretrieve.bank_file import BANK_FORMAT, attr_value
 from isdretrieve.errors import BankError
 
 FORMATS = ("h5", "npy", "parquet")
@@ -308,7 +309,7 @@ def _read_h5(source: Path, key: str | None) -> _Opened:
                 meta[field] = f[name][...]
         if isinstance(f.get("paths"), h5py.Dataset) and f["paths"].shape == (n,):
             meta["paths"] = [p.decode() if isinstance(p, bytes) else str(p) for p in f["paths"][...]]
-        if f.attrs.get("format") == "isdretrieve.bank/1":
+        if attr_value(f.attrs.get("format")) == BANK_FORMAT:
             with FeatureBank.open(source) as bank:
                 meta.update(fingerprint=bank.fingerprint, data_spec=bank.data_spec, classes=bank.classes)
     except BaseException:

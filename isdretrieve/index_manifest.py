@@ -108,24 +108,18 @@ def check_bank_fingerprint(directory: Path, manifest: IndexManifest, fingerprint
 def describe_index(index_dir: str | Path) -> dict[str, Any]:
     """The manifest plus the bank's rows, data SPEC, transform, class count and skipped images (read from
     the bank's attributes with h5py; FAISS and torch are not imported)."""
-    import h5py
+    from isdretrieve.bank_file import BankAttrs, open_h5
 
     manifest = read_manifest(index_dir)
     bank_path = Path(index_dir) / BANK_FILE
     try:
-        with h5py.File(bank_path, "r", locking=False) as f:
-            keys = ("fingerprint", "data_spec", "transform", "classes", "skipped")
-            attrs = {key: _attr(f.attrs[key]) for key in keys if key in f.attrs}
+        with open_h5(bank_path) as f:
+            attrs = BankAttrs.read(f, bank_path)
             rows = int(f["features"].shape[0]) if "features" in f else 0
-        classes = json.loads(attrs.get("classes", "[]"))
-    except (OSError, ValueError, TypeError) as exc:
+    except OSError as exc:
         raise BankError(f"cannot read feature bank {bank_path}: {exc}") from None
-    check_bank_fingerprint(Path(index_dir), manifest, str(attrs.get("fingerprint", "")))
+    check_bank_fingerprint(Path(index_dir), manifest, attrs.fingerprint)
     info: dict[str, Any] = json.loads(manifest.to_json())
-    info.update(bank_rows=rows, data_spec=attrs.get("data_spec", ""), transform=attrs.get("transform", ""))
-    info.update(classes=len(classes), skipped_images=int(attrs.get("skipped", 0)))
+    info.update(bank_rows=rows, data_spec=attrs.data_spec, transform=attrs.transform)
+    info.update(classes=len(attrs.classes), skipped_images=attrs.skipped)
     return info
-
-
-def _attr(value: Any) -> Any:
-    return value.decode() if isinstance(value, bytes) else value.item() if hasattr(value, "item") else value

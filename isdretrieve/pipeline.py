@@ -10,8 +10,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from isdretrieve.bank import encoder_fingerprint, export_bank
+from isdretrieve.bank import export_bank
 from isdretrieve.errors import BankError, IsdError
+from isdretrieve.frozen_encoder import encoder_fingerprint
 from isdretrieve.index import IndexManifest, build_index
 from isdretrieve.models import export_encoder, load_backbone
 

@@ -9,7 +9,7 @@
     r.row(17), r.row_image(17)                              # a bank row's label and path; its picture
 
 Images are embedded with the index's own encoder (``encoder.pt`` in the index directory, checked against
-the bank's fingerprint) and its eval transform.
+the bank's fingerprint) through :class:`~isdretrieve.frozen_encoder.FrozenEncoder`, as the bank was.
 """
 
 from __future__ import annotations
@@ -24,11 +24,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from isdretrieve.bank import encoder_fingerprint, preset_for
-from isdretrieve.data import decode_image, eval_view, pil_to_tensor
-from isdretrieve.errors import BankError, DataError
+from isdretrieve.errors import BankError
+from isdretrieve.frozen_encoder import FrozenEncoder, Queries
 from isdretrieve.index import SearchIndex
-from isdretrieve.models import EncoderHeader, load_backbone
 from isdretrieve.neighbours import (
     Neighbour,
     NeighbourQuery,
@@ -39,9 +37,6 @@ from isdretrieve.neighbours import (
     label_differs,
 )
 from isdretrieve.neighbours_report import ImageSource, class_name
-
-ImageLike = str | Path | Image.Image
-Queries = ImageLike | Sequence[ImageLike] | torch.Tensor | np.ndarray
 
 
 @dataclass(frozen=True)
@@ -73,8 +68,7 @@ class Retriever:
         self.device = torch.device(device)
         bank = index.bank
         self._labels, self._indices, self._paths = bank.labels(), bank.indices(), bank.paths()
-        self._encoder: torch.nn.Module | None = None
-        self._header: EncoderHeader | None = None
+        self._encoder: FrozenEncoder | None = None
         self._lock = threading.Lock()  # the encoder and the data set are opened once, by one thread
         self._images = ImageSource(bank.data_spec)
 
@@ -101,39 +95,32 @@ class Retriever:
         """Whether the index directory holds an ``encoder.pt`` to embed images with."""
         return (self.index_dir / "encoder.pt").is_file()
 
-    def _load_encoder(self) -> tuple[torch.nn.Module, EncoderHeader]:
+    @property
+    def encoder(self) -> FrozenEncoder:
+        """The index's encoder (``encoder.pt``), loaded on first use and checked against the bank."""
         with self._lock:
-            return self._open_encoder()
-
-    def _open_encoder(self) -> tuple[torch.nn.Module, EncoderHeader]:
-        if self._encoder is None:
-            path = self.index_dir / "encoder.pt"
-            if not path.is_file():
-                raise BankError(f"{self.index_dir} has no encoder.pt: search it with feature vectors instead")
-            encoder, header = load_backbone(path)
-            found, expected = encoder_fingerprint(encoder, header), self.index.bank.fingerprint
-            if found != expected:
-                raise BankError(f"{path} does not match the bank (fingerprint {found} != {expected})")
-            self._encoder, self._header = encoder.to(self.device).eval(), header
-        return self._encoder, self._header
+            if self._encoder is None:
+                path = self.index_dir / "encoder.pt"
+                if not path.is_file():
+                    raise BankError(
+                        f"{self.index_dir} has no encoder.pt: search it with feature vectors instead"
+                    )
+                encoder = FrozenEncoder.load(path, device=self.device)
+                found, expected = encoder.fingerprint, self.index.bank.fingerprint
+                if found != expected:
+                    raise BankError(f"{path} does not match the bank (fingerprint {found} != {expected})")
+                self._encoder = encoder
+            return self._encoder
 
     def prepare(self, images: Queries) -> torch.Tensor:
-        """Images (paths, PIL images or a batch) as the uint8 batch [B,3,S,S] that :meth:`encode` embeds;
-        decoding them apart from encoding lets several callers' images share one forward."""
-        _, header = self._load_encoder()
-        return self._as_uint8_batch(images, 256 if preset_for(header) == "imagenet" else header.image_size)
+        """Images (paths, PIL images or a batch) as the uint8 batch that :meth:`encode` embeds; decoding
+        them apart from encoding lets several callers' images share one forward."""
+        return self.encoder.prepare(images)
 
-    @torch.no_grad()
-    def encode(self, images: Queries, batch_size: int = 256) -> torch.Tensor:
+    def encode(self, images: Queries) -> torch.Tensor:
         """L2-normalised float32 features [Q, D] (on CPU) of images: paths, PIL images or an image batch."""
-        encoder, header = self._load_encoder()
-        preset = preset_for(header)
-        batch = self.prepare(images)
-        feats = []
-        for start in range(0, len(batch), batch_size):
-            x = eval_view(batch[start : start + batch_size].to(self.device), preset)
-            feats.append(F.normalize(encoder(x).float(), dim=1).cpu())
-        return torch.cat(feats)
+        encoder = self.encoder
+        return encoder.embed(encoder.prepare(images))
 
     def search(self, queries: Queries, k: int = 10) -> list[list[Hit]]:
         """The k nearest bank rows of each query (images, or feature vectors [Q, D] / [D])."""
@@ -245,23 +232,3 @@ class Retriever:
             x = torch.as_tensor(queries, dtype=torch.float32).reshape(-1, self.dim)
             return F.normalize(x, dim=1).numpy()
         return self.encode(queries).numpy()
-
-    @staticmethod
-    def _as_uint8_batch(images: Queries, size: int) -> torch.Tensor:
-        if isinstance(images, np.ndarray):
-            images = torch.from_numpy(images)
-        if isinstance(images, torch.Tensor):
-            x = images if images.ndim == 4 else images.unsqueeze(0)
-            if x.ndim != 4 or x.shape[1] != 3:
-                raise DataError(f"expected images [B,3,H,W] or [3,H,W], got shape {tuple(images.shape)}")
-            return x if x.dtype == torch.uint8 else (x.float().clamp(0, 1) * 255).round().to(torch.uint8)
-        items = [images] if isinstance(images, (str, Path, Image.Image)) else list(images)
-        tensors = []
-        for item in items:
-            if isinstance(item, Image.Image):
-                tensors.append(pil_to_tensor(item, size))
-            elif Path(item).is_file():
-                tensors.append(decode_image(Path(item), size))
-            else:
-                raise DataError(f"query image not found: {item}")
-        return torch.stack(tensors)

@@ -130,9 +130,10 @@ KILLED_EXPORT = """
 import os, signal, sys
 import torch
 import isdretrieve.bank as bank
+from isdretrieve.frozen_encoder import FrozenEncoder
 
 torch.set_num_threads(1)
-real, calls = bank._embed, [0]
+real, calls = FrozenEncoder.embed, [0]
 
 def embed(*args, **kwargs):
     calls[0] += 1
@@ -140,6 +141,6 @@ def embed(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     return real(*args, **kwargs)
 
-bank._embed = embed
+FrozenEncoder.embed = embed
 bank.export_bank(sys.argv[1], sys.argv[2], sys.argv[3], batch_size=50, workers=int(sys.argv[5]))
 """

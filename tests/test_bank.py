@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import signal
 import subprocess
 import sys
@@ -17,19 +16,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import isdretrieve.bank as bank_module
 from isdretrieve.bank import (
     BANK_FORMAT,
     FeatureBank,
-    encoder_fingerprint,
     export_bank,
     join_shards,
-    preset_for,
     shard_path,
     write_bank,
 )
 from isdretrieve.data import eval_view, open_dataset
 from isdretrieve.errors import BankError, DataError
+from isdretrieve.frozen_encoder import FrozenEncoder, encoder_fingerprint, transform_name
 from isdretrieve.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -97,7 +94,7 @@ def _reference_features(encoder: Path, spec: str) -> np.ndarray:
     model, header = load_backbone(encoder)
     images = open_dataset(spec).load_all()
     with torch.inference_mode():
-        return F.normalize(model(eval_view(images, preset_for(header))), dim=1).numpy()
+        return F.normalize(model(eval_view(images, transform_name(header)[5:])), dim=1).numpy()
 
 
 # ------------------------------------------------------------------------------------- round trip
@@ -114,15 +111,15 @@ def test_digits_round_trip(digits_bank: Path, enc16: Path) -> None:
         assert bank.paths() == [dataset.path(i) for i in range(1347)]
         np.testing.assert_allclose(feats, _reference_features(enc16, "digits"), atol=1e-5)
         np.testing.assert_array_equal(bank.features(10, 20), feats[10:20])
-        assert bank.attrs["format"] == BANK_FORMAT
-        assert bank.attrs["complete"] is True and bank.attrs["rows_done"] == 1347
+        assert bank.info.format == BANK_FORMAT
+        assert bank.info.complete is True and bank.info.rows_done == 1347
         assert bank.fingerprint == encoder_fingerprint(model, header)
         assert bank.encoder == header
         assert bank.transform == "eval:digits"
         assert bank.data_spec == "digits,split=train"
         assert bank.classes == [str(d) for d in range(10)]
         assert bank.skipped == 0 and bank.normalized
-        assert set(json.loads(bank.attrs["versions"])) == {"isdretrieve", "torch", "h5py", "numpy"}
+        assert set(bank.info.versions) == {"isdretrieve", "torch", "h5py", "numpy"}
 
 
 def test_float16_bank(workdir: Path, enc16: Path) -> None:
@@ -142,9 +139,10 @@ _CHILD = textwrap.dedent(
     import os, signal, sys
     import torch
     import isdretrieve.bank as bank
+    import isdretrieve.frozen_encoder as frozen
 
     torch.set_num_threads(1)
-    real_load, calls = bank.load_backbone, [0]
+    real_load, calls = frozen.load_backbone, [0]
 
     def load_and_arm(*args, **kwargs):
         model, header = real_load(*args, **kwargs)
@@ -157,7 +155,7 @@ _CHILD = textwrap.dedent(
         model.register_forward_pre_hook(die_after)
         return model, header
 
-    bank.load_backbone = load_and_arm
+    frozen.load_backbone = load_and_arm
     bank.export_bank(sys.argv[1], "digits", sys.argv[2], batch_size=32, workers=0)
     """
 )
@@ -182,7 +180,7 @@ class _Interrupted(Exception):
 
 def _partial_export(monkeypatch: pytest.MonkeyPatch, encoder: Path, out: Path, batches: int) -> None:
     """An export of digits/test that dies (in-process) at the forward of batch ``batches + 1``."""
-    real, calls = bank_module._embed, [0]
+    real, calls = FrozenEncoder.embed, [0]
 
     def embed(*args: object, **kwargs: object) -> torch.Tensor:
         calls[0] += 1
@@ -191,7 +189,7 @@ def _partial_export(monkeypatch: pytest.MonkeyPatch, encoder: Path, out: Path, b
         return real(*args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(bank_module, "_embed", embed)
+        patch.setattr(FrozenEncoder, "embed", embed)
         with pytest.raises(_Interrupted):
             export_bank(encoder, "digits,split=test", out, batch_size=50, workers=0)
 
@@ -313,11 +311,12 @@ def test_fingerprint_tracks_weights_and_input_contract(digits_bank: Path, enc16:
         assert bank.fingerprint == encoder_fingerprint(*load_backbone(enc16)) == fp
 
 
-def test_preset_for() -> None:
+def test_transform_names() -> None:
     def header(size: int) -> EncoderHeader:
         return EncoderHeader("resnet18", False, 512, size, IMAGENET_MEAN, IMAGENET_STD)
 
-    assert [preset_for(header(s)) for s in (16, 32, 224, 96)] == ["digits", "cifar", "imagenet", "imagenet"]
+    names = [transform_name(header(s)) for s in (16, 32, 224, 96)]
+    assert names == ["eval:digits", "eval:cifar", "eval:imagenet", "eval:resize110-crop96"]
 
 
 # --------------------------------------------------------------------------------------- shards

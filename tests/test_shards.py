@@ -18,11 +18,11 @@ import torch
 from conftest import KILLED_EXPORT, bank_contents
 from PIL import Image
 
-import isdretrieve.bank as bank_module
 from isdretrieve.bank import FeatureBank, export_bank, join_shards, shard_path
 from isdretrieve.data import open_dataset
 from isdretrieve.data.shards import ShardStream, expand_braces, rank_shards, shard_files, write_shards
 from isdretrieve.errors import BankError, DataError
+from isdretrieve.frozen_encoder import FrozenEncoder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -171,7 +171,7 @@ def test_export_matches_the_in_memory_export_whatever_the_workers(
         np.testing.assert_array_equal(bank.labels(), plain.labels())
         np.testing.assert_array_equal(bank.indices(), np.arange(450))
         assert bank.paths()[112] == "00002.tar/00000112" and bank.data_spec == f"{digits_shards},size=16"
-        assert json.loads(bank.attrs["shards_done"]) == list(range(8))
+        assert bank.info.shards_done == tuple(range(8))
 
 
 def test_torchrun_ranks_take_contiguous_shard_blocks_and_join(
@@ -200,7 +200,7 @@ def test_resume_skips_finished_shards_and_refuses_a_changed_list(
     tmp_path: Path, digits_shards: str, enc16: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reference = export_bank(enc16, digits_shards, tmp_path / "ref.h5", batch_size=20, workers=0).path
-    real, encoded = bank_module._embed, []
+    real, encoded = FrozenEncoder.embed, []
 
     def embed(model, images, *args):
         if stop_at and len(encoded) == stop_at:
@@ -210,7 +210,7 @@ def test_resume_skips_finished_shards_and_refuses_a_changed_list(
 
     stop_at = 14  # shards 0-3 (3 batches each) done, shard 4 started
 
-    monkeypatch.setattr(bank_module, "_embed", embed)
+    monkeypatch.setattr(FrozenEncoder, "embed", embed)
     out = tmp_path / "bank.h5"
     with pytest.raises(_Stop):
         export_bank(enc16, digits_shards, out, batch_size=20, workers=0)
@@ -224,7 +224,7 @@ def test_resume_skips_finished_shards_and_refuses_a_changed_list(
 
     partial = tmp_path / "partial.h5"
     with monkeypatch.context() as patch:
-        patch.setattr(bank_module, "_embed", lambda *a: (_ for _ in ()).throw(_Stop))
+        patch.setattr(FrozenEncoder, "embed", lambda *a: (_ for _ in ()).throw(_Stop))
         with pytest.raises(_Stop):
             export_bank(enc16, digits_shards, partial, batch_size=20, workers=0)
     shard3 = Path(digits_shards[4:].replace("{00000..00007}", "00003"))
@@ -283,17 +283,17 @@ def test_cifar_shards_export_killed_at_random_then_resumed_is_byte_identical(
     with __import__("h5py").File(out, "r") as h5:
         done = json.loads(h5.attrs["shards_done"])
     counted: list[int] = []
-    real = bank_module._embed
+    real = FrozenEncoder.embed
 
     def spy(model, images, *rest):
         counted.append(len(images))
         return real(model, images, *rest)
 
-    bank_module._embed = spy
+    FrozenEncoder.embed = spy  # type: ignore[method-assign]
     try:
         result = export_bank(encoder, spec, out, batch_size=50, workers=2)
     finally:
-        bank_module._embed = real
+        FrozenEncoder.embed = real
     assert sum(counted) == 1600 - 200 * len(done) and result.resumed_from == 200 * len(done)
     assert bank_contents(out) == bank_contents(straight.path)
 

@@ -18,13 +18,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from isdretrieve.encoder_header import IMAGENET_MEAN, IMAGENET_STD
+
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L")
 PRESETS = ("digits", "cifar", "imagenet")
 STRENGTHS = ("strong", "weak")
 PRESET_SIZES = {"digits": 16, "cifar": 32, "imagenet": 224}
-EVAL_RESIZE = 256  # imagenet eval: shorter side resized to this, then centre-cropped to 224
+SMALL_SIDE = 32  # eval views up to this side are a plain resize (digits, CIFAR)
+EVAL_CROP_FRACTION = 0.875  # larger ones: shorter side to size / 0.875 (224 -> 256), centre crop
 CROP_TRIES = 10
 
 
@@ -374,16 +375,26 @@ def _resize_center_crop(x: torch.Tensor, resize: int, crop: int) -> torch.Tensor
     return x[..., top : top + crop, left : left + crop]
 
 
-def eval_view(images: torch.Tensor, preset: str) -> torch.Tensor:
-    """Deterministic eval transform: [B,3,H,W] -> normalised float32 [B,3,size,size] of the preset.
+def eval_side(size: int) -> int:
+    """The shorter side an eval view resizes to before its centre crop of ``size``: ``size`` itself up to
+    32 px (digits, CIFAR), else ``size / 0.875`` (256 for 224, torchvision's ImageNet evaluation)."""
+    return size if size <= SMALL_SIDE else round(size / EVAL_CROP_FRACTION)
 
-    digits/cifar: scale to [0,1] (resize + centre crop only if the size differs); imagenet: shorter side
-    to 256 and centre crop 224 unless the input is 224 x 224 already.
-    """
+
+def eval_transform(
+    images: torch.Tensor, size: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> torch.Tensor:
+    """Deterministic eval transform: [B,3,H,W] -> normalised float32 [B,3,size,size]: unless the input is
+    ``size`` x ``size`` already, the shorter side resized to :func:`eval_side` and a centre crop."""
+    x = to_float(images)
+    if tuple(x.shape[-2:]) != (size, size):
+        x = _resize_center_crop(x, eval_side(size), size)
+    return normalize(x, mean, std)
+
+
+def eval_view(images: torch.Tensor, preset: str) -> torch.Tensor:
+    """:func:`eval_transform` at a preset's size with ImageNet mean/std (digits/cifar: resize + centre crop
+    only if the size differs; imagenet: shorter side to 256 and centre crop 224 unless 224 x 224)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown augmentation preset '{preset}' (expected {', '.join(PRESETS)})")
-    x = to_float(images)
-    size = PRESET_SIZES[preset]
-    if tuple(x.shape[-2:]) != (size, size):
-        x = _resize_center_crop(x, EVAL_RESIZE if preset == "imagenet" else size, size)
-    return normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+    return eval_transform(images, PRESET_SIZES[preset], IMAGENET_MEAN, IMAGENET_STD)

@@ -23,6 +23,7 @@ class (one more for the first N mod C classes), drawn the same way: e.g. a balan
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import pickle
 from collections.abc import Sequence
@@ -247,6 +248,15 @@ class _Chunks(Dataset):
             return start, torch.stack([self.dataset._image(i) for i in range(start, stop)])
         except DataError as exc:
             return start, str(exc)
+
+
+def items_sha256(dataset: ImageDataset, lo: int, hi: int) -> str:
+    """First 16 hex digits of a SHA-256 over the names of items lo..hi-1: a resume must see the same files."""
+    digest = hashlib.sha256()
+    for i in range(lo, hi):
+        digest.update(dataset.path(i).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
 
 
 def decode_image(path: Path, size: int) -> torch.Tensor:

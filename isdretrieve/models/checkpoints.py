@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import pickle
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from isdretrieve.atomic import atomic_path
+from isdretrieve.encoder_header import IMAGENET_MEAN, IMAGENET_STD, EncoderHeader
 from isdretrieve.errors import CheckpointError
 from isdretrieve.models.backbones import ARCHS, build_backbone, is_timm, is_vit
 from isdretrieve.models.timm_backbone import classifier_prefixes, timm_patch
@@ -28,8 +28,6 @@ from isdretrieve.models.vit import is_timm_vit_state, timm_to_torchvision, vit_s
 
 CHECKPOINT_FORMAT = "isdretrieve.checkpoint/1"
 ENCODER_FORMAT = "isdretrieve.encoder/1"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 WHICH = ("student", "teacher")
 # Globals a checkpoint may reference beyond torch's own weights-only set: official ISD files pickle their
 # argparse options under "opt", official DINO / AdaSim files under "args".
@@ -99,58 +97,6 @@ def file_sha256(path: str | Path) -> str:
     except FileNotFoundError as exc:
         raise CheckpointError(f"file not found: {path}") from exc
     return digest.hexdigest()
-
-
-# ------------------------------------------------------------------------------------------- header
-@dataclass(frozen=True)
-class EncoderHeader:
-    """What a consumer needs to use an encoder: architecture, input size and normalisation, provenance."""
-
-    arch: str
-    cifar_stem: bool
-    feature_dim: int
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    source: str = ""  # where the weights came from: "<file name>:<student|teacher>"
-    source_sha256: str = ""  # sha256 of the source file ("" if unknown)
-    patch_size: int = 0  # ViTs' (and timm patch models') patch side; 0 for convolutional backbones
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-type dict (mean/std as lists), safe to pickle with weights_only and to write as JSON."""
-        d = dataclasses.asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Any) -> EncoderHeader:
-        """Inverse of ``to_dict``; ignores unknown keys, raises CheckpointError for missing/ill-typed ones."""
-        if not isinstance(d, dict):
-            raise CheckpointError(f"invalid encoder header: expected a dict, got {type(d).__name__}")
-        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
-        missing = [name for name in required if name not in d]
-        if missing:
-            raise CheckpointError(f"invalid encoder header: missing {', '.join(missing)}")
-        try:
-            mean = tuple(float(x) for x in d["mean"])
-            std = tuple(float(x) for x in d["std"])
-            if len(mean) != 3 or len(std) != 3:
-                raise ValueError("mean and std need 3 values each")
-            if not isinstance(d["cifar_stem"], bool) or not isinstance(d["arch"], str):
-                raise ValueError("arch must be a string and cifar_stem a boolean")
-            return cls(
-                arch=d["arch"],
-                cifar_stem=d["cifar_stem"],
-                feature_dim=int(d["feature_dim"]),
-                image_size=int(d["image_size"]),
-                mean=mean,  # type: ignore[arg-type]
-                std=std,  # type: ignore[arg-type]
-                source=str(d.get("source", "")),
-                source_sha256=str(d.get("source_sha256", "")),
-                patch_size=int(d.get("patch_size", 0)),
-            )
-        except (TypeError, ValueError) as exc:
-            raise CheckpointError(f"invalid encoder header: {exc}") from exc
 
 
 def export_encoder(backbone: nn.Module, header: EncoderHeader, path: str | Path) -> None:

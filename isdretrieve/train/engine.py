@@ -19,9 +19,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
 
-from isdretrieve.bank import items_sha256
-from isdretrieve.data import augment_views, open_dataset, parse_spec, view_config
+from isdretrieve.data import augment_views, items_sha256, open_dataset, parse_spec, view_config
 from isdretrieve.errors import CheckpointError, Interrupted, RecipeError, TrainingDiverged
+from isdretrieve.frozen_encoder import FrozenEncoder
 from isdretrieve.models import EncoderHeader, build_backbone, export_encoder, is_timm, is_vit, load_init
 from isdretrieve.models.timm_backbone import timm_patch
 from isdretrieve.train import distributed
@@ -171,7 +171,6 @@ class Trainer:
         return KnnMonitor(
             train,
             test,
-            preset=self.recipe.data.preset,
             k=m.k,
             temperature=m.temperature,
             device=self.device,
@@ -406,7 +405,15 @@ class Trainer:
         )
 
     def _evaluate(self) -> KnnResult:
-        return self.monitor.evaluate(self.method.feature_backbone, self.autocast_dtype)
+        precision = "bf16" if self.autocast_dtype is not None else "fp32"
+        encoder = FrozenEncoder(
+            self.method.feature_backbone,
+            self.encoder_header(),
+            device=self.device,
+            precision=precision,
+            batch_size=512,
+        )
+        return self.monitor.evaluate(encoder)
 
     def _save(self, epoch_step: int = 0, aug_rng: torch.Tensor | None = None) -> None:
         if self.dist.is_main:

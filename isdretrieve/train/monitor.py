@@ -1,13 +1,16 @@
-"""Online k-NN monitor: weighted k-NN of the student backbone on a held-out split during training."""
+"""Online k-NN monitor: weighted k-NN of the student backbone on a held-out split during training.
+
+The backbone is scored as it would be exported: through :class:`~isdretrieve.frozen_encoder.FrozenEncoder`
+with the run's encoder header (eval transform, normalisation, precision)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from isdretrieve.data import ImageDataset, eval_view
+from isdretrieve.data import ImageDataset
+from isdretrieve.frozen_encoder import FrozenEncoder
 from isdretrieve.knn import knn_top1
 
 _CACHE_LIMIT_BYTES = 1 << 30
@@ -22,28 +25,6 @@ class KnnResult:
     test_size: int
 
 
-@torch.no_grad()
-def embed(
-    backbone: nn.Module,
-    images: torch.Tensor,
-    preset: str,
-    *,
-    batch_size: int = 512,
-    autocast_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """L2-normalised float32 backbone features of uint8 images, in eval mode (restored afterwards)."""
-    was_training = backbone.training
-    backbone.eval()
-    device = next(backbone.parameters()).device
-    feats = []
-    for start in range(0, images.shape[0], batch_size):
-        x = eval_view(images[start : start + batch_size].to(device), preset)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            feats.append(torch.nn.functional.normalize(backbone(x).float(), dim=1))
-    backbone.train(was_training)
-    return torch.cat(feats)
-
-
 class KnnMonitor:
     """Holds the memory and query images (on the device when small) and scores a backbone on them."""
 
@@ -52,7 +33,6 @@ class KnnMonitor:
         train: ImageDataset,
         test: ImageDataset,
         *,
-        preset: str,
         k: int,
         temperature: float,
         device: torch.device,
@@ -66,11 +46,12 @@ class KnnMonitor:
         place = device if small else torch.device("cpu")
         self.train_images, self.test_images = train_images.to(place), test_images.to(place)
         self.train_labels, self.test_labels = self.train_labels.to(device), self.test_labels.to(device)
-        self.preset, self.k, self.temperature = preset, k, temperature
+        self.k, self.temperature = k, temperature
 
-    def evaluate(self, backbone: nn.Module, autocast_dtype: torch.dtype | None = None) -> KnnResult:
-        train = embed(backbone, self.train_images, self.preset, autocast_dtype=autocast_dtype)
-        test = embed(backbone, self.test_images, self.preset, autocast_dtype=autocast_dtype)
+    def evaluate(self, encoder: FrozenEncoder) -> KnnResult:
+        """Weighted k-NN top-1 of ``encoder`` (features kept on its device)."""
+        train = encoder.embed(self.train_images, on_device=True)
+        test = encoder.embed(self.test_images, on_device=True)
         top1 = knn_top1(
             train, self.train_labels, test, self.test_labels, k=self.k, temperature=self.temperature
         )

@@ -32,13 +32,12 @@ import numpy as np
 import torch
 
 from isdretrieve.atomic import atomic_path
-from isdretrieve.bank import export_bank, preset_for
+from isdretrieve.bank import export_bank
 from isdretrieve.data import open_dataset
+from isdretrieve.frozen_encoder import FrozenEncoder
 from isdretrieve.knn import head_tail_accuracy, knn_class_scores, per_class_top1
 from isdretrieve.mining import MiningParams, mine_pairs
-from isdretrieve.models import load_backbone
 from isdretrieve.train import Trainer, recipe_from_data
-from isdretrieve.train.monitor import embed
 from isdretrieve.typed_config import load_yaml
 
 TRAINING = Path(__file__).resolve().parents[1]
@@ -99,11 +98,10 @@ class Images:
 
 def evaluate(encoder: Path, train: str, test: str, lt_counts: list[int], images: Images) -> dict:
     """k-NN of the run's encoder: its own training images as memory, the full test split as queries,
-    L2-normalised backbone features of the eval view (the training monitor's embedding)."""
-    backbone, header = load_backbone(encoder)
+    L2-normalised backbone features of the eval view (``FrozenEncoder``, as the monitor and banks)."""
+    frozen = FrozenEncoder.load(encoder, device="cpu", batch_size=512)
     (memory_images, memory_labels), (query_images, query_labels) = images(train), images(test)
-    memory = embed(backbone, memory_images, preset_for(header))
-    queries = embed(backbone, query_images, preset_for(header))
+    memory, queries = frozen.embed(memory_images), frozen.embed(query_images)
     scores = knn_class_scores(memory, memory_labels, queries, k=K, temperature=T, num_classes=10)
     per_class = per_class_top1(scores, query_labels, 10)
     split = head_tail_accuracy(per_class, lt_counts, n=3)

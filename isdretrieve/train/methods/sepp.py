@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from isdretrieve.errors import RecipeError
-from isdretrieve.mining import Pairs
+from isdretrieve.pairs_file import Pairs
 from isdretrieve.train.methods.base import Batch, DataContext, StepOutput, softmax_entropy
 from isdretrieve.train.methods.isd import ISD
 from isdretrieve.train.methods.moco import MoCo
