@@ -247,6 +247,26 @@ def test_the_dino_setting_adds_no_op_that_syncs_on_a_gpu(tmp_path, mode):
     assert not probe.found, f"ops that would sync a GPU: {sorted(probe.found)}"
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["per_param", "global"])
+def test_dino_setting_steps_on_cuda_never_wait_for_the_gpu(tmp_path, mode):
+    data = _adasim_dino(**DINO_SETTING, clip_grad_mode=mode)
+    data["engine"]["device"] = "cuda"
+    trainer = Trainer(recipe_from_data(data), tmp_path, quiet=True)
+    steps = _steps(trainer, 5)
+    for _ in range(2):  # AdamW's state and cuDNN's autotuning happen in the first steps
+        next(steps)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in steps:
+            pass
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
 # ----------------------------------------------------------------------------------- bad recipes
 
 
