@@ -30,9 +30,10 @@ from isdretrieve.train.checkpointing import list_checkpoints, load_latest_checkp
 from isdretrieve.train.curves import write_training_curves
 from isdretrieve.train.methods import Batch, DataContext, Method, build_method
 from isdretrieve.train.monitor import KnnMonitor, KnnResult
+from isdretrieve.train.optim import build_optimizer, clip_gradients, drop_gradients, set_hyperparameters
 from isdretrieve.train.recipe import Recipe
 from isdretrieve.train.run_log import RunLog
-from isdretrieve.train.schedule import learning_rate
+from isdretrieve.train.schedule import learning_rate, weight_decay
 from isdretrieve.typed_config import to_dict
 
 
@@ -93,12 +94,7 @@ class Trainer:
         self.method: Method = build_method(recipe.method, backbone, context).to(device)
         if self.channels_last:
             self.method.to(memory_format=torch.channels_last)
-        self.optimizer = torch.optim.SGD(
-            [p for p in self.method.parameters() if p.requires_grad],
-            lr=recipe.optim.lr,
-            momentum=recipe.optim.momentum,
-            weight_decay=recipe.optim.weight_decay,
-        )
+        self.optimizer = build_optimizer(recipe.optim, self.method)
         self.epoch, self.step, self.finished = 0, 0, False
         self.epoch_step, self.aug_state = 0, None  # set by a mid-epoch (signal) checkpoint on resume
         self.stop_signal: int | None = None
@@ -285,8 +281,8 @@ class Trainer:
             if i >= steps:
                 break
             lr = learning_rate(recipe.optim, self.step, self.batches.steps_per_epoch, self.total_steps)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            wd = weight_decay(recipe.optim, self.step, self.total_steps)
+            set_hyperparameters(self.optimizer, lr, wd)
             batch = self._batch(data, aug_gen)
             out, grad_norm = self.optimize(batch, want_grad_norm=(i + 1) % recipe.engine.log_every == 0)
             nonfinite |= ~torch.isfinite(out.loss.detach())
@@ -295,7 +291,7 @@ class Trainer:
             if grad_norm is not None:
                 self._check_finite(nonfinite)
                 rate = seen / (time.perf_counter() - t0)
-                self._log_step(out, lr, grad_norm, rate)
+                self._log_step(out, lr, wd, grad_norm, rate)
                 self.log.advance(0, f"loss {out.loss.item():.4f}  {rate:,.0f} img/s")
             self.log.advance(1)
             if self._should_stop(grad_norm is not None) and i + 1 < steps:
@@ -328,7 +324,9 @@ class Trainer:
             raise Interrupted(self.stop_signal or signal.SIGTERM, self.checkpoint)
 
     def optimize(self, batch: Batch, want_grad_norm: bool = False) -> tuple[Any, float | None]:
-        """One optimisation step on ``batch``: forward (method), backward, SGD step.
+        """One optimisation step on ``batch``: forward (method), backward, the method's frozen
+        parameters' gradients dropped, clipping, the optimiser's step. ``grad_norm`` (when wanted) is
+        the total gradient norm before clipping.
 
         The phases are labelled ``step/forward``, ``step/backward`` and ``step/optimizer`` for
         ``torch.profiler`` (benchmarks/profile_step.py); unprofiled, a label costs a few microseconds.
@@ -341,13 +339,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with record_function("step/backward"):
             out.loss.backward()
-        grad_norm = None
-        if want_grad_norm:
-            params = [p for p in self.method.parameters() if p.grad is not None]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf")).item()
+        o = self.recipe.optim
         with record_function("step/optimizer"):
+            drop_gradients(self.method.frozen_parameters(self.epoch))
+            params = [
+                p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None
+            ]
+            norm = clip_gradients(params, o.clip_grad, o.clip_grad_mode, want_norm=want_grad_norm)
             self.optimizer.step()
-        return out, grad_norm
+        return out, None if norm is None else norm.item()
 
     def _batch(self, data: StepBatch, generator: torch.Generator) -> Batch:
         """Augment a step's images (and partners' images) into the views the method asks for."""
@@ -387,7 +387,7 @@ class Trainer:
                 f"loss became NaN/inf in epoch {self.epoch + 1} (by step {self.step}); stopping, {where}"
             )
 
-    def _log_step(self, out: Any, lr: float, grad_norm: float, rate: float) -> None:
+    def _log_step(self, out: Any, lr: float, wd: float, grad_norm: float, rate: float) -> None:
         logs = {"loss": out.loss.detach(), **out.logs}
         values = {
             k: distributed.all_reduce_mean(v.detach().float()).item() if isinstance(v, torch.Tensor) else v
@@ -398,6 +398,7 @@ class Trainer:
                 "epoch": self.epoch,
                 "step": self.step,
                 "lr": lr,
+                **({"weight_decay": wd} if self.recipe.optim.weight_decay_end is not None else {}),
                 "grad_norm": grad_norm,
                 "images_per_s": rate,
                 **values,

@@ -148,7 +148,8 @@ class SeppConfig:
 @dataclass(frozen=True)
 class DinoConfig:
     """DINO as AdaSim's base: head MLP (GELU) → bottleneck → L2 norm → weight-normalised linear to
-    ``out_dim``; teacher logits centred (EMA of the batch mean) and sharpened. Defaults: official code."""
+    ``out_dim``; teacher logits centred (EMA of the batch mean) and sharpened; the last layer gets no
+    update in the first ``freeze_last_layer`` epochs (its gradient is dropped). Defaults: official code."""
 
     momentum: float = 0.996
     head_hidden: int = 2048
@@ -157,6 +158,11 @@ class DinoConfig:
     tau_student: float = 0.1
     tau_teacher: float = 0.04
     center_momentum: float = 0.9
+    freeze_last_layer: int = 1  # epochs in which the head's last layer is not updated
+
+    def __post_init__(self) -> None:
+        if self.freeze_last_layer < 0:
+            raise ValueError(f"freeze_last_layer must not be negative, got {self.freeze_last_layer}")
 
 
 @dataclass(frozen=True)
@@ -247,16 +253,46 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
+    """The optimiser (``train/optim.py``) and its per-step schedules (``train/schedule.py``).
+
+    The defaults are the official ISD / MoCo code's: SGD, one weight decay on every parameter, no
+    clipping. DINO's (and AdaSim's) official values: ``optimizer: adamw``, ``min_lr: 1e-6``,
+    ``weight_decay: 0.04`` → ``weight_decay_end: 0.4``, ``no_decay_bias_and_norm: true``,
+    ``clip_grad: 3.0`` (``per_param``), 10 warm-up epochs, lr 5e-4 × batch / 256."""
+
     batch_size: int = 256
     epochs: int = 100
     max_steps: int | None = None  # stop after this many steps in total (a budget), None = all epochs
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float | None = None  # None: the method variant's preset (ISD variant), else 0.05
-    momentum: float = 0.9
+    momentum: float = 0.9  # sgd
+    betas: tuple[float, float] = (0.9, 0.999)  # adamw
     weight_decay: float = 1e-4
+    weight_decay_end: float | None = None  # None: constant; else a cosine to this over the run
+    no_decay_bias_and_norm: bool = False  # no decay on a parameter named *.bias or 1-D (DINO's rule)
     schedule: Literal["cosine", "step", "constant"] = "cosine"
+    min_lr: float = 0.0  # where the cosine schedule ends
     milestones: tuple[int, ...] = ()  # epochs, for the step schedule
     gamma: float = 0.2
     warmup_epochs: float = 0.0
+    clip_grad: float | None = None  # None: off; else the largest gradient L2 norm
+    clip_grad_mode: Literal["per_param", "global"] = "per_param"  # each parameter's own norm (DINO's)
+
+    def __post_init__(self) -> None:
+        for key in ("weight_decay", "weight_decay_end", "min_lr"):
+            value = getattr(self, key)
+            if value is not None and value < 0:
+                raise RecipeError(f"optim.{key}: must not be negative, got {value}")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise RecipeError(
+                f"optim.clip_grad: must be positive (or null for no clipping), got {self.clip_grad}"
+            )
+        if not all(0 <= b < 1 for b in self.betas):
+            raise RecipeError(f"optim.betas: each must be in [0, 1), got {list(self.betas)}")
+        if self.min_lr > 0 and self.schedule != "cosine":
+            raise RecipeError(
+                f"optim.min_lr: only the cosine schedule ends at min_lr, schedule is {self.schedule}"
+            )
 
 
 @dataclass(frozen=True)
@@ -308,6 +344,10 @@ class Recipe:
                 raise RecipeError(f"{key}: must be positive, got {value}")
         if self.optim.lr <= 0:
             raise RecipeError(f"optim.lr: must be positive, got {self.optim.lr}")
+        if self.optim.min_lr > self.optim.lr:
+            raise RecipeError(
+                f"optim.min_lr: must not exceed optim.lr ({self.optim.lr}), got {self.optim.min_lr}"
+            )
 
 
 DEFAULT_LR = 0.05

@@ -62,6 +62,9 @@ class AdaSim(Method):
     def teacher(self) -> nn.Module:
         return self.base.teacher
 
+    def frozen_parameters(self, epoch: int) -> list[nn.Parameter]:
+        return self.base.frozen_parameters(epoch)
+
     def forward(self, batch: Batch) -> StepOutput:
         (own,), (partner,) = batch.views, batch.partner_views
         self.base.all_gather = self.all_gather  # the engine sets ours under DDP (DINO's centre needs it)

@@ -140,6 +140,11 @@ class Method(nn.Module):
         """Called after the last step of ``epoch``, before its checkpoint; returns scalars to log."""
         return {}
 
+    def frozen_parameters(self, epoch: int) -> list[nn.Parameter]:
+        """Parameters not to update in ``epoch``: the engine drops their gradients after backward, so
+        neither the step nor weight decay touches them. Must depend only on the epoch (and config)."""
+        return []
+
     def forward(self, batch: Batch) -> StepOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 

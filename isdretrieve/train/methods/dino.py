@@ -51,6 +51,10 @@ class DINO(PairMethod):
         }
         return StepOutput(loss, logs), features_a
 
+    def frozen_parameters(self, epoch: int) -> list[nn.Parameter]:
+        """The head's last layer (the unit-row linear) in the first ``freeze_last_layer`` epochs."""
+        return list(self.student.projector[-1].parameters()) if epoch < self.cfg.freeze_last_layer else []
+
     @torch.no_grad()
     def _update_center(self, logits: torch.Tensor) -> None:
         """c ← m·c + (1−m)·(mean teacher logit over the global batch); ranks exchange sums, not rows."""
