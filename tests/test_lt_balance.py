@@ -74,9 +74,13 @@ def test_every_cell_has_a_valid_recipe_with_one_budget(tmp_path):
     lt = _driver()
     args = argparse.Namespace(root=tmp_path, batch=256, steps=600, queue=4096, workers=0)
     cells = lt.cells([0, 1], [0])
-    assert len(cells) == 10 and {c.data for c in cells} == {"lt", "balanced"}
+    assert len(cells) == 12 and {c.data for c in cells} == {"lt", "balanced"}
+    untrained = [c for c in cells if c.method == "untrained"]
+    assert [c.name for c in untrained] == ["untrained-lt", "untrained-balanced"]
     budgets = set()
     for cell in cells:
+        if cell.method == "untrained":
+            continue
         recipe = recipe_from_data(lt.recipe_for(cell, args, tmp_path / "pairs.h5"))
         budgets.add((recipe.optim.batch_size, recipe.optim.max_steps, recipe.model.arch))
         method = recipe.method.isd if recipe.method.name == "sepp" else recipe.method
@@ -85,3 +89,42 @@ def test_every_cell_has_a_valid_recipe_with_one_budget(tmp_path):
             assert method.head == "official"
         assert ("longtail=100" in recipe.data.train) == (cell.data == "lt")
     assert budgets == {(256, 600, "small_cnn")}
+
+
+def test_untrained_encoder_is_the_seeded_start_of_a_run(tmp_path):
+    """The untrained rows score exactly the network a seed-0 run starts from."""
+    lt = _driver()
+    path = lt.untrained_encoder(tmp_path / "untrained", 0)
+    from isdretrieve.models import load_backbone
+    from isdretrieve.train import Trainer
+
+    recipe = recipe_from_data(
+        {
+            "data": {"train": "digits", "preset": "cifar"},
+            "model": {"arch": "small_cnn"},
+            "monitor": {"every": 0},
+        }
+    )
+    trainer = Trainer(recipe, tmp_path / "run", quiet=True)
+    start = trainer.method.student.backbone.state_dict()
+    loaded, header = load_backbone(path)
+    assert header.image_size == 32
+    assert all(torch.equal(start[k], v) for k, v in loaded.state_dict().items())
+
+
+def test_summary_means_and_spreads():
+    lt = _driver()
+    rows = [
+        {
+            "name": f"isd-lt-s{s}",
+            "method": "isd",
+            "data": "lt",
+            "partners": "mined",
+            "top1": t,
+            "tail": 0.0,
+            "full_memory": {"top1": t + 0.1, "head": 0.5, "tail": 0.2},
+        }
+        for s, t in ((0, 0.25), (1, 0.35))
+    ]
+    text = lt.summary(rows)
+    assert "| isd (lt) | 2 | 0.3000 ± 0.0500 | 0.0000 ± 0.0000 | 0.4000 ± 0.0500 |" in text
