@@ -5,10 +5,12 @@ from isdretrieve.data.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     PRESETS,
+    VIEW_NAMES,
     ViewConfig,
     augment_views,
     eval_view,
     normalize,
+    size_groups,
     view_config,
 )
 from isdretrieve.data.datasets import (
@@ -29,6 +31,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "PRESETS",
+    "VIEW_NAMES",
     "ArrayDataset",
     "DataSpec",
     "FileDataset",
@@ -45,6 +48,7 @@ __all__ = [
     "normalize",
     "open_dataset",
     "parse_spec",
+    "size_groups",
     "view_config",
     "write_shards",
 ]
