@@ -169,13 +169,18 @@ def flops_per_image(trainer: engine.Trainer, images: int = 16) -> float:
     backward), counted by ``FlopCounterMode`` on a sub-batch of ``images`` run eagerly; every counted
     product is linear in the batch. Elementwise work (BN, EMA, SGD) is not counted. Takes one real step."""
     data = next(trainer.batches.epoch(1))
-    sub = StepBatch(*(t[:images] if t is not None else None for t in data))
+    sub = StepBatch(*(_head(t, images) if t is not None else None for t in data))
     set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6: run compiled code eagerly
     with set_stance("force_eager") if set_stance else contextlib.nullcontext():
         batch = trainer._batch(sub, epoch_generator(0, 1, trainer.device))
         with FlopCounterMode(display=False) as counter:
             trainer.optimize(batch)
     return counter.get_total_flops() / images
+
+
+def _head(field: torch.Tensor | tuple[torch.Tensor, ...], n: int) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """The first ``n`` samples of a ``StepBatch`` field (worker crops: of each view-size stack)."""
+    return tuple(t[:n] for t in field) if isinstance(field, tuple) else field[:n]
 
 
 def bare_optimizer(trainer: engine.Trainer) -> torch.optim.Optimizer:

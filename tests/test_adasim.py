@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from test_ddp import _free_port
 from test_engine import _states_equal, tiny
 
-from isdretrieve.errors import Interrupted
+from isdretrieve.errors import Interrupted, RecipeError
 from isdretrieve.models import build_backbone
 from isdretrieve.train import Trainer, recipe_from_data
 from isdretrieve.train.methods import AdaSim, Batch, DataContext, build_method
@@ -183,6 +184,42 @@ def test_dino_base_cross_entropy_and_centre(one_thread):
     torch.testing.assert_close(method.base.center, 0.1 * mean, atol=1e-6, rtol=1e-4)
 
 
+def test_dino_views_and_the_switch_to_strong_views():
+    """DINO's views by default: T1 of the image, T2 of its partner, local crops of the image itself."""
+    dino = dict(head_hidden=32, bottleneck=8, out_dim=64)
+    method = _adasim(base="dino", dino=DinoConfig(**dino))
+    assert (method.views, method.partner_views) == (("dino_global1",), ("dino_global2",))
+    assert method.base.views == ("dino_global1", "dino_global2")
+    method = _adasim(base="dino", dino=DinoConfig(**dino, local_crops=3))
+    assert method.views == ("dino_global1", "dino_local", "dino_local", "dino_local")
+    assert method.partner_views == ("dino_global2",)
+    method = _adasim(base="dino", dino=DinoConfig(**dino, views="strong"))
+    assert (method.views, method.partner_views) == (("strong",), ("strong",))
+    assert (_adasim().views, _adasim().partner_views) == (("strong",), ("strong",))  # BYOL: as before
+    with pytest.raises(ValueError, match="local_crops must be >= 0"):
+        DinoConfig(local_crops=-1)
+
+
+def test_local_crops_go_through_the_student_once_per_size_and_never_the_teacher(one_thread):
+    dino = DinoConfig(head_hidden=32, bottleneck=8, out_dim=64, local_crops=2)
+    method = _adasim(base="dino", dino=dino)
+    g = torch.Generator().manual_seed(4)
+    own, partner = torch.rand(4, 3, 16, 16, generator=g), torch.rand(4, 3, 16, 16, generator=g)
+    local = [torch.rand(4, 3, 8, 8, generator=g) for _ in range(2)]
+    student, teacher = [], []
+    method.student.register_forward_hook(lambda m, args, out: student.append(tuple(args[0].shape)))
+    method.teacher.register_forward_hook(lambda m, args, out: teacher.append(tuple(args[0].shape)))
+    indices = torch.tensor([1, 4, 6, 9])
+    out = method(Batch([own, *local], indices, indices, 0.0, [partner], indices))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert student == [(8, 3, 16, 16), (8, 3, 8, 8)]  # the globals together, then the locals together
+    assert teacher == [(4, 3, 16, 16), (4, 3, 16, 16)]  # the two global views only
+    with torch.no_grad():  # the memory: the teacher's backbone feature of the image's own T1 view
+        own_view = F.normalize(method.teacher.backbone(own), dim=1)
+        torch.testing.assert_close(method.memory.embeddings[indices], own_view, atol=1e-5, rtol=1e-4)
+
+
 # ------------------------------------------------------------------------------- on the engine
 
 
@@ -240,6 +277,58 @@ def test_adaptive_run_logs_diagnostics_and_resumes_exactly(tmp_path, monkeypatch
     assert (resumed.epoch, resumed.step, resumed.epoch_step) == (2, 45, 3)
     resumed.fit()
     assert _states_equal(straight.method.state_dict(), resumed.method.state_dict())
+
+
+def _dino_recipe(**dino) -> dict:
+    """Plain DINO on the 450 digits test images (7 steps of 64 an epoch), a one-block ViT."""
+    data = tiny("byol", optim={"epochs": 2}, model={"arch": "vit_tiny", "depth": 1, "patch": 4})
+    data["data"]["train"] = "digits,split=test"
+    head = {"out_dim": 64, "head_hidden": 32, "bottleneck": 16}
+    data["method"] = {"name": "adasim", "base": "dino", "mode": "plain", "dino": {**head, **dino}}
+    return data
+
+
+@pytest.mark.slow
+def test_plain_dino_with_local_crops_trains_and_resumes_exactly(tmp_path, monkeypatch, one_thread):
+    """Plain DINO (AdaSim's ``mode: plain``), a one-block ViT, 2 global views at 16 px and 2 local crops
+    at 8 px: it trains, and a run stopped after its epoch-1 checkpoint ends where the straight one does."""
+    recipe = recipe_from_data(_dino_recipe(local_crops=2))
+    straight = Trainer(recipe, tmp_path / "a", quiet=True)
+    assert [straight.views[s].size for s in straight.method.views] == [16, 8, 8]
+    straight.fit()
+    losses = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in losses if "loss" in r]
+    assert len(losses) >= 2 and all(math.isfinite(x) for x in losses)
+
+    real_save = Trainer._save
+
+    def save_then_stop(self, *args, **kwargs):
+        real_save(self, *args, **kwargs)
+        if self.epoch == 1:
+            raise Interrupted(signal.SIGTERM, self.checkpoint)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_save", save_then_stop)
+        with pytest.raises(Interrupted):
+            Trainer(recipe, tmp_path / "b", quiet=True).fit()
+    resumed = Trainer(recipe, tmp_path / "b", resume=True, quiet=True)
+    assert (resumed.epoch, resumed.step) == (1, 7)
+    resumed.fit()
+    assert resumed.step == straight.step == 14
+    assert _states_equal(straight.method.state_dict(), resumed.method.state_dict())
+
+
+def test_local_crops_a_backbone_cannot_take_are_one_line_errors(tmp_path):
+    vit = {"arch": "vit_tiny", "depth": 1, "patch": 4}
+    for model, augment, message in (
+        (vit, {"local_size": 6}, "vit_tiny cannot take the 6x6 views"),  # patch 4 does not divide 6
+        ({"arch": "timm:test_vit_relpos", "patch": 4}, {}, "timm:test_vit_relpos cannot take the 8x8 views"),
+    ):
+        data = _dino_recipe(local_crops=1)
+        data["model"], data["augment"] = model, augment
+        with pytest.raises(RecipeError, match=message) as info:
+            Trainer(recipe_from_data(data), tmp_path / message[:8], quiet=True)
+        assert "\n" not in str(info.value) and "method.dino.local_crops" in str(info.value)
 
 
 # ---------------------------------------------------------------------------------------- DDP

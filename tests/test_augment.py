@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import importlib
 import math
+from dataclasses import replace
 from types import ModuleType
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageOps
 
 from isdretrieve._torchvision import import_torchvision
 from isdretrieve.data import augment as A
@@ -63,8 +66,67 @@ def test_presets() -> None:
         ViewConfig(32, blur_p=1.5)
 
 
+def test_dino_presets() -> None:
+    """DINO's global views T1 / T2 and its local crops, as its official code sets them; local sides 96
+    (DINO's) and ours at the small presets."""
+    for preset, size, local in (("digits", 16, 8), ("cifar", 32, 16), ("imagenet", 224, 96)):
+        g1, g2, loc = (view_config(name, preset) for name in A.DINO_VIEWS)
+        for view in (g1, g2, loc):
+            assert (view.jitter, view.jitter_p, view.gray_p, view.flip_p) == (
+                (0.4, 0.4, 0.2, 0.1),
+                0.8,
+                0.2,
+                0.5,
+            )
+            assert (view.blur_sigma, view.ratio) == ((0.1, 2.0), (3 / 4, 4 / 3))
+        assert (g1.size, g1.scale, g1.blur_p, g1.solarize_p) == (size, (0.4, 1.0), 1.0, 0.0)
+        assert (g2.size, g2.scale, g2.blur_p, g2.solarize_p) == (size, (0.4, 1.0), 0.1, 0.2)
+        assert (loc.size, loc.scale, loc.blur_p, loc.solarize_p) == (local, (0.05, 0.4), 0.5, 0.0)
+    assert view_config("strong", "imagenet").solarize_p == 0 and view_config("weak", "digits").solarize_p == 0
+    assert view_config("dino_local", "imagenet").blur_kernel == 9
+    with pytest.raises(ValueError, match="solarize_p"):
+        ViewConfig(32, solarize_p=-0.1)
+
+
+def test_size_groups() -> None:
+    g, loc = view_config("dino_global1", "cifar"), view_config("dino_local", "cifar")
+    assert A.size_groups([g, g, loc, loc, loc]) == [[0, 1], [2, 3, 4]]
+    assert A.size_groups([loc, g, loc]) == [[0, 2], [1]]
+    assert A.size_groups([g]) == [[0]] and A.size_groups([]) == []
+
+
+def test_solarize_matches_pil() -> None:
+    images = _images(3, 9, 11)
+    images[0, :, 0, :4] = torch.tensor([0, 127, 128, 255], dtype=torch.uint8)  # around the threshold
+    out = A.solarize(images.float() / 255)
+    pil = [ImageOps.solarize(Image.fromarray(im.permute(1, 2, 0).numpy())) for im in images]
+    expected = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in pil])
+    assert torch.equal((out * 255).round().to(torch.uint8), expected)
+    assert out[0, 0, 0, :4].mul(255).round().tolist() == [0, 127, 127, 0]
+
+
+def test_solarize_p_leaves_other_views_random_stream_alone() -> None:
+    """Views without solarisation draw exactly what they drew before it existed; with it, only pixels
+    at or above half intensity change, and only in the samples drawn."""
+    images = _images(8, 24, 24)
+    gen = _gen(5)
+    plain = augment_views(images, view_config("strong", "cifar"), gen)
+    after = torch.rand(3, generator=gen)
+    gen = _gen(5)
+    assert torch.equal(
+        plain, augment_views(images, replace(view_config("strong", "cifar"), solarize_p=0.0), gen)
+    )
+    assert torch.equal(after, torch.rand(3, generator=gen))
+    base = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0)
+    half = _unnormalize(augment_views(images, ViewConfig(24, **base, solarize_p=0.5), _gen(1)))
+    x = images.float() / 255
+    solarized = [torch.allclose(half[i], A.solarize(x[i]), atol=1e-5) for i in range(8)]
+    kept = [torch.allclose(half[i], x[i], atol=1e-5) for i in range(8)]
+    assert all(s or k for s, k in zip(solarized, kept, strict=True)) and any(solarized) and any(kept)
+
+
 @pytest.mark.parametrize("preset", A.PRESETS)
-@pytest.mark.parametrize("strength", A.STRENGTHS)
+@pytest.mark.parametrize("strength", A.VIEW_NAMES)
 def test_shapes_and_determinism(preset: str, strength: str) -> None:
     cfg = view_config(strength, preset)
     images = _images(4, 40, 40)
@@ -243,7 +305,7 @@ def test_compiled_views_match_eager() -> None:
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("field", ["jitter_p", "gray_p", "blur_p"])
+@pytest.mark.parametrize("field", ["jitter_p", "gray_p", "blur_p", "solarize_p"])
 def test_probabilities(field: str) -> None:
     images = _images(8, 48, 48)
     base = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0)

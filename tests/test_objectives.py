@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from isdretrieve.train.objectives import (
     dino_cross_entropy,
+    dino_multicrop_loss,
     info_nce,
     normalized_mse,
     similarity_distillation,
@@ -132,6 +133,44 @@ _CUDA = pytest.param(
 )
 
 
+def _dino_logits(views, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(6, 20, generator=g, dtype=torch.float64) * 3 for _ in range(views)]
+
+
+def test_dino_multicrop_is_the_mean_over_teacher_student_pairs_of_different_views():
+    """2 global + 3 local views: the mean of H(teacher t, student v) over the 2 x 5 - 2 = 8 pairs v ≠ t,
+    each written out in NumPy; the gradient reaches the student only."""
+    student = [s.requires_grad_() for s in _dino_logits(5, 0)]
+    teacher = [t.requires_grad_() for t in _dino_logits(2, 1)]
+    center = torch.randn(1, 20, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    tau_s, tau_t = 0.1, 0.04
+    loss = dino_multicrop_loss(student, teacher, center, tau_s, tau_t)
+    terms = []
+    for t, teacher_logits in enumerate(teacher):
+        p_t = _softmax((teacher_logits.detach().numpy() - center.numpy()) / tau_t)
+        for v, student_logits in enumerate(student):
+            if v != t:
+                log_p_s = np.log(_softmax(student_logits.detach().numpy() / tau_s))
+                terms.append(np.mean(-np.sum(p_t * log_p_s, axis=1)))
+    assert len(terms) == 8
+    assert np.isclose(loss.item(), np.mean(terms), rtol=1e-10, atol=0)
+    loss.backward()
+    assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in student)
+    assert all(t.grad is None for t in teacher)
+
+
+def test_dino_multicrop_without_local_crops_is_the_two_view_loss_exactly():
+    """Bit for bit the symmetric form DINO used before multi-crop: ½ [H(t_b, s_a) + H(t_a, s_b)]."""
+    for dtype in (torch.float32, torch.float64):
+        (s_a, s_b), (t_a, t_b) = ([x.to(dtype) for x in _dino_logits(2, seed)] for seed in (3, 4))
+        center = torch.randn(1, 20, generator=torch.Generator().manual_seed(5)).to(dtype)
+        two_view = (
+            dino_cross_entropy(s_a, t_b, center, 0.1, 0.04) + dino_cross_entropy(s_b, t_a, center, 0.1, 0.04)
+        ) / 2
+        assert torch.equal(dino_multicrop_loss([s_a, s_b], [t_a, t_b], center, 0.1, 0.04), two_view)
+
+
 @pytest.mark.parametrize("device", ["cpu", _CUDA])
 def test_objectives_compute_in_fp32_under_bf16_autocast(device):
     """bf16 inputs under bf16 autocast (as on a GPU) give the loss and gradient of fp32 math on the same
@@ -156,6 +195,11 @@ def test_objectives_compute_in_fp32_under_bf16_autocast(device):
         "info_nce": (s, t, lambda x, y: info_nce(x, y, anchors, 0.2)),
         "byol": (s, t, normalized_mse),
         "dino": (scores_s, scores_t, lambda x, y: dino_cross_entropy(x, y, center, 0.1, 0.04)),
+        "dino_multicrop": (
+            scores_s,
+            scores_t,
+            lambda x, y: dino_multicrop_loss([x, x.flip(0), x.roll(1, 0)], [y, y.flip(0)], center, 0.1, 0.04),
+        ),
     }
     for name, (x, y, fn) in cases.items():
         loss, grad = loss_and_grad(fn, x, y, autocast=True)

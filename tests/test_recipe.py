@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from isdretrieve.data import view_config
 from isdretrieve.errors import RecipeError
 from isdretrieve.train.recipe import IsdConfig, MocoConfig, load_recipe, recipe_from_data
 from isdretrieve.train.schedule import learning_rate
@@ -38,6 +39,23 @@ def test_method_section_picks_its_dataclass():
 def test_bad_recipes_name_the_key(data, message):
     with pytest.raises(RecipeError, match=message.replace(".", r"\.")):
         recipe_from_data(data)
+
+
+def test_augment_section_sets_dino_views_scales_and_local_size():
+    augment = recipe_from_data(
+        {"augment": {"global_scale": [0.3, 1.0], "local_scale": [0.1, 0.5], "local_size": 12,
+                     "crop_scale": [0.5, 1.0], "blur_p": 0.0}}
+    ).augment  # fmt: skip
+    g2 = augment.apply(view_config("dino_global2", "cifar"), "dino_global2")
+    assert (g2.size, g2.scale, g2.blur_p, g2.solarize_p) == (32, (0.3, 1.0), 0.1, 0.2)  # blur_p: strong only
+    local = augment.apply(view_config("dino_local", "cifar"), "dino_local")
+    assert (local.size, local.scale, local.blur_p) == (12, (0.1, 0.5), 0.5)
+    strong = augment.apply(view_config("strong", "cifar"), "strong")
+    assert (strong.scale, strong.blur_p) == ((0.5, 1.0), 0.0)
+    with pytest.raises(RecipeError, match="augment: size must be positive"):
+        recipe_from_data({"augment": {"local_size": 0}}).augment.apply(
+            view_config("dino_local", "cifar"), "dino_local"
+        )
 
 
 def test_overrides_and_yaml_exponents(tmp_path):

@@ -15,7 +15,7 @@ from PIL import Image
 
 from isdretrieve._torchvision import import_torchvision
 from isdretrieve.data import ViewConfig, augment_views, normalize, open_dataset
-from isdretrieve.data.crops import CroppedViews, crop_box, crop_views
+from isdretrieve.data.crops import CroppedViews, crop_box, crop_generator, crop_views
 from isdretrieve.data.shards import write_shards
 from isdretrieve.errors import Interrupted, RecipeError
 from isdretrieve.train import Trainer, recipe_from_data
@@ -83,12 +83,33 @@ def test_cropped_views_are_seeded_per_sample_and_epoch(tmp_path) -> None:
     ds = open_dataset(f"wds:{tmp_path}/{{00000..00001}}.tar,size=16")
     views = [ViewConfig(16), ViewConfig(16, scale=(0.5, 1.0))]
     source = CroppedViews(ds, views, views[:1], seed=7, partners=torch.arange(len(ds)).flip(0))
-    crops, label, index, partner_crops, partner = source[10]
+    (crops,), label, index, (partner_crops,), partner = source[10]  # one size: one stack each
     assert crops.shape == (2, 3, 16, 16) and partner_crops.shape == (1, 3, 16, 16)
     assert (label, index, partner) == (int(ds.labels[10]), 10, len(ds) - 11)
-    assert torch.equal(source[10][0], crops) and not torch.equal(crops[0], crops[1])
+    assert torch.equal(source[10][0][0], crops) and not torch.equal(crops[0], crops[1])
     source.set_epoch(1)
-    assert not torch.equal(source[10][0], crops)
+    assert not torch.equal(source[10][0][0], crops)
+
+
+def test_cropped_views_of_two_sizes_come_grouped_by_size(tmp_path) -> None:
+    """Global and local crops (16 and 8 px, interleaved): one stack per size, each crop the one drawn in
+    view order from the sample's generator, as one view at a time would draw it."""
+    write_shards(open_dataset("digits,split=test"), tmp_path, shards=1)
+    ds = open_dataset(f"wds:{tmp_path}/00000.tar,size=16")
+    big, small = ViewConfig(16, scale=(0.4, 1.0)), ViewConfig(8, scale=(0.05, 0.4))
+    views = [big, small, big, small, small]
+    source = CroppedViews(ds, views, [big], seed=7, partners=torch.arange(len(ds)))
+    (large, local), _, _, partner_crops, _ = source[3]
+    assert large.shape == (2, 3, 16, 16) and local.shape == (3, 3, 8, 8)
+    assert len(partner_crops) == 1 and partner_crops[0].shape == (1, 3, 16, 16)
+    generator = crop_generator(7, 0, 3)
+    with ds.open_image(3) as image:
+        one_by_one = [crop_views(image, [view], generator)[0] for view in views]
+    assert torch.equal(large, torch.stack([one_by_one[0], one_by_one[2]]))
+    assert torch.equal(local, torch.stack([one_by_one[1], one_by_one[3], one_by_one[4]]))
+    assert CroppedViews(ds, views, [], seed=7)[3][3] == ()
+    with pytest.raises(ValueError, match="one size"):
+        crop_views(Image.new("RGB", (20, 20)), views, torch.Generator())
 
 
 def test_pre_cropped_views_get_flip_and_colour_only() -> None:
@@ -151,7 +172,11 @@ def test_worker_crops_only_where_the_pictures_are_not_native(digits_shards: str)
     resized = _source(f"{digits_shards},size=16", views=[view, view])
     assert resized.crops_in_workers
     batch = next(resized.epoch(0))
-    assert batch.crops.shape == (32 * 2, 2, 3, 16, 16) and batch.images.shape == (64, 3, 16, 16)
+    (crops,) = batch.crops  # one view size: one stack
+    assert crops.shape == (32 * 2, 2, 3, 16, 16) and batch.images.shape == (64, 3, 16, 16)
+    two_sizes = _source(f"{digits_shards},size=16", views=[view, ViewConfig(8), ViewConfig(8)])
+    large, local = next(two_sizes.epoch(0)).crops
+    assert large.shape == (64, 1, 3, 16, 16) and local.shape == (64, 2, 3, 8, 8)
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -218,6 +243,41 @@ def test_train_on_shards_resumes_exactly(tmp_path, digits_shards: str, size: str
     assert (resumed.epoch, resumed.step, resumed.epoch_step) == where
     resumed.fit()
     assert _same_weights(straight, resumed)
+
+
+@pytest.mark.slow
+def test_dino_local_crops_from_worker_crops_train_and_resume_exactly(tmp_path, monkeypatch):
+    """Plain DINO with 2 local crops on shards (digits test split) decoded at size=16: the workers take
+    16 px global and 8 px local crops; a run stopped after its epoch-1 checkpoint ends where the
+    straight one does."""
+    write_shards(open_dataset("digits,split=test"), tmp_path / "shards", shards=2)
+    data = _recipe(f"wds:{tmp_path}/shards/{{00000..00001}}.tar,size=16", epochs=2)
+    data["method"] = {
+        "name": "adasim", "base": "dino", "mode": "plain",
+        "dino": {"out_dim": 64, "head_hidden": 32, "bottleneck": 16, "local_crops": 2},
+    }  # fmt: skip
+    data["optim"]["max_steps"] = None
+    recipe = recipe_from_data(data)
+    straight = Trainer(recipe, tmp_path / "a", quiet=True)
+    assert straight.batches.crops_in_workers
+    assert [v.size for v in straight.batches.views] == [16, 8, 8]
+    assert [v.size for v in straight.batches.partner_views] == [16]
+    straight.fit()
+    real_save = Trainer._save
+
+    def save_then_stop(self, *args, **kwargs):
+        real_save(self, *args, **kwargs)
+        if self.epoch == 1:
+            raise _Stop
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_save", save_then_stop)
+        with pytest.raises(_Stop):
+            Trainer(recipe, tmp_path / "b", quiet=True).fit()
+    resumed = Trainer(recipe, tmp_path / "b", resume=True, quiet=True)
+    assert (resumed.epoch, resumed.step) == (1, 7)
+    resumed.fit()
+    assert resumed.step == straight.step == 14 and _same_weights(straight, resumed)
 
 
 def test_wds_training_needs_monitor_data(digits_shards: str, tmp_path) -> None:

@@ -272,6 +272,64 @@ def test_bad_init_files_are_one_line(dino_file, tmp_path: Path) -> None:
         load_init(deeper, "vit_tiny", path)
 
 
+# ------------------------------------------------------------------------- other input sizes (multi-crop)
+def test_vit_takes_other_sizes_and_is_torchvisions_at_its_own(monkeypatch) -> None:
+    """At its image size our ViT is torchvision's forward bit for bit; at 24 px (6 x 6 patches) it is
+    timm's ``dynamic_img_size`` forward on the same DINO-layout weights, with timm's position-embedding
+    resize made DINO's (plain bicubic: timm's default antialiased bicubic is another kernel); 8 px runs."""
+    import functools
+
+    import timm.models.vision_transformer as timm_vit
+    from timm.models.vision_transformer import VisionTransformer
+
+    from isdretrieve._torchvision import import_torchvision
+    from isdretrieve.models.vit import timm_to_torchvision
+
+    source = _timm_vit(7)
+    dynamic = VisionTransformer(
+        img_size=DINO_SIZE, patch_size=DINO_PATCH, embed_dim=192, depth=2, num_heads=3, num_classes=0,
+        dynamic_img_size=True,
+    ).eval()  # fmt: skip
+    dynamic.load_state_dict(source.state_dict())
+    resample = functools.partial(timm_vit.resample_abs_pos_embed, antialias=False)
+    monkeypatch.setattr(timm_vit, "resample_abs_pos_embed", resample)
+    ours = build_backbone("vit_tiny", image_size=DINO_SIZE, patch_size=DINO_PATCH, depth=2).eval()
+    ours.load_state_dict(timm_to_torchvision(source.state_dict()))
+    assert ours.state_dict().keys() == build_backbone("vit_tiny", image_size=16, depth=2).state_dict().keys()
+    x = torch.randn(3, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        native = ours(x[..., :16, :16])
+        reference = import_torchvision().models.VisionTransformer.forward(ours, x[..., :16, :16])
+        assert torch.equal(native, reference)
+        torch.testing.assert_close(ours(x), dynamic.forward_features(x)[:, 0], atol=1e-5, rtol=1e-5)
+        assert ours(x[..., :8, :8]).shape == (3, 192)
+    with pytest.raises(ValueError, match="input 10x10 is not a multiple of the ViT patch size 4"):
+        ours(x[..., :10, :10])
+
+
+def test_resize_pos_embedding_keeps_the_class_entry() -> None:
+    from isdretrieve.models.vit import resize_pos_embedding
+
+    pos = torch.randn(1, 1 + 16, 8, generator=torch.Generator().manual_seed(1))
+    assert resize_pos_embedding(pos, (4, 4)) is pos
+    small = resize_pos_embedding(pos, (2, 3))
+    assert small.shape == (1, 1 + 6, 8) and torch.equal(small[:, 0], pos[:, 0])
+    flat = torch.cat([pos[:, :1], torch.full((1, 16, 8), 0.25)], dim=1)
+    torch.testing.assert_close(resize_pos_embedding(flat, (2, 2))[:, 1:], torch.full((1, 4, 8), 0.25))
+
+
+def test_timm_vit_takes_other_sizes_only_when_built_dynamic() -> None:
+    fixed = build_backbone("timm:vit_tiny_patch16_224", image_size=16, patch_size=4).eval()
+    dynamic = build_backbone("timm:vit_tiny_patch16_224", image_size=16, patch_size=4, dynamic_size=True)
+    dynamic.load_state_dict(fixed.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(dynamic.eval()(x), fixed(x), atol=1e-6, rtol=0)
+        assert dynamic(x[..., :8, :8]).shape == (2, 192)
+        with pytest.raises(AssertionError, match="doesn't match model"):
+            fixed(x[..., :8, :8])
+
+
 # --------------------------------------------------------------------------- train -> index -> k-NN
 TINY = [
     "--set", "optim.epochs=1", "--set", "optim.max_steps=2", "--set", "optim.batch_size=32",

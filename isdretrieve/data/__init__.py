@@ -5,12 +5,14 @@ from isdretrieve.data.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     PRESETS,
+    VIEW_NAMES,
     ViewConfig,
     augment_views,
     eval_side,
     eval_transform,
     eval_view,
     normalize,
+    size_groups,
     view_config,
 )
 from isdretrieve.data.datasets import (
@@ -32,6 +34,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "PRESETS",
+    "VIEW_NAMES",
     "ArrayDataset",
     "DataSpec",
     "FileDataset",
@@ -51,6 +54,7 @@ __all__ = [
     "normalize",
     "open_dataset",
     "parse_spec",
+    "size_groups",
     "view_config",
     "write_shards",
 ]

@@ -5,15 +5,19 @@ resized crop and horizontal flip as one ``grid_sample`` call, then colour jitter
 per-sample random op order, as torchvision's ``ColorJitter``), grayscale and Gaussian blur, each applied
 to the samples a Bernoulli draw selects. Every random number comes from the ``torch.Generator`` passed
 in, so equal seeds give bit-identical views. The colour ops are small public functions taking one factor
-per sample, so they can be checked one by one.
+per sample, so they can be checked one by one. Solarisation (DINO's second global view) follows the blur.
+
+Views are named: ``strong`` (MoCo-v2 / ISD) and ``weak`` (crop + flip), and DINO's three
+(:func:`view_config`): ``dino_global1`` and ``dino_global2`` (the asymmetric pair T1 / T2 of DINO's
+global crops) and ``dino_local`` (its smaller local crops: multi-crop).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -23,15 +27,24 @@ from isdretrieve.encoder_header import IMAGENET_MEAN, IMAGENET_STD
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L")
 PRESETS = ("digits", "cifar", "imagenet")
 STRENGTHS = ("strong", "weak")
+DINO_VIEWS = ("dino_global1", "dino_global2", "dino_local")
+VIEW_NAMES = (*STRENGTHS, *DINO_VIEWS)
 PRESET_SIZES = {"digits": 16, "cifar": 32, "imagenet": 224}
 SMALL_SIDE = 32  # eval views up to this side are a plain resize (digits, CIFAR)
 EVAL_CROP_FRACTION = 0.875  # larger ones: shorter side to size / 0.875 (224 -> 256), centre crop
+# DINO's local crops: 96 px at 224 (DINO's); ours at 32 and 16 px: half the side, so a ViT's default
+# patch (4 at <= 32 px) still divides it, leaving 4 x 4 and 2 x 2 patches (DINO's ratio 96/224 is 0.43)
+LOCAL_SIZES = {"digits": 8, "cifar": 16, "imagenet": 96}
+DINO_GLOBAL_SCALE = (0.4, 1.0)  # DINO's default global_crops_scale (AdaSim's too)
+DINO_LOCAL_SCALE = (0.05, 0.4)  # DINO's default local_crops_scale
+DINO_JITTER = (0.4, 0.4, 0.2, 0.1)
 CROP_TRIES = 10
 
 
 @dataclass(frozen=True)
 class ViewConfig:
-    """Parameters of one random view; the defaults are the MoCo-v2 / ISD strong augmentation."""
+    """Parameters of one random view; the defaults are the MoCo-v2 / ISD strong augmentation (no
+    solarisation)."""
 
     size: int
     scale: tuple[float, float] = (0.2, 1.0)
@@ -42,6 +55,7 @@ class ViewConfig:
     gray_p: float = 0.2
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -50,7 +64,7 @@ class ViewConfig:
             raise ValueError(f"size must be positive, got {self.size}")
         if not 0 < self.scale[0] <= self.scale[1] or not 0 < self.ratio[0] <= self.ratio[1]:
             raise ValueError(f"scale and ratio must be 0 < low <= high, got {self.scale}, {self.ratio}")
-        for name in ("flip_p", "jitter_p", "gray_p", "blur_p"):
+        for name in ("flip_p", "jitter_p", "gray_p", "blur_p", "solarize_p"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if min(self.jitter) < 0 or self.jitter[3] > 0.5:
@@ -69,15 +83,37 @@ def blur_kernel_size(size: int) -> int:
 
 
 def view_config(strength: str, preset: str) -> ViewConfig:
-    """The ``strong`` (MoCo-v2) or ``weak`` (crop + flip) view of a preset (digits, cifar, imagenet)."""
-    if strength not in STRENGTHS:
-        raise ValueError(f"unknown augmentation strength '{strength}' (expected {', '.join(STRENGTHS)})")
+    """The view of a preset (digits, cifar, imagenet) named ``strength`` (one of :data:`VIEW_NAMES`).
+
+    ``strong``: MoCo-v2 (blur only at imagenet); ``weak``: crop + flip. DINO's views, as in its official
+    code: ``dino_global1`` crop scale (0.4, 1), flip 0.5, colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8,
+    grayscale 0.2, blur always; ``dino_global2`` the same with blur p 0.1 and solarisation p 0.2;
+    ``dino_local`` crop scale (0.05, 0.4), blur p 0.5, at :data:`LOCAL_SIZES` (96 px at imagenet).
+    """
+    if strength not in VIEW_NAMES:
+        raise ValueError(f"unknown augmentation strength '{strength}' (expected {', '.join(VIEW_NAMES)})")
     if preset not in PRESETS:
         raise ValueError(f"unknown augmentation preset '{preset}' (expected {', '.join(PRESETS)})")
     size = PRESET_SIZES[preset]
     if strength == "weak":
         return ViewConfig(size, jitter_p=0.0, gray_p=0.0, blur_p=0.0)
-    return ViewConfig(size, blur_p=0.5 if preset == "imagenet" else 0.0)
+    if strength == "strong":
+        return ViewConfig(size, blur_p=0.5 if preset == "imagenet" else 0.0)
+    dino = ViewConfig(size, scale=DINO_GLOBAL_SCALE, jitter=DINO_JITTER, jitter_p=0.8, gray_p=0.2, blur_p=1.0)
+    if strength == "dino_global1":
+        return dino
+    if strength == "dino_global2":
+        return replace(dino, blur_p=0.1, solarize_p=0.2)
+    return replace(dino, size=LOCAL_SIZES[preset], scale=DINO_LOCAL_SCALE, blur_p=0.5)
+
+
+def size_groups(views: Sequence[ViewConfig]) -> list[list[int]]:
+    """Positions of the views that share a size, one list per size in the order the sizes first appear:
+    ``[[0, 1], [2, 3]]`` for two global views and two local ones."""
+    groups: dict[int, list[int]] = {}
+    for position, view in enumerate(views):
+        groups.setdefault(view.size, []).append(position)
+    return list(groups.values())
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -248,6 +284,12 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -
     return x.reshape(b, c, h, w)
 
 
+def solarize(images: torch.Tensor) -> torch.Tensor:
+    """Invert the pixels at or above half intensity: x -> 1 - x where x >= 0.5, on [0, 1] floats (PIL's
+    ``ImageOps.solarize`` at its default threshold 128 on uint8: 128/255 is the first level >= 0.5)."""
+    return torch.where(images >= 0.5, 1.0 - images, images)
+
+
 def _masked(mask: torch.Tensor, changed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.to(x.device).view(-1, 1, 1, 1), changed, x)
 
@@ -306,6 +348,8 @@ def augment_views(
     the crop stay eager, so the same generator state gives the same view up to float rounding. With
     ``cropped`` the images are random resized crops already (taken from the originals in loader workers,
     :mod:`isdretrieve.data.crops`), [B,3,size,size]: only the flip and the photometric ops are applied.
+    The random draws come in a fixed order (crop boxes unless ``cropped``, flip, jitter, grayscale,
+    blur, then solarisation only where ``cfg.solarize_p > 0``).
     """
     b, _, height, width = images.shape
     if cropped and (height, width) != (cfg.size, cfg.size):
@@ -327,6 +371,8 @@ def augment_views(
     gray_on = draw(b) < cfg.gray_p
     blur_on = draw(b) < cfg.blur_p
     sigma = cfg.blur_sigma[0] + (cfg.blur_sigma[1] - cfg.blur_sigma[0]) * draw(b)
+    # drawn last and only when used, so views without solarisation keep their random stream
+    solarize_on = draw(b) < cfg.solarize_p if cfg.solarize_p > 0 else None
     if cropped:
         x = to_float(images)
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
@@ -334,7 +380,7 @@ def augment_views(
         x = resized_crop(to_float(images), boxes, cfg.size, flip)  # one grid_sample: nothing to fuse
     colour = _compiled_colour() if compiled else _colour
     gather = False if compiled else None  # gathering needs data-dependent shapes: not in a compiled graph
-    return colour(x, cfg, factors, order, jitter_on, gray_on, blur_on, sigma, gather)
+    return colour(x, cfg, factors, order, jitter_on, gray_on, blur_on, sigma, solarize_on, gather)
 
 
 def _colour(
@@ -346,16 +392,19 @@ def _colour(
     gray_on: torch.Tensor,
     blur_on: torch.Tensor,
     sigma: torch.Tensor,
+    solarize_on: torch.Tensor | None,
     gather: bool | None,
 ) -> torch.Tensor:
     """The photometric part of :func:`augment_views`, its random draws given: jitter, grayscale, blur,
-    normalisation."""
+    solarisation, normalisation."""
     if cfg.jitter_p > 0 and max(cfg.jitter) > 0:
         x = color_jitter(x, factors, order, jitter_on, cfg.jitter, gather=gather)
     if cfg.gray_p > 0:
         x = _masked(gray_on, grayscale(x), x)
     if cfg.blur_p > 0 and cfg.blur_kernel > 1:
         x = _masked(blur_on, gaussian_blur(x, sigma, cfg.blur_kernel), x)
+    if solarize_on is not None:
+        x = _masked(solarize_on, solarize(x), x)
     return normalize(x, cfg.mean, cfg.std)
 
 

@@ -7,6 +7,8 @@ gives after ``torch.manual_seed(s)``. :func:`crop_views` crops a PIL image and r
 view's side (PIL bilinear, antialiased, as torchvision's ``resized_crop`` on PIL images): the aspect
 ratio of the source is kept, nothing is squashed to a square first. Flip and the photometric ops stay
 batched on the device (:func:`isdretrieve.data.augment.augment_views` with ``cropped=True``).
+Views may differ in size (DINO's global and local crops): :class:`CroppedViews` hands out one stack
+per size (:func:`~isdretrieve.data.augment.size_groups`).
 
 Every sample's generator is seeded from (seed, epoch, dataset index, view), so crops do not depend on
 the worker count, the batch, or where a resumed run restarted.
@@ -22,7 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from isdretrieve.data.augment import CROP_TRIES, ViewConfig
+from isdretrieve.data.augment import CROP_TRIES, ViewConfig, size_groups
 from isdretrieve.data.datasets import ImageDataset, to_rgb
 from isdretrieve.errors import DataError
 
@@ -55,6 +57,13 @@ def crop_box(
 
 def crop_views(image: Image.Image, views: Sequence[ViewConfig], generator: torch.Generator) -> torch.Tensor:
     """One random resized crop per view of one picture: uint8 [V,3,size,size] (all views one size)."""
+    if len({view.size for view in views}) > 1:
+        raise ValueError(f"all views must have one size, got {sorted({v.size for v in views})}")
+    return torch.stack(_crops(image, views, generator))
+
+
+def _crops(image: Image.Image, views: Sequence[ViewConfig], generator: torch.Generator) -> list[torch.Tensor]:
+    """Each view's crop, uint8 [3,size,size], drawn in view order from ``generator``."""
     rgb = to_rgb(image)
     width, height = rgb.size
     out = []
@@ -64,7 +73,7 @@ def crop_views(image: Image.Image, views: Sequence[ViewConfig], generator: torch
             (view.size, view.size), Image.Resampling.BILINEAR
         )
         out.append(torch.from_numpy(np.array(patch, dtype=np.uint8)).permute(2, 0, 1))
-    return torch.stack(out)
+    return out
 
 
 def crop_generator(seed: int, epoch: int, index: int, stream: int = 0) -> torch.Generator:
@@ -72,11 +81,17 @@ def crop_generator(seed: int, epoch: int, index: int, stream: int = 0) -> torch.
     return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 7919 + index) * 4 + stream)
 
 
-class CroppedViews(Dataset):
-    """Item ``i`` of ``dataset`` as ``(crops [V,3,s,s], label, i, partner crops [P,3,s,s], partner)``.
+Crops = tuple[torch.Tensor, ...]  # one uint8 [V_g,3,s_g,s_g] stack per view size (size_groups order)
 
-    ``partners`` (an [N] map, or None) names whose picture gives the partner crops; without it the
-    partner part is an empty [0,3,s,s] tensor and -1. Call :meth:`set_epoch` before each epoch.
+
+class CroppedViews(Dataset):
+    """Item ``i`` of ``dataset`` as ``(crops, label, i, partner crops, partner)``.
+
+    ``crops`` holds one uint8 [V_g,3,s_g,s_g] stack per view size, the groups of
+    :func:`~isdretrieve.data.augment.size_groups` (one stack [V,3,s,s] when all views share a size);
+    the partner crops likewise for ``partner_views``. ``partners`` (an [N] map, or None) names whose
+    picture gives the partner crops; without it the partner part is ``()`` and -1. The crops are drawn
+    in view order, so grouping them by size changes no crop. Call :meth:`set_epoch` before each epoch.
     """
 
     def __init__(
@@ -87,16 +102,12 @@ class CroppedViews(Dataset):
         seed: int,
         partners: torch.Tensor | None = None,
     ) -> None:
-        sizes = {v.size for v in (*views, *partner_views)}
-        if len(sizes) != 1:
-            raise ValueError(f"all views must have one size, got {sorted(sizes)}")
         self.dataset, self.views, self.partner_views, self.seed = (
             dataset,
             list(views),
             list(partner_views),
             seed,
         )
-        self.size = sizes.pop()
         self.partners = None if partners is None else partners.cpu().share_memory_()
         self.epoch = 0
 
@@ -106,18 +117,19 @@ class CroppedViews(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def _crops(self, i: int, views: Sequence[ViewConfig], stream: int) -> torch.Tensor:
+    def _crops(self, i: int, views: Sequence[ViewConfig], stream: int) -> Crops:
         with self.dataset.open_image(i) as image:
             try:
-                return crop_views(image, views, crop_generator(self.seed, self.epoch, i, stream))
+                crops = _crops(image, views, crop_generator(self.seed, self.epoch, i, stream))
             except Exception as exc:  # PIL raises many types for corrupt files
                 raise DataError(f"cannot decode image '{self.dataset.path(i)}': {exc}") from None
+        return tuple(torch.stack([crops[k] for k in group]) for group in size_groups(views))
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int, torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[Crops, int, int, Crops, int]:
         i = int(i)
         own = self._crops(i, self.views, 0)
         label = int(self.dataset.labels[i])
         if self.partners is None or not self.partner_views:
-            return own, label, i, torch.empty((0, 3, self.size, self.size), dtype=torch.uint8), -1
+            return own, label, i, (), -1
         j = int(self.partners[i])
         return own, label, i, self._crops(j, self.partner_views, 1), j

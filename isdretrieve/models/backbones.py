@@ -98,13 +98,15 @@ def build_backbone(
     image_size: int = 224,
     patch_size: int | None = None,
     depth: int | None = None,
+    dynamic_size: bool = False,
 ) -> nn.Module:
     """Build a randomly initialised backbone whose forward returns [B, model.feature_dim].
 
     ``cifar_stem`` (ResNets only) swaps the 7x7/2 conv1 + max-pool for a 3x3/1 conv1 and no pooling,
     the usual stem for 32x32 images. ViTs and fixed-size timm models are built for ``image_size``
     (square) with ``patch_size`` (ViTs: None = 16 from 64 px up, else 4); ``depth`` sets a ViT's number
-    of blocks (None = 12). Convolutional models ignore the three.
+    of blocks (None = 12). Convolutional models ignore the three. Our ViTs take other multiples of the
+    patch too; ``dynamic_size`` asks the same of ``timm:`` ViTs (timm's ``dynamic_img_size``).
     """
     _check_arch(arch)
     if arch == "small_cnn":
@@ -112,7 +114,7 @@ def build_backbone(
     if is_vit(arch):
         return build_vit(arch, image_size=image_size, patch_size=patch_size, depth=depth)
     if is_timm(arch):
-        return build_timm(arch, image_size=image_size, patch_size=patch_size)
+        return build_timm(arch, image_size=image_size, patch_size=patch_size, dynamic_size=dynamic_size)
     tv = import_torchvision()
     model = getattr(tv.models, arch)(weights=None)
     model.fc = nn.Identity()

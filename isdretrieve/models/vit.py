@@ -9,14 +9,22 @@ official weights load strictly without timm installed.
 
 Sizes (DINO's): tiny 192 wide / 3 heads, small 384 / 6, base 768 / 12; MLP 4x wide, 12 blocks by default,
 LayerNorm eps 1e-6. Features are the CLS token after the final LayerNorm, as DINO's evaluation takes them.
+
+Other input sizes (DINO's local crops): torchvision's class accepts only its own image size, so ours
+runs torchvision's forward at that size and, at any other multiple of the patch, the same steps with
+the position embedding's patch grid resized bicubically to the input's grid (:func:`resize_pos_embedding`,
+as DINO does for its local crops); the class token's entry is kept. Parameters and keys are
+torchvision's.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from isdretrieve._torchvision import import_torchvision
@@ -42,8 +50,7 @@ def build_vit(
     depth = depth or VIT_DEPTH
     if depth < 1:
         raise ValueError(f"{arch}: depth must be positive, got {depth}")
-    tv = import_torchvision()
-    model = tv.models.VisionTransformer(
+    model = _vit_class()(
         image_size=image_size,
         patch_size=patch,
         num_layers=depth,
@@ -54,6 +61,48 @@ def build_vit(
     model.heads = nn.Identity()
     model.feature_dim = width
     return model
+
+
+def resize_pos_embedding(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """A ViT position embedding [1, 1 + G*G, D] (class token first, then a square G x G patch grid) for a
+    ``grid`` (h, w) of patches: the patch part resized bicubically (align_corners False, no antialias,
+    as DINO resizes it; timm's ``dynamic_img_size`` antialiases, a different cubic kernel), the class
+    token's entry as it is. Returned unchanged when the grid is G x G already."""
+    side = math.isqrt(pos.shape[1] - 1)
+    if tuple(grid) == (side, side):
+        return pos
+    cls, patches = pos[:, :1], pos[:, 1:]
+    patches = patches.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches.float(), size=tuple(grid), mode="bicubic", align_corners=False)
+    patches = patches.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
+    return torch.cat([cls, patches], dim=1)
+
+
+@functools.cache
+def _vit_class() -> type[nn.Module]:
+    """torchvision's ``VisionTransformer`` taking any input size that is a multiple of the patch
+    (built on first use: torchvision is imported lazily)."""
+    tv = import_torchvision()
+
+    class VisionTransformer(tv.models.VisionTransformer):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            height, width = x.shape[-2:]
+            if height == width == self.image_size:
+                return super().forward(x)  # torchvision's own forward, bit for bit
+            p = self.patch_size
+            if height % p or width % p:
+                raise ValueError(f"input {height}x{width} is not a multiple of the ViT patch size {p}")
+            n = x.shape[0]
+            x = self.conv_proj(x)  # torchvision's steps, the position embedding resized
+            grid = (x.shape[-2], x.shape[-1])
+            x = x.reshape(n, self.hidden_dim, grid[0] * grid[1]).permute(0, 2, 1)
+            x = torch.cat([self.class_token.expand(n, -1, -1), x], dim=1)
+            encoder = self.encoder
+            x = x + resize_pos_embedding(encoder.pos_embedding, grid)
+            x = encoder.ln(encoder.layers(encoder.dropout(x)))
+            return self.heads(x[:, 0])
+
+    return VisionTransformer
 
 
 # ------------------------------------------------------------------------------------------- weights

@@ -12,7 +12,8 @@ workers decode them next to the batch's own images.
 File data decoded at a size other than its own (``dataset.crops_in_workers``: e.g. ImageNet folders at
 ``size=256``, or any ``wds:`` shards of large pictures) is never squashed to squares: the workers take
 each view's random resized crop from the original picture (:mod:`isdretrieve.data.crops`) and the batch
-carries the crops (``StepBatch.crops``), to which the engine applies flip and colour on the device.
+carries the crops (``StepBatch.crops``: one stack per view size, so DINO's global and local crops travel
+side by side), to which the engine applies flip and colour on the device.
 
 Webdataset shards (``wds:``) stream: rank r reads shards r, r+W, ... only; each epoch its shards come in
 a random order, each front to back, through a shuffle buffer (:func:`~isdretrieve.data.shards.
@@ -47,8 +48,10 @@ class StepBatch(NamedTuple):
     indices: torch.Tensor  # dataset index of each image [b]
     partner_images: torch.Tensor | None = None  # uint8 [b,3,H,W] of each image's partner
     partners: torch.Tensor | None = None  # dataset index of each partner [b]
-    crops: torch.Tensor | None = None  # uint8 [b,V,3,s,s]: each method view's crop, taken in the workers
-    partner_crops: torch.Tensor | None = None  # uint8 [b,P,3,s,s]: the partner views' crops
+    # each method view's crop, taken in the workers: one uint8 [b,V_g,3,s_g,s_g] per view size, the groups
+    # of data.size_groups(views) in order (a single [b,V,3,s,s] when all views share a size)
+    crops: tuple[torch.Tensor, ...] | None = None
+    partner_crops: tuple[torch.Tensor, ...] | None = None  # the partner views' crops, grouped likewise
 
 
 class _WithPartners(Dataset):
@@ -196,10 +199,11 @@ class BatchSource:
             persistent_workers=False,
         )
         for crops, labels, indices, partner_crops, partner in loader:
-            crops, labels, indices = (t.to(self.device, non_blocking=True) for t in (crops, labels, indices))
+            crops = tuple(c.to(self.device, non_blocking=True) for c in crops)
+            labels, indices = (t.to(self.device, non_blocking=True) for t in (labels, indices))
             if partners is None:
-                yield StepBatch(crops[:, 0], labels, indices, crops=crops)
+                yield StepBatch(crops[0][:, 0], labels, indices, crops=crops)
                 continue
-            partner_crops = partner_crops.to(self.device, non_blocking=True)
+            partner_crops = tuple(c.to(self.device, non_blocking=True) for c in partner_crops)
             partner = partner.to(self.device, non_blocking=True)
-            yield StepBatch(crops[:, 0], labels, indices, None, partner, crops, partner_crops)
+            yield StepBatch(crops[0][:, 0], labels, indices, None, partner, crops, partner_crops)

@@ -19,7 +19,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
 
-from isdretrieve.data import augment_views, items_sha256, open_dataset, parse_spec, view_config
+from isdretrieve.data import (
+    VIEW_NAMES,
+    augment_views,
+    items_sha256,
+    open_dataset,
+    parse_spec,
+    size_groups,
+    view_config,
+)
 from isdretrieve.errors import CheckpointError, Interrupted, RecipeError, TrainingDiverged
 from isdretrieve.frozen_encoder import FrozenEncoder
 from isdretrieve.models import EncoderHeader, build_backbone, export_encoder, is_timm, is_vit, load_init
@@ -31,7 +39,7 @@ from isdretrieve.train.curves import write_training_curves
 from isdretrieve.train.methods import Batch, DataContext, Method, build_method
 from isdretrieve.train.monitor import KnnMonitor, KnnResult
 from isdretrieve.train.optim import build_optimizer, clip_gradients, drop_gradients, set_hyperparameters
-from isdretrieve.train.recipe import Recipe
+from isdretrieve.train.recipe import Recipe, local_crops
 from isdretrieve.train.run_log import RunLog
 from isdretrieve.train.schedule import learning_rate, weight_decay
 from isdretrieve.typed_config import to_dict
@@ -81,9 +89,7 @@ class Trainer:
 
         self.log = RunLog(self.out_dir, enabled=self.dist.is_main, quiet=quiet)
         self.dataset = open_dataset(recipe.data.train)
-        self.views = {
-            s: recipe.augment.apply(view_config(s, recipe.data.preset), s) for s in ("strong", "weak")
-        }
+        self.views = {s: recipe.augment.apply(view_config(s, recipe.data.preset), s) for s in VIEW_NAMES}
 
         torch.manual_seed(eng.seed)
         backbone = self._build_backbone()
@@ -92,6 +98,7 @@ class Trainer:
         items = items_sha256(self.dataset, 0, len(self.dataset))
         context = DataContext(len(self.dataset), self.dataset.labels.cpu(), eng.seed, items)
         self.method: Method = build_method(recipe.method, backbone, context).to(device)
+        self._check_view_sizes()
         if self.channels_last:
             self.method.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(recipe.optim, self.method)
@@ -141,9 +148,31 @@ class Trainer:
                 image_size=self.views["weak"].size,
                 patch_size=m.patch,
                 depth=m.depth,
+                dynamic_size=local_crops(self.recipe.method) > 0,
             )
         except ValueError as exc:
             raise RecipeError(f"model.arch: {exc}") from None
+
+    def _check_view_sizes(self) -> None:
+        """Views of another size than the preset's (DINO's local crops) must go through the backbone: a
+        ViT's patch must divide them, a fixed-size timm model takes none. Tried once, on zeros, in eval
+        mode (no state or random stream changes)."""
+        names = (*self.method.views, *self.method.partner_views)
+        sizes = sorted({self.views[s].size for s in names} - {self.views["weak"].size})
+        backbone, arch = self.method.feature_backbone, self.recipe.model.arch
+        training = backbone.training
+        backbone.eval()
+        try:
+            for size in sizes:
+                with torch.no_grad():
+                    backbone(torch.zeros(2, 3, size, size, device=self.device))
+        except Exception as exc:  # whatever the model raises for a size it cannot take
+            raise RecipeError(
+                f"model.arch: {arch} cannot take the {size}x{size} views the method asks for (DINO's "
+                f"local crops: augment.local_size, method.dino.local_crops): {_one_line(exc)}"
+            ) from None
+        finally:
+            backbone.train(training)
 
     def _init_backbone(self, backbone: nn.Module) -> None:
         """``model.init``: the file's ``init_from`` backbone into the student; the methods' teachers are
@@ -350,25 +379,35 @@ class Trainer:
         return out, None if norm is None else norm.item()
 
     def _batch(self, data: StepBatch, generator: torch.Generator) -> Batch:
-        """Augment a step's images (and partners' images) into the views the method asks for."""
+        """Augment a step's images (and partners' images) into the views the method asks for, in the
+        method's view order (the random stream's order too), whatever their sizes."""
         with record_function("step/augment"):
+            wanted = self.method.views
             if data.crops is not None:  # the loader workers took each view's crop from the originals
-                views = [
-                    self._view(data.crops[:, k], s, generator, True) for k, s in enumerate(self.method.views)
-                ]
+                views = self._cropped_views(data.crops, wanted, generator)
             else:
-                views = [self._view(data.images, s, generator) for s in self.method.views]
+                views = [self._view(data.images, s, generator) for s in wanted]
             batch = Batch(views, data.indices, data.labels, progress=self.step / max(self.total_steps, 1))
             wanted = self.method.partner_views
             if data.partner_crops is not None:
-                batch.partner_views = [
-                    self._view(data.partner_crops[:, k], s, generator, True) for k, s in enumerate(wanted)
-                ]
+                batch.partner_views = self._cropped_views(data.partner_crops, wanted, generator)
                 batch.partners = data.partners
             elif data.partner_images is not None:
                 batch.partner_views = [self._view(data.partner_images, s, generator) for s in wanted]
                 batch.partners = data.partners
         return batch
+
+    def _cropped_views(
+        self, crops: tuple[torch.Tensor, ...], names: tuple[str, ...], generator: torch.Generator
+    ) -> list[torch.Tensor]:
+        """The views named ``names`` from the workers' crops, grouped by size as ``size_groups`` groups
+        them (``crops[g][:, k]`` is view ``groups[g][k]``)."""
+        where = {}
+        for group, positions in enumerate(size_groups([self.views[s] for s in names])):
+            where.update({view: (group, k) for k, view in enumerate(positions)})
+        return [
+            self._view(crops[where[v][0]][:, where[v][1]], s, generator, True) for v, s in enumerate(names)
+        ]
 
     def _view(
         self, images: torch.Tensor, strength: str, generator: torch.Generator, cropped: bool = False

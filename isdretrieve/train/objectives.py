@@ -7,7 +7,7 @@ averaged over the batch. Each computes in fp32 whatever autocast is on (see :fun
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
@@ -29,6 +29,8 @@ def in_fp32(fn: _Fn) -> _Fn:
     """
 
     def to_fp32(x):
+        if isinstance(x, list | tuple):  # a sequence of tensors (one per view)
+            return type(x)(to_fp32(t) for t in x)
         low = isinstance(x, torch.Tensor) and x.is_floating_point() and torch.finfo(x.dtype).bits < 32
         return x.float() if low else x
 
@@ -153,3 +155,27 @@ def dino_cross_entropy(
     """
     p_t = F.softmax((teacher.detach() - center) / tau_t, dim=1)
     return -(p_t * F.log_softmax(student / tau_s, dim=1)).sum(dim=1).mean()
+
+
+@in_fp32
+def dino_multicrop_loss(
+    student: Sequence[torch.Tensor],
+    teacher: Sequence[torch.Tensor],
+    center: torch.Tensor,
+    tau_s: float,
+    tau_t: float,
+) -> torch.Tensor:
+    """DINO's multi-crop loss: the mean of :func:`dino_cross_entropy` over every (teacher view t,
+    student view v) pair with v ≠ t.
+
+    student: V logits [B, K], the global views first, then the local crops; teacher: the T global
+    views' logits [B, K] (T = 2), student view t being the same crop as teacher view t; center [1, K].
+    With only the two global views this is ½ [H(t₁, s₀) + H(t₀, s₁)], the symmetric two-view loss.
+    Each softmax is computed once per view, as each pair's term would compute it.
+    """
+    p_t = [F.softmax((t.detach() - center) / tau_t, dim=1) for t in teacher]
+    log_p_s = [F.log_softmax(s / tau_s, dim=1) for s in student]
+    terms = [
+        -(p * log_q).sum(dim=1).mean() for t, p in enumerate(p_t) for v, log_q in enumerate(log_p_s) if v != t
+    ]
+    return sum(terms[1:], terms[0]) / len(terms)

@@ -149,7 +149,14 @@ class SeppConfig:
 class DinoConfig:
     """DINO as AdaSim's base: head MLP (GELU) → bottleneck → L2 norm → weight-normalised linear to
     ``out_dim``; teacher logits centred (EMA of the batch mean) and sharpened; the last layer gets no
-    update in the first ``freeze_last_layer`` epochs (its gradient is dropped). Defaults: official code."""
+    update in the first ``freeze_last_layer`` epochs (its gradient is dropped). Defaults: official code.
+
+    ``views: dino`` (default) takes DINO's asymmetric global views T1 / T2 (``dino_global1`` /
+    ``dino_global2``), ``views: strong`` the preset's strong view twice (this project's DINO before
+    multi-crop). ``local_crops`` adds that many ``dino_local`` views (multi-crop; DINO's own runs use 8,
+    AdaSim's code 0): the student sees them, the teacher only the two global views. The views'
+    scales and the local side are the ``augment`` section's (``global_scale``, ``local_scale``,
+    ``local_size``)."""
 
     momentum: float = 0.996
     head_hidden: int = 2048
@@ -159,10 +166,14 @@ class DinoConfig:
     tau_teacher: float = 0.04
     center_momentum: float = 0.9
     freeze_last_layer: int = 1  # epochs in which the head's last layer is not updated
+    views: Literal["dino", "strong"] = "dino"
+    local_crops: int = 0
 
     def __post_init__(self) -> None:
         if self.freeze_last_layer < 0:
             raise ValueError(f"freeze_last_layer must not be negative, got {self.freeze_last_layer}")
+        if self.local_crops < 0:
+            raise ValueError(f"local_crops must be >= 0, got {self.local_crops}")
 
 
 @dataclass(frozen=True)
@@ -215,19 +226,31 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Overrides of the preset's views; None keeps the preset's value. Colour, grayscale and blur
-    probabilities apply to strong views only (weak views are crop + flip)."""
+    """Overrides of the preset's views; None keeps the preset's value. ``crop_scale`` sets the strong and
+    weak views' crop scale; colour, grayscale and blur probabilities apply to strong views only (weak
+    views are crop + flip, DINO's keep their own asymmetric ones). DINO's views: ``global_scale`` (0.4,
+    1), ``local_scale`` (0.05, 0.4) and the local crops' side ``local_size`` (96 / 16 / 8 px at the
+    imagenet / cifar / digits presets). ``flip_p`` applies to every view."""
 
     crop_scale: tuple[float, float] | None = None
     flip_p: float | None = None
     jitter_p: float | None = None
     gray_p: float | None = None
     blur_p: float | None = None
+    global_scale: tuple[float, float] | None = None
+    local_scale: tuple[float, float] | None = None
+    local_size: int | None = None
 
     def apply(self, view: ViewConfig, strength: str) -> ViewConfig:
-        changes: dict = {"scale": self.crop_scale, "flip_p": self.flip_p}
+        changes: dict = {"flip_p": self.flip_p}
+        if strength in ("strong", "weak"):
+            changes["scale"] = self.crop_scale
         if strength == "strong":
             changes.update(jitter_p=self.jitter_p, gray_p=self.gray_p, blur_p=self.blur_p)
+        if strength in ("dino_global1", "dino_global2"):
+            changes["scale"] = self.global_scale
+        if strength == "dino_local":
+            changes.update(scale=self.local_scale, size=self.local_size)
         try:
             return replace(view, **{k: v for k, v in changes.items() if v is not None})
         except ValueError as exc:
@@ -351,6 +374,12 @@ class Recipe:
 
 
 DEFAULT_LR = 0.05
+
+
+def local_crops(method: MethodConfig) -> int:
+    """How many DINO local crops a method takes (views smaller than the preset's size); 0 for all but
+    AdaSim on DINO."""
+    return method.dino.local_crops if isinstance(method, AdasimConfig) and method.base == "dino" else 0
 
 
 def preset_lr(method: MethodConfig) -> float | None:

@@ -10,6 +10,12 @@ the base method's (BYOL or DINO) between view T(x_i) and view T'(x_partner).
 
 ``mode: naive`` pairs every image with its nearest other neighbour from the latest lists (after the
 same warm-up); ``mode: plain`` keeps every image its own partner, i.e. the plain base method.
+
+Views: with BYOL, the strong view of each. With DINO (as AdaSim's code): DINO's global view 1 of the
+image itself and global view 2 of its partner (or the strong view of each, ``dino.views: strong``).
+AdaSim's code takes no local crops; with ``dino.local_crops: N`` (our extension) the student also sees N
+local crops *of the image itself*, each paired with both teacher views as in DINO's multi-crop loss.
+The memory always gets the teacher's backbone feature of the image's own global view 1.
 """
 
 from __future__ import annotations
@@ -40,13 +46,13 @@ ROWS_PER_CHUNK = 8192  # images per chunk of the partner computation
 
 
 class AdaSim(Method):
-    views = ("strong",)  # T(x_i)
-    partner_views = ("strong",)  # T'(x_partner)
-
     def __init__(self, backbone: nn.Module, cfg: AdasimConfig, data: DataContext) -> None:
         super().__init__()
         self.cfg, self.seed = cfg, data.seed
         self.base: BYOL | DINO = BYOL(backbone, cfg.byol) if cfg.base == "byol" else DINO(backbone, cfg.dino)
+        first, second, *local = self.base.views
+        self.views = (first, *local)  # T(x_i), and DINO's local crops of x_i
+        self.partner_views = (second,)  # T'(x_partner)
         n, dim = data.num_images, backbone.feature_dim
         self.memory = IndexedMemory(n, dim)
         self.lists = NeighbourLists(n, cfg.k)
@@ -66,9 +72,12 @@ class AdaSim(Method):
         return self.base.frozen_parameters(epoch)
 
     def forward(self, batch: Batch) -> StepOutput:
-        (own,), (partner,) = batch.views, batch.partner_views
+        (own, *local), (partner,) = batch.views, batch.partner_views
         self.base.all_gather = self.all_gather  # the engine sets ours under DDP (DINO's centre needs it)
-        out, features = self.base.pair_step(own, partner, batch.progress)
+        if local:  # DINO's local crops of the image itself
+            out, features = self.base.pair_step(own, partner, batch.progress, local)
+        else:
+            out, features = self.base.pair_step(own, partner, batch.progress)
         self.remember(features, batch.indices)
         if batch.partners is not None:
             out.logs["bootstrap_rate"] = (batch.partners != batch.indices).float().mean()

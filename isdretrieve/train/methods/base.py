@@ -94,7 +94,8 @@ def cosine_momentum(base: float, progress: float) -> float:
 class Method(nn.Module):
     """A self-supervised method: ``forward(batch)`` computes the loss and updates its memory.
 
-    ``views`` names the augmentation strength of each view the method wants ("strong" / "weak").
+    ``views`` names the augmentation of each view the method wants ("strong" / "weak", or DINO's
+    "dino_global1" / "dino_global2" / "dino_local": ``data.augment.VIEW_NAMES``); views may differ in size.
     ``all_gather`` is set by the engine under DDP: it concatenates a tensor over all ranks in rank order.
     ``feature_backbone`` is the network whose features are evaluated (the student backbone).
 
