@@ -11,13 +11,14 @@
 #   bash benchmarks/device_session.sh profile        # profile_step.py (ISD R18) + lightly_side_by_side.py
 #   bash benchmarks/device_session.sh tests          # the test suite with CUDA present
 #   bash benchmarks/device_session.sh search         # ann_auto.py + mine_scale.py at 1M; export, k-NN
+#   bash benchmarks/device_session.sh dino           # dino_vit_step.py: AdaSim-DINO ViT-S/16, bf16, compile
 #
 # In that order of priority: a session's 30 device minutes hold about four of these stages.
 # Each device stage installs what it needs first, stops its own work before the 10-minute limit and
 # copies its JSON results and logs to $OUT (at most 8 files come back).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: device_session.sh prepare|setup|speed|train [EPOCHS]|profile|tests|search}
+stage=${1:?usage: device_session.sh prepare|setup|speed|train [EPOCHS]|profile|tests|search|dino}
 out=${OUT:-/tmp/isd-device-out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -66,6 +67,11 @@ case $stage in
     # the GPU tests, then the rest as CI runs it (CPU only: those tests pin bit-exact CPU behaviour)
     run 260 tests.log python3 -m pytest -q -p no:cacheprovider -m gpu
     run 290 tests.log env CUDA_VISIBLE_DEVICES= python3 -m pytest -q -p no:cacheprovider -m "not gpu"
+    ;;
+  dino)
+    setup
+    run 300 dino.log python3 benchmarks/dino_vit_step.py --batch 256 --steps 10
+    results dino_vit_step_cuda.json
     ;;
   speed)
     setup
