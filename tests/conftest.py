@@ -77,6 +77,28 @@ def bank_contents(path: Path) -> tuple:
         )
 
 
+class StopAfterCheckpoint(Exception):
+    """Raised by :func:`train_until_checkpoint` right after the checkpoint it waits for."""
+
+
+def train_until_checkpoint(recipe, out: Path, monkeypatch, epoch: int = 1) -> None:
+    """Train ``recipe`` into ``out`` and stop right after the end-of-epoch-``epoch`` checkpoint is
+    written, as a crash there would: what a resume test resumes from."""
+    from isdretrieve.train import Trainer
+
+    real_save = Trainer._save
+
+    def save_then_stop(self, *args, **kwargs):
+        real_save(self, *args, **kwargs)
+        if self.epoch == epoch:
+            raise StopAfterCheckpoint
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_save", save_then_stop)
+        with pytest.raises(StopAfterCheckpoint):
+            Trainer(recipe, out, quiet=True).fit()
+
+
 @pytest.fixture(scope="session")
 def make_encoder():
     """:func:`random_encoder`, for tests that need an encoder file."""

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import train_until_checkpoint
 from test_ddp import _free_port
 from test_engine import _states_equal, tiny
 
@@ -300,17 +301,7 @@ def test_plain_dino_with_local_crops_trains_and_resumes_exactly(tmp_path, monkey
     losses = [r["loss"] for r in losses if "loss" in r]
     assert len(losses) >= 2 and all(math.isfinite(x) for x in losses)
 
-    real_save = Trainer._save
-
-    def save_then_stop(self, *args, **kwargs):
-        real_save(self, *args, **kwargs)
-        if self.epoch == 1:
-            raise Interrupted(signal.SIGTERM, self.checkpoint)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "_save", save_then_stop)
-        with pytest.raises(Interrupted):
-            Trainer(recipe, tmp_path / "b", quiet=True).fit()
+    train_until_checkpoint(recipe, tmp_path / "b", monkeypatch)
     resumed = Trainer(recipe, tmp_path / "b", resume=True, quiet=True)
     assert (resumed.epoch, resumed.step) == (1, 7)
     resumed.fit()

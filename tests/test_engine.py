@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import train_until_checkpoint
 
 from isdretrieve.errors import RecipeError, TrainingDiverged
 from isdretrieve.models import load_backbone, safe_load
@@ -31,26 +32,12 @@ def _states_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-class Interrupt(Exception):
-    pass
-
-
 @pytest.mark.parametrize("method", ["isd", "moco", "byol"])
 def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path, monkeypatch, method):
     straight = Trainer(recipe_from_data(tiny(method)), tmp_path / "a", quiet=True)
     straight.fit()
 
-    original_save = Trainer._save
-
-    def save_then_die(self):
-        original_save(self)
-        if self.epoch == 1:
-            raise Interrupt
-
-    monkeypatch.setattr(Trainer, "_save", save_then_die)
-    with pytest.raises(Interrupt):
-        Trainer(recipe_from_data(tiny(method)), tmp_path / "b", quiet=True).fit()
-    monkeypatch.setattr(Trainer, "_save", original_save)
+    train_until_checkpoint(recipe_from_data(tiny(method)), tmp_path / "b", monkeypatch)
     assert [p.name for p in list_checkpoints(tmp_path / "b")] == ["epoch-0001.pt"]
 
     resumed = Trainer(recipe_from_data(tiny(method)), tmp_path / "b", resume=True, quiet=True)

@@ -80,6 +80,22 @@ def _steps(trainer: Trainer, n: int):
         yield
 
 
+def run_with_syncs_as_errors(trainer: Trainer, steps: int = 5, warmup: int = 2) -> None:
+    """``steps`` training steps on CUDA, every host sync an error after the first ``warmup`` (where
+    compilation, cuDNN's autotuning and the optimiser's state happen)."""
+    run = _steps(trainer, steps)
+    for _ in range(warmup):
+        next(run)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in run:
+            pass
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
 class SyncingOps(TorchDispatchMode):
     """Records each dispatched op that would sync on CUDA, with the project line that called it."""
 
@@ -166,15 +182,4 @@ def test_the_probe_finds_syncing_ops():
 @pytest.mark.parametrize("method, compile", [("isd", True), ("byol", False), ("sepp-moco", False)])
 def test_training_steps_on_cuda_never_wait_for_the_gpu(tmp_path, digits_pairs, method, compile):
     recipe = recipe_from_data(_recipe(method, digits_pairs[1], "cuda", compile))
-    trainer = Trainer(recipe, tmp_path, quiet=True)
-    steps = _steps(trainer, 5)
-    for _ in range(2):  # compilation and cuDNN's autotuning happen in the first steps
-        next(steps)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in steps:
-            pass
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
+    run_with_syncs_as_errors(Trainer(recipe, tmp_path, quiet=True))

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 from test_engine import _states_equal, tiny
-from test_host_sync import SyncingOps, _steps, masked_jitter  # noqa: F401  (a fixture)
+from test_host_sync import SyncingOps, _steps, masked_jitter, run_with_syncs_as_errors  # noqa: F401
 from torch import nn
 
 from isdretrieve.errors import RecipeError
@@ -253,18 +253,7 @@ def test_the_dino_setting_adds_no_op_that_syncs_on_a_gpu(tmp_path, mode):
 def test_dino_setting_steps_on_cuda_never_wait_for_the_gpu(tmp_path, mode):
     data = _adasim_dino(**DINO_SETTING, clip_grad_mode=mode)
     data["engine"]["device"] = "cuda"
-    trainer = Trainer(recipe_from_data(data), tmp_path, quiet=True)
-    steps = _steps(trainer, 5)
-    for _ in range(2):  # AdamW's state and cuDNN's autotuning happen in the first steps
-        next(steps)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in steps:
-            pass
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
+    run_with_syncs_as_errors(Trainer(recipe_from_data(data), tmp_path, quiet=True))
 
 
 # ----------------------------------------------------------------------------------- bad recipes

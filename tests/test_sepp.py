@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import train_until_checkpoint
 
 from isdretrieve.bank import export_bank
 from isdretrieve.data import open_dataset
@@ -17,10 +18,6 @@ from isdretrieve.train.distributed import DistContext
 from isdretrieve.train.positives import PositiveLists
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class StopAfterFirstEpoch(Exception):
-    pass
 
 
 LISTS = PositiveLists(torch.tensor([0, 2, 2, 5, 6]), torch.tensor([1, 3, 0, 1, 2, 0]))  # 4 images
@@ -140,16 +137,7 @@ def test_sepp_trains_with_its_partners_and_resumes_exactly(digits_pairs, tmp_pat
     rate = np.mean([(p != i).float().mean().item() for i, p in seen])
     assert rate == pytest.approx(pairs.coverage, abs=0.05)
 
-    save = Trainer._save
-
-    def save_then_stop(self, *args, **kwargs):
-        save(self, *args, **kwargs)
-        raise StopAfterFirstEpoch
-
-    monkeypatch.setattr(Trainer, "_save", save_then_stop)
-    with pytest.raises(StopAfterFirstEpoch):
-        Trainer(recipe_from_data(sepp_recipe(path, base)), tmp_path / "b", quiet=True).fit()
-    monkeypatch.setattr(Trainer, "_save", save)
+    train_until_checkpoint(recipe_from_data(sepp_recipe(path, base)), tmp_path / "b", monkeypatch)
     resumed = Trainer(recipe_from_data(sepp_recipe(path, base)), tmp_path / "b", resume=True, quiet=True)
     resumed.fit()
     a, b = straight.method.state_dict(), resumed.method.state_dict()

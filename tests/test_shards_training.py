@@ -11,6 +11,7 @@ import signal
 import numpy as np
 import pytest
 import torch
+from conftest import train_until_checkpoint
 from PIL import Image
 
 from isdretrieve._torchvision import import_torchvision
@@ -196,10 +197,6 @@ def _same_weights(a: Trainer, b: Trainer) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-class _Stop(Exception):
-    pass
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("size", ["", ",size=16"])  # crops on the device / in the workers
 def test_train_on_shards_resumes_exactly(tmp_path, digits_shards: str, size: str, monkeypatch) -> None:
@@ -227,17 +224,7 @@ def test_train_on_shards_resumes_exactly(tmp_path, digits_shards: str, size: str
                 Trainer(recipe, tmp_path / "b", quiet=True).fit()
         where = (1, 26, 5)
     else:
-        real_save = Trainer._save
-
-        def save_then_stop(self, *args, **kwargs):
-            real_save(self, *args, **kwargs)
-            if self.epoch == 1:
-                raise _Stop
-
-        with monkeypatch.context() as patch:
-            patch.setattr(Trainer, "_save", save_then_stop)
-            with pytest.raises(_Stop):
-                Trainer(recipe, tmp_path / "b", quiet=True).fit()
+        train_until_checkpoint(recipe, tmp_path / "b", monkeypatch)
         where = (1, 21, 0)
     resumed = Trainer(recipe, tmp_path / "b", resume=True, quiet=True)
     assert (resumed.epoch, resumed.step, resumed.epoch_step) == where
@@ -263,17 +250,7 @@ def test_dino_local_crops_from_worker_crops_train_and_resume_exactly(tmp_path, m
     assert [v.size for v in straight.batches.views] == [16, 8, 8]
     assert [v.size for v in straight.batches.partner_views] == [16]
     straight.fit()
-    real_save = Trainer._save
-
-    def save_then_stop(self, *args, **kwargs):
-        real_save(self, *args, **kwargs)
-        if self.epoch == 1:
-            raise _Stop
-
-    with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "_save", save_then_stop)
-        with pytest.raises(_Stop):
-            Trainer(recipe, tmp_path / "b", quiet=True).fit()
+    train_until_checkpoint(recipe, tmp_path / "b", monkeypatch)
     resumed = Trainer(recipe, tmp_path / "b", resume=True, quiet=True)
     assert (resumed.epoch, resumed.step) == (1, 7)
     resumed.fit()
