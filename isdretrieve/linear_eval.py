@@ -41,10 +41,10 @@ def linear_eval_images(
     test: ImageDataset,
     cfg: ImageProbeConfig = ImageProbeConfig(),
 ) -> ProbeResult:
-    """Train the linear layer on augmented train images of a frozen encoder; test on eval views."""
+    """Train the linear layer on augmented train images of a frozen encoder; test on eval views (embedded
+    ``encoder.batch_size`` images at a time)."""
     if (train.labels < 0).any() or (test.labels < 0).any():
         raise BankError("linear evaluation needs labelled train and test images")
-    encoder.batch_size = cfg.embed_batch
     train_images, test_images = train.load_all(), test.load_all()
     train_labels, test_labels = train.labels.long(), test.labels.long()
     standardise = standardiser(encoder.embed(train_images))  # statistics of the eval view
@@ -72,14 +72,16 @@ def linear_eval_images(
     return ProbeResult(top1, top5, train_top1, cfg.epochs, IMAGE_PROTOCOL)
 
 
-def _encoder_of(index_dir: Path, bank: FeatureBank, device: str | torch.device) -> FrozenEncoder:
+def _encoder_of(
+    index_dir: Path, bank: FeatureBank, device: str | torch.device, batch_size: int
+) -> FrozenEncoder:
     path = index_dir / "encoder.pt"
     if not path.exists():
         raise BankError(
             f"--linear images needs the encoder of {index_dir} (encoder.pt, written by "
             "`isd-index build --checkpoint`); this index holds none"
         )
-    encoder = FrozenEncoder.load(path, device=device)
+    encoder = FrozenEncoder.load(path, device=device, batch_size=batch_size)
     if bank.fingerprint and encoder.fingerprint != bank.fingerprint:
         raise BankError(f"{path} is not the encoder of {bank.path} (fingerprints differ)")
     return encoder
@@ -95,7 +97,7 @@ def linear_eval_from_banks(
     open_data: Callable[[str], ImageDataset] = open_dataset,
 ) -> ProbeResult:
     """:func:`linear_eval_images` with the encoder and data SPECs recorded in the index directories."""
-    encoder = _encoder_of(Path(train_dir), train_bank, device)
+    encoder = _encoder_of(Path(train_dir), train_bank, device, cfg.embed_batch)
     specs = []
     for role, bank in (("train", train_bank), ("test", test_bank)):
         if not bank.data_spec:
