@@ -22,7 +22,7 @@ venv: $(BIN)/isd-train
 # train ISD on digits, build the train/test indices, k-NN (trained vs untrained), a neighbours report
 # (isdretrieve/demo.py); rerunning resumes, and reuses what is finished
 demo: venv
-	$(BIN)/python -m isdretrieve.demo --out runs/demo
+	$(BIN)/python -m isdretrieve.cli.demo --out runs/demo
 
 lint: venv
 	$(BIN)/ruff check isdretrieve tests benchmarks

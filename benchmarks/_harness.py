@@ -74,7 +74,9 @@ def machine_info() -> dict[str, Any]:
 
 def random_encoder(path: Path, arch: str, image_size: int, *, seed: int = 0) -> Path:
     """A random-init ``arch`` (CIFAR stem for the ResNets) exported as ``encoder.pt`` for ``image_size``."""
-    from isdretrieve.models import IMAGENET_MEAN, IMAGENET_STD, EncoderHeader, build_backbone, export_encoder
+    from isdretrieve.files.encoder_header import IMAGENET_MEAN, IMAGENET_STD, EncoderHeader
+    from isdretrieve.models.backbones import build_backbone
+    from isdretrieve.models.checkpoints import export_encoder
 
     torch.manual_seed(seed)
     cifar_stem = arch != "small_cnn"

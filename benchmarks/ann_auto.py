@@ -30,11 +30,16 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _harness import CIFAR_TARBALL, cifar_root, machine_info, write_result  # noqa: E402
 
-from isdretrieve.bank import write_bank  # noqa: E402
-from isdretrieve.data import IMAGENET_MEAN, IMAGENET_STD, augment_views, open_dataset, view_config  # noqa: E402
-from isdretrieve.frozen_encoder import encoder_fingerprint  # noqa: E402
-from isdretrieve.index import SearchIndex, build_index, recall_at_k  # noqa: E402
-from isdretrieve.models import EncoderHeader, build_backbone, load_backbone  # noqa: E402
+from isdretrieve.bank.arrays import write_bank
+from isdretrieve.data.augment import augment_views, view_config
+from isdretrieve.data.open import open_dataset
+from isdretrieve.encoder import encoder_fingerprint
+from isdretrieve.files.encoder_header import IMAGENET_MEAN, IMAGENET_STD, EncoderHeader
+from isdretrieve.index.build import build_index
+from isdretrieve.index.recall import recall_at_k
+from isdretrieve.index.search import SearchIndex
+from isdretrieve.models.backbones import build_backbone
+from isdretrieve.models.checkpoints import load_backbone
 
 ENCODER = REPO / "runs" / "cifar-small" / "encoder.pt"
 BATCH, SEED = 1024, 0

@@ -31,8 +31,8 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 from _harness import write_result  # noqa: E402
 from knn_overhead import projected  # noqa: E402
 
-from isdretrieve.bank import write_bank  # noqa: E402
-from isdretrieve.index import build_index  # noqa: E402
+from isdretrieve.bank.arrays import write_bank
+from isdretrieve.index.build import build_index
 
 DIM, K, T, TARGET = 256, 20, 0.07, 1.2
 ENV = {**os.environ, "PYTHONPATH": str(HERE.parent)}  # this checkout's code, not an installed copy

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The owed GPU measurements (benchmarks/README.md), in stages that each fit one 10-minute command on a
-# lent H100/H200, whose image has torch, torchvision, h5py, click and rich but no FAISS, no lightly and
+# The GPU measurements not run yet (benchmarks/README.md), in stages that each fit one 10-minute command
+# on an H100/H200 machine whose image has torch, torchvision, h5py, click and rich but no FAISS, no lightly and
 # no network.
 #
 #   bash benchmarks/device_session.sh prepare        # here, with network: fills the git-ignored .carry/
@@ -13,7 +13,7 @@
 #   bash benchmarks/device_session.sh search         # ann_auto.py + mine_scale.py at 1M; export, k-NN
 #   bash benchmarks/device_session.sh dino           # dino_vit_step.py: AdaSim-DINO ViT-S/16, bf16, compile
 #
-# In that order of priority: a session's 30 device minutes hold about four of these stages.
+# In that order of priority: 30 minutes on the device hold about four of these stages.
 # Each device stage installs what it needs first, stops its own work before the 10-minute limit and
 # copies its JSON results and logs to $OUT (at most 8 files come back).
 set -euo pipefail
@@ -45,7 +45,7 @@ setup() {
   if command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
   fi
-  python3 -c "import faiss, torch; from isdretrieve._torchvision import import_torchvision as tv
+  python3 -c "import faiss, torch; from isdretrieve.util.torchvision import import_torchvision as tv
 print('torch', torch.__version__, 'torchvision', tv().__version__, 'faiss', faiss.__version__,
       'cuda', torch.cuda.is_available())"
 }

@@ -27,10 +27,11 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 from _harness import sync, write_result  # noqa: E402
 
-from isdretrieve.data import ArrayDataset, parse_spec  # noqa: E402
-from isdretrieve.train import engine  # noqa: E402
-from isdretrieve.train.batches import epoch_generator  # noqa: E402
-from isdretrieve.train.recipe import load_recipe  # noqa: E402
+from isdretrieve.data.datasets import ArrayDataset
+from isdretrieve.data.specs import parse_spec
+from isdretrieve.train import engine
+from isdretrieve.train.batches import epoch_generator
+from isdretrieve.train.recipe import load_recipe
 
 RECIPE = HERE.parent / "training" / "imagenet-adasim-dino-vits16.yaml"
 SIDE = 256  # the recipe's decode side (folder:...,size=256)

@@ -24,9 +24,11 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # the harness, and this checkout's isdretrieve
 from _harness import cifar_root, random_encoder, summary, timed, write_result  # noqa: E402
 
-from isdretrieve.bank import export_bank  # noqa: E402
-from isdretrieve.data import ArrayDataset, eval_view, open_dataset  # noqa: E402
-from isdretrieve.models import load_backbone  # noqa: E402
+from isdretrieve.bank.export import export_bank
+from isdretrieve.data.augment import eval_view
+from isdretrieve.data.datasets import ArrayDataset
+from isdretrieve.data.open import open_dataset
+from isdretrieve.models.checkpoints import load_backbone
 
 REPO = HERE.parent
 TARGET = 1.10

@@ -25,9 +25,10 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # the harness, and this checkout's isdretrieve
 from _harness import cifar_root, random_encoder, summary, sync, timed, write_result  # noqa: E402
 
-from isdretrieve.bank import export_bank  # noqa: E402
-from isdretrieve.data import open_dataset, write_shards  # noqa: E402
-from isdretrieve.frozen_encoder import FrozenEncoder  # noqa: E402
+from isdretrieve.bank.export import export_bank
+from isdretrieve.data.open import open_dataset
+from isdretrieve.data.shards import write_shards
+from isdretrieve.encoder import FrozenEncoder
 
 
 def main() -> None:

@@ -28,10 +28,11 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 from _harness import cifar_root, median_time, summary, write_result  # noqa: E402
 
-from isdretrieve.bank import write_bank  # noqa: E402
-from isdretrieve.data import open_dataset  # noqa: E402
-from isdretrieve.evaluation import knn_evaluate, open_test_bank  # noqa: E402
-from isdretrieve.index import SearchIndex, build_index  # noqa: E402
+from isdretrieve.bank.arrays import write_bank
+from isdretrieve.data.open import open_dataset
+from isdretrieve.evaluate.knn_eval import knn_evaluate, open_test_bank
+from isdretrieve.index.build import build_index
+from isdretrieve.index.search import SearchIndex
 
 DIM, TARGET = 512, 1.2
 

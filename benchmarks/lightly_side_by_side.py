@@ -51,9 +51,9 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 from _harness import machine_info, sync, write_result  # noqa: E402
 from train_throughput import build_trainer, shared_data  # noqa: E402
 
-from isdretrieve._torchvision import import_torchvision  # noqa: E402
-from isdretrieve.models import build_backbone  # noqa: E402
-from isdretrieve.train.batches import epoch_generator  # noqa: E402
+from isdretrieve.models.backbones import build_backbone
+from isdretrieve.train.batches import epoch_generator
+from isdretrieve.util.torchvision import import_torchvision
 
 import_torchvision()  # lightly imports torchvision; its C extension cannot load next to a CPU torch
 try:
@@ -283,7 +283,7 @@ def main() -> None:
         "figures": figures,
         "ratio": ratio,
         "ratio_meaning": "lightly s / ours s = ours img/s / lightly img/s (> 1: ours faster)",
-        "target": ">= 5x lightly's step on the same GPU (issue 6); none on CPU",
+        "target": ">= 5x lightly's step on the same GPU; none on CPU",
         "meets_target": ratio["step_plus_augment"] >= 5 if device.type == "cuda" else None,
         "machine_at_start": machine_at_start,
         "total_seconds": round(time.perf_counter() - begun, 1),

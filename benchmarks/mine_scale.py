@@ -32,8 +32,9 @@ K = 5
 CHILD = """
 import json, resource, sys, time
 import numpy as np
-from isdretrieve.bank import FeatureBank
-from isdretrieve.mining import MiningParams, mine_pairs
+from isdretrieve.files.bank import FeatureBank
+from isdretrieve.files.pairs import MiningParams
+from isdretrieve.mine.mining import mine_pairs
 
 kind, bank, out = sys.argv[1], sys.argv[2], sys.argv[3]
 start = time.perf_counter()
@@ -57,7 +58,8 @@ print(json.dumps(result))
 
 
 def subset_bank(source: Path, rows: int) -> Path:
-    from isdretrieve.bank import FeatureBank, write_bank
+    from isdretrieve.bank.arrays import write_bank
+    from isdretrieve.files.bank import FeatureBank
 
     out = WORK / f"bank-{rows}.h5"
     if not out.exists():

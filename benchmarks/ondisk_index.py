@@ -104,9 +104,9 @@ def memory(anon: PeakAnon) -> dict:
 # ------------------------------------------------------------------------------------------- stages
 def stage_generate(a: argparse.Namespace) -> dict:
     """bank.h5 (rows), bank_1m.h5 (the first --subset rows), queries.npy, truth.npy, truth_1m.npy."""
-    from isdretrieve.bank import FeatureBank
-    from isdretrieve.embeddings_io import write_bank_blocks
-    from isdretrieve.index import bank_exact_search
+    from isdretrieve.bank.arrays import write_bank_blocks
+    from isdretrieve.files.bank import FeatureBank
+    from isdretrieve.index.exact import bank_exact_search
 
     data = Path(a.data)
     rng = np.random.default_rng(a.seed)
@@ -154,7 +154,7 @@ def data_settings(a: argparse.Namespace) -> dict:
 def stage_build(a: argparse.Namespace) -> dict:
     import faiss
 
-    from isdretrieve.index import build_index
+    from isdretrieve.index.build import build_index
 
     faiss.omp_set_num_threads(a.threads)
     on_disk = a.which == "ondisk"
@@ -182,15 +182,10 @@ def build_ram_baseline(a: argparse.Namespace) -> dict:
     ranges (the same parameters, not only the same factory), written as an index directory."""
     import faiss
 
-    from isdretrieve.bank import FeatureBank
-    from isdretrieve.index import (
-        BANK_FILE,
-        INDEX_FILE,
-        MANIFEST_FILE,
-        IndexManifest,
-        SearchIndex,
-        _place_bank,
-    )
+    from isdretrieve.files.bank import FeatureBank
+    from isdretrieve.files.manifest import BANK_FILE, INDEX_FILE, MANIFEST_FILE, IndexManifest
+    from isdretrieve.index.build import _place_bank
+    from isdretrieve.index.search import SearchIndex
 
     data, anon = Path(a.data), PeakAnon()
     out = data / "ram"
@@ -232,7 +227,7 @@ def build_ram_baseline(a: argparse.Namespace) -> dict:
 
 
 def _measure(index, queries: np.ndarray, truth: np.ndarray, k: int, repeat: int) -> dict:
-    from isdretrieve.index import recall_at_k
+    from isdretrieve.index.recall import recall_at_k
 
     runs, found = [], None
     for _ in range(repeat):
@@ -247,8 +242,8 @@ def stage_search(a: argparse.Namespace) -> dict:
     """QPS and recall@k at each nprobe, for --which ondisk-cold, ondisk-warm, ondisk-in-ram or ram-1m."""
     import faiss
 
-    from isdretrieve.index import SearchIndex
-    from isdretrieve.index_ondisk import IVFDATA_FILE, load_in_ram
+    from isdretrieve.index.ondisk import IVFDATA_FILE, load_in_ram
+    from isdretrieve.index.search import SearchIndex
 
     faiss.omp_set_num_threads(a.threads)
     data = Path(a.data)
@@ -282,7 +277,7 @@ def child(a: argparse.Namespace, stage: str, which: str = "") -> dict:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    from isdretrieve.pipeline import parse_size
+    from isdretrieve.util.sizes import parse_size
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=10_000_000)
@@ -323,7 +318,7 @@ def main() -> None:
     import faiss
     from _harness import write_result
 
-    from isdretrieve.index import choose_index
+    from isdretrieve.index.plan import choose_index
 
     data = Path(a.data)
     data.mkdir(parents=True, exist_ok=True)

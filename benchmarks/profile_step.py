@@ -33,8 +33,8 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 from _harness import machine_info, sync, write_result  # noqa: E402
 from train_throughput import RECIPES, build_trainer, shared_data  # noqa: E402
 
-from isdretrieve.train import engine  # noqa: E402
-from isdretrieve.train.batches import epoch_generator  # noqa: E402
+from isdretrieve.train import engine
+from isdretrieve.train.batches import epoch_generator
 
 STEP_PHASES = ("step/augment", "step/forward", "step/backward", "step/optimizer")
 METHOD_PARTS = ("method/student", "method/predictor", "method/teacher", "method/ema")

@@ -39,10 +39,12 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # the harness, and this checkout's isdretrieve
 from _harness import cifar_root, write_result  # noqa: E402
 
-from isdretrieve.data import open_dataset  # noqa: E402
-from isdretrieve.models import IMAGENET_MEAN, IMAGENET_STD, EncoderHeader, build_backbone, export_encoder  # noqa: E402
-from isdretrieve.pipeline import build_index_from_checkpoint  # noqa: E402
-from isdretrieve.retrieval import Retriever  # noqa: E402
+from isdretrieve.data.open import open_dataset
+from isdretrieve.files.encoder_header import IMAGENET_MEAN, IMAGENET_STD, EncoderHeader
+from isdretrieve.models.backbones import build_backbone
+from isdretrieve.models.checkpoints import export_encoder
+from isdretrieve.pipeline import build_index_from_checkpoint
+from isdretrieve.retrieve.retriever import Retriever
 
 REPO = HERE.parent
 GOAL = 1.3
@@ -62,7 +64,7 @@ def build(root: Path) -> tuple[Path, str, list[tuple[int, bytes]]]:
     if found:
         queries = [(i, (found / "test" / data.path(i)).read_bytes()) for i in picks]
     else:  # digits live in memory: upload them as PNG
-        from isdretrieve.neighbours_report import tensor_to_pil
+        from isdretrieve.retrieve.pictures import tensor_to_pil
 
         queries = []
         for i in picks:

@@ -54,12 +54,13 @@ from _harness import (  # noqa: E402
     write_result,
 )
 
-from isdretrieve.data import ArrayDataset, augment_views, open_dataset  # noqa: E402
-from isdretrieve.data.augment import color_jitter  # noqa: E402
-from isdretrieve.train import engine  # noqa: E402
-from isdretrieve.train.batches import StepBatch, epoch_generator  # noqa: E402
-from isdretrieve.train.methods import BYOL  # noqa: E402
-from isdretrieve.train.recipe import load_recipe  # noqa: E402
+from isdretrieve.data.augment import augment_views, color_jitter
+from isdretrieve.data.datasets import ArrayDataset
+from isdretrieve.data.open import open_dataset
+from isdretrieve.train import engine
+from isdretrieve.train.batches import StepBatch, epoch_generator
+from isdretrieve.train.methods.byol import BYOL
+from isdretrieve.train.recipe import load_recipe
 
 REPO = HERE.parent
 RECIPES = {
@@ -68,7 +69,7 @@ RECIPES = {
     "moco": "cifar10-moco.yaml",
     "byol": "cifar10-byol.yaml",
 }
-TARGET_IMAGES_PER_S = 17_000  # ISD R18 on an H100 (issue 6); no CPU target
+TARGET_IMAGES_PER_S = 17_000  # ISD R18 on an H100; no CPU target
 DEFAULT_BATCH = 512  # the issue's protocol; other batches write their own result file
 
 

@@ -27,6 +27,26 @@ class BankError(IsdError):
     """A feature bank is missing, incomplete, corrupt or does not match."""
 
 
+class EmbeddingsError(BankError, ValueError):
+    """An embeddings file or array is unreadable, of the wrong shape, or holds NaN / zero rows."""
+
+
+class NotAnImage(DataError):
+    """Uploaded bytes are not an image in one of the accepted formats, or are corrupt."""
+
+
+class ImageTooLarge(DataError):
+    """An uploaded image over the byte or pixel cap."""
+
+
+class QueryError(IsdError):
+    """A neighbour query names no bank row, or asks for an impossible number of neighbours."""
+
+
+class BindError(IsdError):
+    """The service would listen beyond loopback without a token, or with a guessable one."""
+
+
 class InvalidArgument(IsdError, ValueError):
     """An argument of a library call is outside what it accepts (a batch size of 0, an unknown choice)."""
 

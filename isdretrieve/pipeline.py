@@ -7,24 +7,14 @@ the same command after a crash finishes the job.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-from isdretrieve.bank import export_bank
-from isdretrieve.errors import BankError, IsdError
-from isdretrieve.frozen_encoder import encoder_fingerprint
-from isdretrieve.index import IndexManifest, build_index
-from isdretrieve.models import export_encoder, load_backbone
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """'512MB', '4G', '1.5GiB', '1000000' -> bytes."""
-    m = _SIZE.match(text)
-    if not m:
-        raise IsdError(f"bad size '{text}': expected e.g. 512MB or 4G")
-    return int(float(m.group(1)) * 1024 ** "_kmgt".index(m.group(2).lower() or "_"))
+from isdretrieve.bank.export import export_bank
+from isdretrieve.encoder import encoder_fingerprint
+from isdretrieve.errors import BankError
+from isdretrieve.files.manifest import IndexManifest
+from isdretrieve.index.build import build_index
+from isdretrieve.models.checkpoints import export_encoder, load_backbone
 
 
 def export_index_encoder(checkpoint: str | Path, out_dir: Path, *, which: str = "student") -> Path:
@@ -88,8 +78,7 @@ def knn_banks_from_checkpoint(
 
     Returns (train index directory, test bank path); rerunning with the same work_dir reuses them.
     """
-    from isdretrieve.bank import export_bank
-    from isdretrieve.data import parse_spec
+    from isdretrieve.data.specs import parse_spec
 
     spec, work_dir = parse_spec(data), Path(work_dir)
     train_dir, test_bank = work_dir / "train", work_dir / "test" / "bank.h5"

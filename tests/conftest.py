@@ -53,8 +53,9 @@ def one_thread():
 
 def random_encoder(path: Path, *, image_size: int = 16, seed: int = 0) -> Path:
     """A random-init small CNN exported as an ``encoder.pt`` for ``image_size`` inputs (ImageNet stats)."""
-    from isdretrieve.models import EncoderHeader, build_backbone, export_encoder
-    from isdretrieve.models.checkpoints import IMAGENET_MEAN, IMAGENET_STD
+    from isdretrieve.files.encoder_header import IMAGENET_MEAN, IMAGENET_STD, EncoderHeader
+    from isdretrieve.models.backbones import build_backbone
+    from isdretrieve.models.checkpoints import export_encoder
 
     torch.manual_seed(seed)
     header = EncoderHeader("small_cnn", False, 256, image_size, IMAGENET_MEAN, IMAGENET_STD)
@@ -65,7 +66,7 @@ def random_encoder(path: Path, *, image_size: int = 16, seed: int = 0) -> Path:
 def bank_contents(path: Path) -> tuple:
     """A complete bank's rows (features as stored, labels, indices, paths) and fingerprint, to compare
     two exports byte for byte."""
-    from isdretrieve.bank import FeatureBank
+    from isdretrieve.files.bank import FeatureBank
 
     with FeatureBank.open(path) as bank:
         return (
@@ -84,7 +85,7 @@ class StopAfterCheckpoint(Exception):
 def train_until_checkpoint(recipe, out: Path, monkeypatch, epoch: int = 1) -> None:
     """Train ``recipe`` into ``out`` and stop right after the end-of-epoch-``epoch`` checkpoint is
     written, as a crash there would: what a resume test resumes from."""
-    from isdretrieve.train import Trainer
+    from isdretrieve.train.engine import Trainer
 
     real_save = Trainer._save
 
@@ -108,8 +109,9 @@ def make_encoder():
 @pytest.fixture(scope="session")
 def digits_pairs(tmp_path_factory):
     """SePP pairs mined (k=3, mutual) from a random-init encoder's digits bank: (Pairs, its path)."""
-    from isdretrieve.bank import export_bank
-    from isdretrieve.mining import MiningParams, mine_pairs
+    from isdretrieve.bank.export import export_bank
+    from isdretrieve.files.pairs import MiningParams
+    from isdretrieve.mine.mining import mine_pairs
 
     root = tmp_path_factory.mktemp("sepp")
     bank = export_bank(random_encoder(root / "enc.pt"), "digits", root / "bank.h5", workers=0).path
@@ -151,8 +153,8 @@ def chromium_path() -> str:
 KILLED_EXPORT = """
 import os, signal, sys
 import torch
-import isdretrieve.bank as bank
-from isdretrieve.frozen_encoder import FrozenEncoder
+import isdretrieve.bank.export as bank
+from isdretrieve.encoder import FrozenEncoder
 
 torch.set_num_threads(1)
 real, calls = FrozenEncoder.embed, [0]

@@ -20,9 +20,10 @@ CLASS_PAYLOAD = '<svg onload="window.__pwned=2">'
 
 def index_with_pairs(source: Path, target: Path) -> Path:
     """A copy of the index ``source`` with ``pairs.h5`` (k=3, mutual) and its audit mined into it."""
-    from isdretrieve.audit import audit_pairs, audit_paths, write_audit
-    from isdretrieve.bank import FeatureBank
-    from isdretrieve.mining import MiningParams, mine_pairs
+    from isdretrieve.files.bank import FeatureBank
+    from isdretrieve.files.pairs import MiningParams
+    from isdretrieve.mine.audit import audit_pairs, audit_paths, write_audit
+    from isdretrieve.mine.mining import mine_pairs
 
     shutil.copytree(source, target)
     pairs = mine_pairs(target / "bank.h5", target / "pairs.h5", MiningParams(k=3, mutual=True))
@@ -76,7 +77,8 @@ class Server:
 @contextlib.contextmanager
 def serving(index_dirs: list[Path], device: str = "cpu", **settings: object) -> Iterator[Server]:
     """A running server over ``index_dirs`` (encoders on ``device``) with ``ServeSettings(**settings)``."""
-    from isdretrieve.serve.app import ServeSettings, create_app, open_indices
+    from isdretrieve.serve.app import create_app, open_indices
+    from isdretrieve.serve.state import ServeSettings
 
     app = create_app(open_indices(index_dirs, device=device), ServeSettings(**settings))
     with Server(app) as server:

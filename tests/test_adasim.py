@@ -17,10 +17,12 @@ from test_ddp import _free_port
 from test_engine import _states_equal, tiny
 
 from isdretrieve.errors import Interrupted, RecipeError
-from isdretrieve.models import build_backbone
-from isdretrieve.train import Trainer, recipe_from_data
-from isdretrieve.train.methods import AdaSim, Batch, DataContext, build_method
-from isdretrieve.train.neighbours import (
+from isdretrieve.models.backbones import build_backbone
+from isdretrieve.train.engine import Trainer
+from isdretrieve.train.methods.adasim import AdaSim
+from isdretrieve.train.methods.base import Batch, DataContext
+from isdretrieve.train.methods.build import build_method
+from isdretrieve.train.neighbour_memory import (
     NeighbourHistory,
     NeighbourLists,
     nearest_other,
@@ -29,7 +31,7 @@ from isdretrieve.train.neighbours import (
     window_average,
 )
 from isdretrieve.train.objectives import dino_cross_entropy
-from isdretrieve.train.recipe import AdasimConfig, ByolConfig, DinoConfig
+from isdretrieve.train.recipe import AdasimConfig, ByolConfig, DinoConfig, recipe_from_data
 
 # ------------------------------------------------------------------------------ the selection rule
 

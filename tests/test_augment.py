@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from isdretrieve._torchvision import import_torchvision
 from isdretrieve.data import augment as A
 from isdretrieve.data.augment import ViewConfig, augment_views, eval_view, normalize, view_config
+from isdretrieve.util.torchvision import import_torchvision
 
 MEAN = torch.tensor(A.IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(A.IMAGENET_STD).view(1, 3, 1, 1)

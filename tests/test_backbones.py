@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from isdretrieve._torchvision import import_torchvision
-from isdretrieve.models import ARCHS, build_backbone, feature_dim, isd_base_predictor, projection_mlp
+from isdretrieve.models.backbones import ARCHS, build_backbone, feature_dim
+from isdretrieve.models.heads import isd_base_predictor, projection_mlp
+from isdretrieve.util.torchvision import import_torchvision
 
 
 @pytest.mark.parametrize(

@@ -16,25 +16,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from isdretrieve.bank import (
-    BANK_FORMAT,
-    FeatureBank,
-    export_bank,
-    join_shards,
-    shard_path,
-    write_bank,
-)
-from isdretrieve.data import eval_view, open_dataset
+from isdretrieve.bank.arrays import write_bank
+from isdretrieve.bank.export import export_bank, shard_path
+from isdretrieve.bank.join import join_shards
+from isdretrieve.data.augment import eval_view
+from isdretrieve.data.open import open_dataset
+from isdretrieve.encoder import FrozenEncoder, encoder_fingerprint, transform_name
 from isdretrieve.errors import BankError, DataError
-from isdretrieve.frozen_encoder import FrozenEncoder, encoder_fingerprint, transform_name
-from isdretrieve.models import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    EncoderHeader,
-    build_backbone,
-    export_encoder,
-    load_backbone,
-)
+from isdretrieve.files.bank import BANK_FORMAT, FeatureBank
+from isdretrieve.files.encoder_header import IMAGENET_MEAN, IMAGENET_STD, EncoderHeader
+from isdretrieve.models.backbones import build_backbone
+from isdretrieve.models.checkpoints import export_encoder, load_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -138,8 +130,8 @@ _CHILD = textwrap.dedent(
     """
     import os, signal, sys
     import torch
-    import isdretrieve.bank as bank
-    import isdretrieve.frozen_encoder as frozen
+    import isdretrieve.bank.export as bank
+    import isdretrieve.encoder as frozen
 
     torch.set_num_threads(1)
     real_load, calls = frozen.load_backbone, [0]

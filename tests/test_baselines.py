@@ -1,4 +1,4 @@
-"""The baselines pinned to their official structure and formulas (issue 17): MoCo-v2's head, BYOL's
+"""The baselines pinned to their official structure and formulas: MoCo-v2's head, BYOL's
 summed loss, the ISD variant presets, shuffle-BN (split-batch BN on one device)."""
 
 from __future__ import annotations
@@ -11,16 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from isdretrieve.errors import CheckpointError, RecipeError
-from isdretrieve.models import build_backbone
-from isdretrieve.train.methods import BYOL, ISD, Batch, MoCo
+from isdretrieve.models.backbones import build_backbone
+from isdretrieve.train.methods.base import Batch
+from isdretrieve.train.methods.byol import BYOL
+from isdretrieve.train.methods.isd import ISD
+from isdretrieve.train.methods.moco import MoCo
 from isdretrieve.train.objectives import byol_loss
-from isdretrieve.train.recipe import (
-    ISD_VARIANTS,
-    ByolConfig,
-    IsdConfig,
-    MocoConfig,
-    recipe_from_data,
-)
+from isdretrieve.train.recipe import ISD_VARIANTS, ByolConfig, IsdConfig, MocoConfig, recipe_from_data
 from isdretrieve.train.shuffle_bn import SplitBatchNorm, shuffled_forward, split_batch_norm_
 
 

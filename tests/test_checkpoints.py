@@ -11,24 +11,21 @@ import pytest
 import torch
 from torch import nn
 
-from isdretrieve._torchvision import import_torchvision
 from isdretrieve.errors import CheckpointError
-from isdretrieve.models import (
+from isdretrieve.files.encoder_header import IMAGENET_MEAN, IMAGENET_STD, EncoderHeader
+from isdretrieve.models.backbones import build_backbone
+from isdretrieve.models.checkpoints import (
     CHECKPOINT_FORMAT,
     ENCODER_FORMAT,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    EncoderHeader,
     atomic_save,
-    build_backbone,
     export_encoder,
     extract_backbone_state,
     file_sha256,
-    isd_base_predictor,
     load_backbone,
-    projection_mlp,
     safe_load,
 )
+from isdretrieve.models.heads import isd_base_predictor, projection_mlp
+from isdretrieve.util.torchvision import import_torchvision
 
 K = 64  # queue length: small to keep the files tiny
 

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from isdretrieve.cli.index import main as index_cli
 from isdretrieve.cli.knn import main as knn_cli
-from isdretrieve.train import Trainer, recipe_from_data
+from isdretrieve.train.engine import Trainer
+from isdretrieve.train.recipe import recipe_from_data
 
 pytestmark = [pytest.mark.cifar, pytest.mark.slow]
 

@@ -12,9 +12,11 @@ from PIL import Image
 
 from isdretrieve.cli.index import main as index_cli
 from isdretrieve.cli.knn import main as knn_cli
-from isdretrieve.data import open_dataset
-from isdretrieve.models import EncoderHeader, build_backbone, export_encoder
-from isdretrieve.retrieval import Retriever
+from isdretrieve.data.open import open_dataset
+from isdretrieve.files.encoder_header import EncoderHeader
+from isdretrieve.models.backbones import build_backbone
+from isdretrieve.models.checkpoints import export_encoder
+from isdretrieve.retrieve.retriever import Retriever
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +103,8 @@ def test_retriever_images_and_features_agree(digits_indices, tmp_path):
 def test_index_refuses_a_bank_from_another_encoder(digits_indices, tmp_path):
     import shutil
 
-    from isdretrieve.bank import FeatureBank, write_bank
+    from isdretrieve.bank.arrays import write_bank
+    from isdretrieve.files.bank import FeatureBank
 
     target = tmp_path / "idx"
     shutil.copytree(digits_indices / "test", target)
@@ -114,7 +117,7 @@ def test_index_refuses_a_bank_from_another_encoder(digits_indices, tmp_path):
 
 
 def test_sharded_export_then_join_equals_one_export(digits_indices, tmp_path, monkeypatch):
-    from isdretrieve.bank import FeatureBank
+    from isdretrieve.files.bank import FeatureBank
 
     runner, enc = CliRunner(), str(digits_indices / "enc.pt")
     args = ["export", "--checkpoint", enc, "--data", "digits,split=test", "--quiet"]

@@ -24,8 +24,8 @@ RECIPE = str(REPO / "training" / "digits-isd.yaml")
 @pytest.fixture(scope="module")
 def small(tmp_path_factory) -> Path:
     """Two exact indices over random labelled features (no model): ROOT/train, ROOT/test, and ROOT/b.h5."""
-    from isdretrieve.bank import write_bank
-    from isdretrieve.index import build_index
+    from isdretrieve.bank.arrays import write_bank
+    from isdretrieve.index.build import build_index
 
     root = tmp_path_factory.mktemp("opts")
     rng = np.random.default_rng(0)
@@ -108,7 +108,7 @@ def test_usage_error_from_the_console_script_is_one_line(small):
 
 def test_library_rejects_a_bad_batch_size_as_a_user_error(tmp_path):
     """What the CLI checks first, the library checks too, as an IsdError (no ValueError traceback)."""
-    from isdretrieve.bank import export_bank
+    from isdretrieve.bank.export import export_bank
     from isdretrieve.errors import InvalidArgument, IsdError
 
     with pytest.raises(InvalidArgument, match="batch_size must be positive") as caught:

@@ -9,12 +9,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from isdretrieve.bank import FeatureBank, export_bank
-from isdretrieve.data import augment_views, eval_view, view_config
-from isdretrieve.data.augment import color_jitter, gaussian_blur, resized_crop, sample_crop_boxes
-from isdretrieve.mining import MiningParams, mine_pairs
-from isdretrieve.models import load_backbone
-from isdretrieve.train import Trainer, recipe_from_data
+from isdretrieve.bank.export import export_bank
+from isdretrieve.data.augment import (
+    augment_views,
+    color_jitter,
+    eval_view,
+    gaussian_blur,
+    resized_crop,
+    sample_crop_boxes,
+    view_config,
+)
+from isdretrieve.files.bank import FeatureBank
+from isdretrieve.files.pairs import MiningParams
+from isdretrieve.mine.mining import mine_pairs
+from isdretrieve.models.checkpoints import load_backbone
+from isdretrieve.train.engine import Trainer
+from isdretrieve.train.recipe import recipe_from_data
 
 pytestmark = [
     pytest.mark.gpu,

@@ -11,8 +11,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from isdretrieve.data import open_dataset, parse_spec
-from isdretrieve.data.datasets import FileDataset, decode_image, longtail_counts, longtail_indices
+from isdretrieve.data.datasets import FileDataset
+from isdretrieve.data.images import decode_image
+from isdretrieve.data.open import open_dataset
+from isdretrieve.data.specs import parse_spec
+from isdretrieve.data.subsets import longtail_counts, longtail_indices
 from isdretrieve.errors import DataError
 
 CIFAR10_LT_100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
@@ -328,7 +331,7 @@ def test_cifar10_errors_and_download(tmp_path: Path, monkeypatch: pytest.MonkeyP
     class FakeTorchvision:
         datasets = FakeDatasets
 
-    monkeypatch.setattr("isdretrieve._torchvision.import_torchvision", lambda: FakeTorchvision)
+    monkeypatch.setattr("isdretrieve.util.torchvision.import_torchvision", lambda: FakeTorchvision)
     assert len(open_dataset(f"cifar10:{tmp_path},download=1,split=test")) == 6
     assert calls == [(str(tmp_path), False, True)]
     assert len(open_dataset(f"cifar10:{tmp_path},download=1")) == 20  # already there: no second fetch

@@ -13,8 +13,9 @@ import socket
 import torch
 import torch.multiprocessing as mp
 
-from isdretrieve.train import Trainer, recipe_from_data
-from isdretrieve.train.methods import Batch
+from isdretrieve.train.engine import Trainer
+from isdretrieve.train.methods.base import Batch
+from isdretrieve.train.recipe import recipe_from_data
 
 STEPS, LOCAL = 3, 16
 

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from isdretrieve.train import Trainer, load_recipe
+from isdretrieve.train.engine import Trainer
+from isdretrieve.train.recipe import load_recipe
 
 DEMO = Path(__file__).resolve().parents[1] / "training" / "digits-isd.yaml"
 
@@ -27,7 +28,7 @@ def test_demo_runs_the_whole_path_and_reruns_from_where_it_is(tmp_path):
 
     from click.testing import CliRunner
 
-    from isdretrieve.demo import main, run_demo
+    from isdretrieve.cli.demo import main, run_demo
 
     lines: list[str] = []
     first = run_demo(tmp_path / "demo", TINY, quiet=True, say=lines.append)

@@ -11,13 +11,16 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from isdretrieve.bank import FeatureBank, write_bank
+from isdretrieve.bank.arrays import write_bank
+from isdretrieve.bank.embeddings_in import import_embeddings
 from isdretrieve.cli.index import main as index_cli
 from isdretrieve.cli.knn import main as knn_cli
-from isdretrieve.data import open_dataset
-from isdretrieve.embeddings_io import EmbeddingsError, import_embeddings
-from isdretrieve.index import SearchIndex, build_index
-from isdretrieve.mining import Pairs
+from isdretrieve.data.open import open_dataset
+from isdretrieve.errors import EmbeddingsError
+from isdretrieve.files.bank import FeatureBank
+from isdretrieve.files.pairs import Pairs
+from isdretrieve.index.build import build_index
+from isdretrieve.index.search import SearchIndex
 
 
 def invoke(cli, *args: str):

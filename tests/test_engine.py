@@ -7,9 +7,10 @@ import torch
 from conftest import train_until_checkpoint
 
 from isdretrieve.errors import RecipeError, TrainingDiverged
-from isdretrieve.models import load_backbone, safe_load
-from isdretrieve.train import Trainer, recipe_from_data
+from isdretrieve.models.checkpoints import load_backbone, safe_load
 from isdretrieve.train.checkpointing import list_checkpoints
+from isdretrieve.train.engine import Trainer
+from isdretrieve.train.recipe import recipe_from_data
 
 
 def tiny(method: str = "isd", **sections) -> dict:

@@ -15,16 +15,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from isdretrieve.bank import FeatureBank, export_bank, write_bank
-from isdretrieve.bank_file import BANK_FORMAT, BankAttrs
-from isdretrieve.data import open_dataset
-from isdretrieve.encoder_header import EncoderHeader
+from isdretrieve.bank.arrays import write_bank
+from isdretrieve.bank.export import export_bank
+from isdretrieve.data.open import open_dataset
+from isdretrieve.encoder import FrozenEncoder, encoder_fingerprint, transform_name
 from isdretrieve.errors import BankError, DataError, InvalidArgument
-from isdretrieve.frozen_encoder import FrozenEncoder, encoder_fingerprint, transform_name
-from isdretrieve.index import build_index
-from isdretrieve.knn import knn_top1
-from isdretrieve.models import build_backbone, export_encoder
-from isdretrieve.retrieval import Retriever
+from isdretrieve.evaluate.knn import knn_top1
+from isdretrieve.files.bank import BANK_FORMAT, BankAttrs, FeatureBank
+from isdretrieve.files.encoder_header import EncoderHeader
+from isdretrieve.index.build import build_index
+from isdretrieve.models.backbones import build_backbone
+from isdretrieve.models.checkpoints import export_encoder
+from isdretrieve.retrieve.retriever import Retriever
 from isdretrieve.train.monitor import KnnMonitor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,7 +118,7 @@ def test_eval_transform_of_a_non_preset_size() -> None:
 def test_nothing_else_takes_eval_views() -> None:
     """Only ``FrozenEncoder`` turns images into eval views for a network: no module of the library
     calls the eval transform but the data layer that defines it and the frozen encoder."""
-    allowed = {"isdretrieve/frozen_encoder.py", "isdretrieve/data/augment.py"}
+    allowed = {"isdretrieve/encoder.py", "isdretrieve/data/augment.py"}
     callers = set()
     for path in (REPO / "isdretrieve").rglob("*.py"):
         tree = ast.parse(path.read_text())
@@ -126,7 +128,7 @@ def test_nothing_else_takes_eval_views() -> None:
                 if name in ("eval_view", "eval_transform"):
                     callers.add(str(path.relative_to(REPO)))
     assert callers - allowed == set()
-    assert "isdretrieve/frozen_encoder.py" in callers
+    assert "isdretrieve/encoder.py" in callers
 
 
 # --------------------------------------------------------------------------------------- bank schema
@@ -179,7 +181,8 @@ import sys
 sys.modules["faiss"] = None  # as if faiss were not installed: `import faiss` raises ImportError
 import torch
 torch.set_num_threads(1)
-from isdretrieve.train import Trainer, recipe_from_data
+from isdretrieve.train.engine import Trainer
+from isdretrieve.train.recipe import recipe_from_data
 
 def recipe(method):
     return recipe_from_data({
@@ -192,7 +195,7 @@ Trainer(recipe({"name": "isd", "queue_size": 256}), sys.argv[1] + "/isd", quiet=
 sepp = {"name": "sepp", "base": "isd", "pairs": sys.argv[2], "isd": {"queue_size": 256}}
 result = Trainer(recipe(sepp), sys.argv[1] + "/sepp", quiet=True).fit()
 assert result.encoder.is_file() and result.knn is not None
-users = ("faiss", "isdretrieve.index", "isdretrieve.mining")
+users = ("faiss", "isdretrieve.index", "isdretrieve.mine")
 loaded = sorted(m for m in sys.modules if m.startswith(users))
 print("loaded:", loaded)
 """

@@ -17,8 +17,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import isdretrieve.data.augment as augment
-from isdretrieve.train import Trainer, recipe_from_data
 from isdretrieve.train.batches import epoch_generator
+from isdretrieve.train.engine import Trainer
+from isdretrieve.train.recipe import recipe_from_data
 
 aten = torch.ops.aten
 # ops that synchronise with the host on CUDA: a value read back, data-dependent output sizes (isin's

@@ -9,21 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from isdretrieve import index as index_module
-from isdretrieve.bank import write_bank
-from isdretrieve.data import augment_views, eval_view, open_dataset, view_config
+from isdretrieve.bank.arrays import write_bank
+from isdretrieve.data.augment import augment_views, eval_view, view_config
+from isdretrieve.data.open import open_dataset
 from isdretrieve.errors import BankError, IsdError
-from isdretrieve.index import (
-    INDEX_FORMAT,
-    IndexManifest,
-    SearchIndex,
-    build_index,
-    choose_index,
-    exact_search,
-    exact_search_torch,
-    ivf_lists,
-)
-from isdretrieve.models import build_backbone
+from isdretrieve.files import bank as bank_module
+from isdretrieve.files.manifest import INDEX_FORMAT, IndexManifest
+from isdretrieve.index.build import build_index
+from isdretrieve.index.exact import exact_search, exact_search_torch
+from isdretrieve.index.plan import choose_index, ivf_lists
+from isdretrieve.index.search import SearchIndex
+from isdretrieve.models.backbones import build_backbone
 
 MiB, GiB = 2**20, 2**30
 
@@ -188,7 +184,7 @@ def test_ivf_reaches_recall_target_after_tuning(ivf_dir):
 def test_recall_remeasures(ivf_dir, monkeypatch):
     with SearchIndex.open(ivf_dir) as index:
         assert index.recall(k=10, queries=500, seed=0) == pytest.approx(index.manifest.recall)  # same queries
-        monkeypatch.setattr(index_module, "BLOCK_BYTES", 4 * 256 * 1000)  # read the bank 1,000 rows at a time
+        monkeypatch.setattr(bank_module, "BLOCK_BYTES", 4 * 256 * 1000)  # read the bank 1,000 rows at a time
         blockwise = index.recall(k=10, queries=500, seed=0)  # merged top-k: only near-ties may differ
         assert blockwise == pytest.approx(index.manifest.recall, abs=0.002)
         assert index.recall(k=10, queries=500, seed=1) >= 0.9

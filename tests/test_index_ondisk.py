@@ -9,20 +9,19 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from isdretrieve import index_ondisk
-from isdretrieve.bank import write_bank
+from isdretrieve.bank.arrays import write_bank
 from isdretrieve.cli.index import main as index_cli
 from isdretrieve.errors import BankError, IsdError
-from isdretrieve.index import (
-    RECALL_PROTOCOL,
-    SearchIndex,
-    bank_exact_search,
-    build_index,
-    choose_index,
-    recall_at_k,
-)
-from isdretrieve.index_ondisk import IVFDATA_FILE, PARTIAL_DIR, is_ondisk
-from isdretrieve.mining import MiningParams, mine_pairs
+from isdretrieve.files.manifest import RECALL_PROTOCOL
+from isdretrieve.files.pairs import MiningParams
+from isdretrieve.index import ondisk as index_ondisk
+from isdretrieve.index.build import build_index
+from isdretrieve.index.exact import bank_exact_search
+from isdretrieve.index.ondisk import IVFDATA_FILE, PARTIAL_DIR, is_ondisk
+from isdretrieve.index.plan import choose_index
+from isdretrieve.index.recall import recall_at_k
+from isdretrieve.index.search import SearchIndex
+from isdretrieve.mine.mining import mine_pairs
 
 
 @pytest.fixture(scope="module")

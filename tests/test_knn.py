@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from isdretrieve.data import eval_view, open_dataset
-from isdretrieve.knn import classify, drop_self_matches, knn_top1
-from isdretrieve.linear_probe import linear_probe
-from isdretrieve.models import build_backbone
+from isdretrieve.data.augment import eval_view
+from isdretrieve.data.open import open_dataset
+from isdretrieve.evaluate.knn import classify, knn_top1
+from isdretrieve.evaluate.linear_probe import linear_probe
+from isdretrieve.index.recall import drop_self_matches
+from isdretrieve.models.backbones import build_backbone
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import isdretrieve.linear_eval as linear_eval
-from isdretrieve.bank import FeatureBank
+import isdretrieve.evaluate.linear_eval as linear_eval
 from isdretrieve.cli.knn import main as knn_cli
 from isdretrieve.errors import BankError
-from isdretrieve.evaluation import knn_evaluate
-from isdretrieve.index import SearchIndex
-from isdretrieve.linear_eval import IMAGE_PROTOCOL, ImageProbeConfig, linear_eval_from_banks
+from isdretrieve.evaluate.knn_eval import knn_evaluate
+from isdretrieve.evaluate.linear_eval import IMAGE_PROTOCOL, ImageProbeConfig, linear_eval_from_banks
+from isdretrieve.files.bank import FeatureBank
+from isdretrieve.index.search import SearchIndex
 from isdretrieve.pipeline import build_index_from_checkpoint
 
 FAST = ImageProbeConfig(epochs=3, milestones=(2,), lr=0.1, batch_size=128)

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from isdretrieve.data import open_dataset, parse_spec
+from isdretrieve.data.open import open_dataset
+from isdretrieve.data.specs import parse_spec
 from isdretrieve.errors import DataError
-from isdretrieve.knn import head_tail_accuracy, knn_class_scores, per_class_top1
-from isdretrieve.train import recipe_from_data
+from isdretrieve.evaluate.knn import head_tail_accuracy, knn_class_scores, per_class_top1
+from isdretrieve.train.recipe import recipe_from_data
 
 DRIVER = Path(__file__).resolve().parents[1] / "training" / "experiments" / "lt_balance.py"
 
@@ -95,8 +96,8 @@ def test_untrained_encoder_is_the_seeded_start_of_a_run(tmp_path):
     """The untrained rows score exactly the network a seed-0 run starts from."""
     lt = _driver()
     path = lt.untrained_encoder(tmp_path / "untrained", 0)
-    from isdretrieve.models import load_backbone
-    from isdretrieve.train import Trainer
+    from isdretrieve.models.checkpoints import load_backbone
+    from isdretrieve.train.engine import Trainer
 
     recipe = recipe_from_data(
         {

@@ -12,11 +12,13 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from isdretrieve.audit import audit_pairs
-from isdretrieve.bank import FeatureBank, export_bank
+from isdretrieve.bank.export import export_bank
 from isdretrieve.cli.index import main as index_cli
 from isdretrieve.errors import BankError, IsdError
-from isdretrieve.mining import MiningParams, Pairs, mine_pairs
+from isdretrieve.files.bank import FeatureBank
+from isdretrieve.files.pairs import MiningParams, Pairs
+from isdretrieve.mine.audit import audit_pairs
+from isdretrieve.mine.mining import mine_pairs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -77,7 +79,7 @@ def test_small_chunks_give_the_same_candidates(digits_bank, tmp_path):
 
 
 def test_interrupted_search_resumes_and_equals_an_uninterrupted_one(digits_bank, tmp_path, monkeypatch):
-    import isdretrieve.mining as mining
+    import isdretrieve.mine.mining as mining
 
     params = MiningParams(k=5, mutual=True)
     reference = mine_pairs(digits_bank, tmp_path / "ref.h5", params, chunk_rows=200)
@@ -180,7 +182,8 @@ def test_cli_mine_bad_input_is_one_line(tmp_path):
 @pytest.mark.slow
 def test_cifar_mining_precision_recomputed_from_pairs_file(cifar_root, tmp_path):
     """A (briefly) trained encoder's CIFAR-10 bank: pairs.h5 + labels give the audit's precision."""
-    from isdretrieve.train import Trainer, recipe_from_data
+    from isdretrieve.train.engine import Trainer
+    from isdretrieve.train.recipe import recipe_from_data
 
     recipe = recipe_from_data(
         {

@@ -17,21 +17,13 @@ from click.testing import CliRunner
 from PIL import Image
 
 from isdretrieve.cli.index import main as index_cli
-from isdretrieve.data import open_dataset
-from isdretrieve.errors import DataError, IsdError
-from isdretrieve.neighbours import QueryError, parse_query_spec
-from isdretrieve.neighbours_report import (
-    QUERY_COLOUR,
-    THUMB,
-    TILE,
-    WRONG_COLOUR,
-    ImageSource,
-    fit,
-    tensor_to_pil,
-    write_report,
-)
+from isdretrieve.data.open import open_dataset
+from isdretrieve.errors import DataError, IsdError, QueryError
 from isdretrieve.pipeline import build_index_from_checkpoint
-from isdretrieve.retrieval import Retriever
+from isdretrieve.retrieve.pictures import THUMB, ImageSource, fit, tensor_to_pil
+from isdretrieve.retrieve.queries import parse_query_spec
+from isdretrieve.retrieve.report import QUERY_COLOUR, TILE, WRONG_COLOUR, write_report
+from isdretrieve.retrieve.retriever import Retriever
 
 PAYLOAD = "<img src=x onerror=\"document.title='pwned';document.body.setAttribute('data-pwned','1')\">"
 CLASS_PAYLOAD = "<svg onload=\"document.body.setAttribute('data-cls-pwned','1')\">"

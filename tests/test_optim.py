@@ -14,12 +14,12 @@ from test_host_sync import SyncingOps, _steps, masked_jitter, run_with_syncs_as_
 from torch import nn
 
 from isdretrieve.errors import RecipeError
-from isdretrieve.models import build_backbone, dino_head
-from isdretrieve.models.heads import NormalizedLinear
-from isdretrieve.train import Trainer, recipe_from_data
+from isdretrieve.models.backbones import build_backbone
+from isdretrieve.models.heads import NormalizedLinear, dino_head
 from isdretrieve.train.checkpointing import list_checkpoints
+from isdretrieve.train.engine import Trainer
 from isdretrieve.train.optim import build_optimizer, clip_gradients, param_groups, set_hyperparameters
-from isdretrieve.train.recipe import OptimConfig
+from isdretrieve.train.recipe import OptimConfig, recipe_from_data
 from isdretrieve.train.schedule import learning_rate, weight_decay
 
 DINO_SETTING = {  # DINO's official optimiser (lr and schedule lengths scaled to a digits run)

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from isdretrieve.data import view_config
+from isdretrieve.data.augment import view_config
 from isdretrieve.errors import RecipeError
 from isdretrieve.train.recipe import IsdConfig, MocoConfig, load_recipe, recipe_from_data
 from isdretrieve.train.schedule import learning_rate

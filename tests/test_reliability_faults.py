@@ -23,16 +23,21 @@ import torch
 from click.testing import CliRunner
 from conftest import KILLED_EXPORT, bank_contents
 
-from isdretrieve.bank import FeatureBank, export_bank
+from isdretrieve.bank.export import export_bank
 from isdretrieve.cli.index import main as index_main
 from isdretrieve.cli.train import main as train_main
 from isdretrieve.errors import BankError, Interrupted, IsdError
-from isdretrieve.index import SearchIndex, build_index
-from isdretrieve.mining import MiningParams, Pairs, mine_pairs
-from isdretrieve.models import EncoderHeader, build_backbone, export_encoder, safe_load
-from isdretrieve.models.checkpoints import IMAGENET_MEAN, IMAGENET_STD
-from isdretrieve.train import Trainer, load_recipe
+from isdretrieve.files.bank import FeatureBank
+from isdretrieve.files.encoder_header import IMAGENET_MEAN, IMAGENET_STD, EncoderHeader
+from isdretrieve.files.pairs import MiningParams, Pairs
+from isdretrieve.index.build import build_index
+from isdretrieve.index.search import SearchIndex
+from isdretrieve.mine.mining import mine_pairs
+from isdretrieve.models.backbones import build_backbone
+from isdretrieve.models.checkpoints import export_encoder, safe_load
 from isdretrieve.train.checkpointing import list_checkpoints
+from isdretrieve.train.engine import Trainer
+from isdretrieve.train.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = """\
@@ -51,7 +56,7 @@ _CHILD = textwrap.dedent(
     import os, signal, sys
     import torch
     from isdretrieve.cli.train import main
-    from isdretrieve.train import Trainer
+    from isdretrieve.train.engine import Trainer
 
     torch.set_num_threads(1)
     after, sig = int(os.environ["FAULT_AFTER"]), getattr(signal, os.environ["FAULT_SIGNAL"])
@@ -311,7 +316,7 @@ def test_disk_full_during_a_bank_write_leaves_an_incomplete_bank_that_resumes(
 _INDEX_CHILD = textwrap.dedent(
     """
     import os, signal, sys
-    import isdretrieve.index as index
+    import isdretrieve.index.build as index
 
     real = getattr(index, sys.argv[3])
 
@@ -355,7 +360,8 @@ def test_index_build_killed_is_never_opened_and_rerun_completes(
 _MINE_CHILD = textwrap.dedent(
     """
     import os, signal, sys
-    import isdretrieve.mining as mining
+    import isdretrieve.mine.mining as mining
+    from isdretrieve.files.pairs import MiningParams
 
     real, calls = mining.drop_self_matches, [0]
 
@@ -366,7 +372,7 @@ _MINE_CHILD = textwrap.dedent(
         return real(*args)
 
     mining.drop_self_matches = die_after
-    mining.mine_pairs(sys.argv[1], sys.argv[2], mining.MiningParams(k=4, mutual=True), chunk_rows=50)
+    mining.mine_pairs(sys.argv[1], sys.argv[2], MiningParams(k=4, mutual=True), chunk_rows=50)
     """
 )
 

@@ -15,14 +15,16 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from isdretrieve.bank import FeatureBank, export_bank
+from isdretrieve.bank.export import export_bank
 from isdretrieve.cli.index import main as index_main
 from isdretrieve.cli.train import main as train_main
 from isdretrieve.errors import BankError, DataError
-from isdretrieve.index import build_index
-from isdretrieve.models import EncoderHeader, build_backbone, export_encoder
-from isdretrieve.models.checkpoints import IMAGENET_MEAN, IMAGENET_STD
-from isdretrieve.retrieval import Retriever
+from isdretrieve.files.bank import FeatureBank
+from isdretrieve.files.encoder_header import IMAGENET_MEAN, IMAGENET_STD, EncoderHeader
+from isdretrieve.index.build import build_index
+from isdretrieve.models.backbones import build_backbone
+from isdretrieve.models.checkpoints import export_encoder
+from isdretrieve.retrieve.retriever import Retriever
 
 RECIPE = """\
 method: {name: isd, queue_size: 128}
@@ -364,7 +366,8 @@ def test_bank_from_another_encoder_in_an_index(tmp_path: Path, work: Path, index
 
 
 def test_pairs_from_another_bank(tmp_path: Path, work: Path, encoder: Path, index_dir: Path) -> None:
-    from isdretrieve.mining import MiningParams, mine_pairs
+    from isdretrieve.files.pairs import MiningParams
+    from isdretrieve.mine.mining import mine_pairs
 
     pairs = tmp_path / "pairs.h5"
     mine_pairs(index_dir / "bank.h5", pairs, MiningParams(k=2))  # mined over digits,split=test

@@ -8,14 +8,16 @@ import pytest
 import torch
 from conftest import train_until_checkpoint
 
-from isdretrieve.bank import export_bank
-from isdretrieve.data import open_dataset
+from isdretrieve.bank.export import export_bank
+from isdretrieve.data.open import open_dataset
 from isdretrieve.errors import RecipeError
-from isdretrieve.mining import MiningParams, Pairs, mine_pairs
-from isdretrieve.train import Trainer, recipe_from_data
+from isdretrieve.files.pairs import MiningParams, Pairs
+from isdretrieve.mine.mining import mine_pairs
 from isdretrieve.train.batches import BatchSource
 from isdretrieve.train.distributed import DistContext
+from isdretrieve.train.engine import Trainer
 from isdretrieve.train.positives import PositiveLists
+from isdretrieve.train.recipe import recipe_from_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -129,7 +131,7 @@ def test_sepp_trains_with_its_partners_and_resumes_exactly(digits_pairs, tmp_pat
     monkeypatch.setattr(type(straight.method), "forward", spy)
     straight.fit()
     monkeypatch.setattr(type(straight.method), "forward", forward)
-    offsets, members = (t.numpy() for t in pairs.in_dataset_space(len(pairs)))
+    offsets, members = pairs.in_dataset_space(len(pairs))
     for indices, partners in seen:
         for i, j in zip(indices.tolist(), partners.tolist(), strict=True):
             listed = members[offsets[i] : offsets[i + 1]]

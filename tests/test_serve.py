@@ -21,13 +21,13 @@ from conftest import build_test_index
 from PIL import Image
 from serving import CLASS_PAYLOAD, PAYLOAD, hostile_folder, index_with_pairs, serving
 
-from isdretrieve.audit import audit_pairs
-from isdretrieve.bank import FeatureBank
 from isdretrieve.cli.index import main as index_cli
-from isdretrieve.data import open_dataset
-from isdretrieve.mining import Pairs
-from isdretrieve.neighbours_report import THUMB, fit, tensor_to_pil
-from isdretrieve.retrieval import Retriever
+from isdretrieve.data.open import open_dataset
+from isdretrieve.files.bank import FeatureBank
+from isdretrieve.files.pairs import Pairs
+from isdretrieve.mine.audit import audit_pairs
+from isdretrieve.retrieve.pictures import THUMB, fit, tensor_to_pil
+from isdretrieve.retrieve.retriever import Retriever
 from isdretrieve.serve.batcher import EncodeBatcher
 from isdretrieve.serve.security import PAGE_POLICY, check_bind, is_loopback
 
@@ -428,7 +428,7 @@ def test_batcher_passes_an_encoder_error_to_its_callers_and_keeps_running():
 def test_concurrent_image_queries_get_their_own_results_from_shared_forwards(server, digits):
     """24 clients at once, each with another digit: every answer is its own image; forwards were shared
     (the encoder is slowed to 50 ms a forward so that requests surely overlap on a loaded machine)."""
-    from isdretrieve.serve.app import ServedIndex
+    from isdretrieve.serve.state import ServedIndex
 
     served: ServedIndex = server.served["digits"]
     batcher = served.batcher

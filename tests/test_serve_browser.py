@@ -13,9 +13,9 @@ from conftest import build_test_index
 from PIL import Image
 from serving import CLASS_PAYLOAD, PAYLOAD, hostile_folder, serving
 
-from isdretrieve.data import open_dataset
-from isdretrieve.neighbours_report import tensor_to_pil
-from isdretrieve.retrieval import Retriever
+from isdretrieve.data.open import open_dataset
+from isdretrieve.retrieve.pictures import tensor_to_pil
+from isdretrieve.retrieve.retriever import Retriever
 
 ARGS = [
     "--headless",

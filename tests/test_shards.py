@@ -18,11 +18,13 @@ import torch
 from conftest import KILLED_EXPORT, bank_contents
 from PIL import Image
 
-from isdretrieve.bank import FeatureBank, export_bank, join_shards, shard_path
-from isdretrieve.data import open_dataset
+from isdretrieve.bank.export import export_bank, shard_path
+from isdretrieve.bank.join import join_shards
+from isdretrieve.data.open import open_dataset
 from isdretrieve.data.shards import ShardStream, expand_braces, rank_shards, shard_files, write_shards
+from isdretrieve.encoder import FrozenEncoder
 from isdretrieve.errors import BankError, DataError
-from isdretrieve.frozen_encoder import FrozenEncoder
+from isdretrieve.files.bank import FeatureBank
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,14 +14,16 @@ import torch
 from conftest import train_until_checkpoint
 from PIL import Image
 
-from isdretrieve._torchvision import import_torchvision
-from isdretrieve.data import ViewConfig, augment_views, normalize, open_dataset
+from isdretrieve.data.augment import ViewConfig, augment_views, normalize
 from isdretrieve.data.crops import CroppedViews, crop_box, crop_generator, crop_views
+from isdretrieve.data.open import open_dataset
 from isdretrieve.data.shards import write_shards
 from isdretrieve.errors import Interrupted, RecipeError
-from isdretrieve.train import Trainer, recipe_from_data
 from isdretrieve.train.batches import BatchSource
 from isdretrieve.train.distributed import DistContext
+from isdretrieve.train.engine import Trainer
+from isdretrieve.train.recipe import recipe_from_data
+from isdretrieve.util.torchvision import import_torchvision
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,16 +16,19 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from PIL import Image
 
-from isdretrieve.bank import FeatureBank, export_bank
+from isdretrieve.bank.export import export_bank
 from isdretrieve.cli.index import main as index_main
 from isdretrieve.cli.knn import main as knn_main
 from isdretrieve.cli.train import main as train_main
-from isdretrieve.data import eval_view, open_dataset
+from isdretrieve.data.augment import eval_view
+from isdretrieve.data.open import open_dataset
 from isdretrieve.errors import CheckpointError
-from isdretrieve.models import EncoderHeader, build_backbone, export_encoder, load_backbone, load_init
-from isdretrieve.models.checkpoints import IMAGENET_MEAN, IMAGENET_STD, atomic_save
+from isdretrieve.files.bank import FeatureBank
+from isdretrieve.files.encoder_header import IMAGENET_MEAN, IMAGENET_STD, EncoderHeader
+from isdretrieve.models.backbones import build_backbone
+from isdretrieve.models.checkpoints import atomic_save, export_encoder, load_backbone, load_init
 from isdretrieve.pipeline import build_index_from_checkpoint
-from isdretrieve.retrieval import Retriever
+from isdretrieve.retrieve.retriever import Retriever
 
 timm = pytest.importorskip("timm")
 
@@ -282,8 +285,8 @@ def test_vit_takes_other_sizes_and_is_torchvisions_at_its_own(monkeypatch) -> No
     import timm.models.vision_transformer as timm_vit
     from timm.models.vision_transformer import VisionTransformer
 
-    from isdretrieve._torchvision import import_torchvision
     from isdretrieve.models.vit import timm_to_torchvision
+    from isdretrieve.util.torchvision import import_torchvision
 
     source = _timm_vit(7)
     dynamic = VisionTransformer(

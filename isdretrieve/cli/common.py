@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from isdretrieve.errors import IsdError
+from isdretrieve.util.sizes import parse_size
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -56,8 +57,6 @@ class SizeType(click.ParamType):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
         if isinstance(value, int):
             return value
-        from isdretrieve.pipeline import parse_size
-
         try:
             size = parse_size(str(value))
         except IsdError as exc:

@@ -138,7 +138,7 @@ def build(
 
     Or index an existing bank (--bank), or embeddings made elsewhere (--embeddings), imported as OUT/bank.h5.
     """
-    from isdretrieve.index import build_index
+    from isdretrieve.index.build import build_index
     from isdretrieve.pipeline import build_index_from_checkpoint
 
     options = export_kwargs(**export)
@@ -149,8 +149,8 @@ def build(
         if len(sources) > 1 or checkpoint or data:
             raise click.UsageError("give one of --bank, --embeddings, or --checkpoint with --data")
         if embeddings is not None:
-            from isdretrieve.embeddings_io import import_embeddings, read_labels
-            from isdretrieve.index import MANIFEST_FILE
+            from isdretrieve.bank.embeddings_in import import_embeddings, read_labels
+            from isdretrieve.files.manifest import MANIFEST_FILE
 
             (out / MANIFEST_FILE).unlink(missing_ok=True)  # its bank.h5 is about to be replaced
             label_array = read_labels(labels) if labels else None
@@ -223,8 +223,8 @@ def export(
     **options: object,
 ) -> None:
     """Export a bank (resumable), or convert one (--bank). Under torchrun each process writes its shard."""
-    from isdretrieve.bank import export_bank
-    from isdretrieve.embeddings_io import export_embeddings
+    from isdretrieve.bank.embeddings_out import export_embeddings
+    from isdretrieve.bank.export import export_bank
 
     if source_bank is not None:
         if checkpoint or data:
@@ -253,7 +253,8 @@ def export(
 @user_errors
 def join(shards: tuple[Path, ...], out: Path, as_json: bool) -> None:
     """Join the shard banks of a torchrun export into one bank."""
-    from isdretrieve.bank import FeatureBank, join_shards
+    from isdretrieve.bank.join import join_shards
+    from isdretrieve.files.bank import FeatureBank
 
     with FeatureBank.open(join_shards(list(shards), out)) as bank:
         rows = len(bank)
@@ -271,7 +272,7 @@ def join(shards: tuple[Path, ...], out: Path, as_json: bool) -> None:
 @user_errors
 def info(index_dir: Path, as_json: bool) -> None:
     """Show an index directory's manifest and bank (reads no index and no model: starts fast)."""
-    from isdretrieve.index_manifest import describe_index
+    from isdretrieve.files.manifest import describe_index
 
     rows = describe_index(index_dir)
     emit(rows, as_json, lambda: _print_rows(str(index_dir), rows))
@@ -299,7 +300,7 @@ def _print_rows(title: str, rows: dict[str, object]) -> None:
 @user_errors
 def recall(index_dir: Path, k: int, queries: int, seed: int, as_json: bool) -> None:
     """Re-measure recall@k of the index against exact search."""
-    from isdretrieve.index import SearchIndex
+    from isdretrieve.index.search import SearchIndex
 
     with SearchIndex.open(index_dir) as index:
         value = index.recall(k=k, queries=queries, seed=seed)

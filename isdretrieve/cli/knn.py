@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from isdretrieve.cli.common import CONTEXT, POSITIVE, Command, emit, json_option, user_errors, verbose_option
-from isdretrieve.knn_protocols import PRESETS, WEIGHTINGS
+from isdretrieve.evaluate.protocols import PRESETS, WEIGHTINGS
 
 PathType = click.Path(path_type=Path)
 FileType = click.Path(dir_okay=False, path_type=Path)
@@ -68,8 +68,8 @@ def main(
     as_json: bool,
 ) -> None:
     """k-NN top-1/top-5 of the TEST bank's rows against the TRAIN index (or of a checkpoint on --data)."""
-    from isdretrieve.evaluation import knn_evaluate, open_test_bank
-    from isdretrieve.index import SearchIndex
+    from isdretrieve.evaluate.knn_eval import knn_evaluate, open_test_bank
+    from isdretrieve.index.search import SearchIndex
 
     preset_ks, preset_t, preset_w = PRESETS[preset]
     with contextlib.ExitStack() as stack:
@@ -100,10 +100,10 @@ def _probe_config(linear: str | None):
     if linear is None:
         return None
     if linear == "images":
-        from isdretrieve.linear_eval import ImageProbeConfig
+        from isdretrieve.evaluate.linear_eval import ImageProbeConfig
 
         return ImageProbeConfig()
-    from isdretrieve.linear_probe import ProbeConfig
+    from isdretrieve.evaluate.linear_probe import ProbeConfig
 
     return ProbeConfig()
 

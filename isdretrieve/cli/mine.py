@@ -64,8 +64,9 @@ def mine(
     Labels are never used to choose pairs; --audit only measures them, writing OUT's name with
     .audit.json and .audit.png next to it.
     """
-    from isdretrieve.bank import FeatureBank
-    from isdretrieve.mining import MiningParams, mine_pairs
+    from isdretrieve.files.bank import FeatureBank
+    from isdretrieve.files.pairs import MiningParams
+    from isdretrieve.mine.mining import mine_pairs
 
     params = MiningParams(k=k, threshold=threshold, quantile=quantile, mutual=mutual)
     bank_path = bank_file(source)
@@ -93,7 +94,7 @@ def mine(
     }
     report = None
     if audit:
-        from isdretrieve.audit import audit_pairs, write_audit
+        from isdretrieve.mine.audit import audit_pairs, write_audit
 
         with FeatureBank.open(bank_path) as bank:
             report = audit_pairs(pairs, bank.labels(), bank.classes)

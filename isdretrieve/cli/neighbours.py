@@ -21,7 +21,7 @@ from isdretrieve.cli.common import (
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from isdretrieve.neighbours import NeighbourResult
+    from isdretrieve.retrieve.queries import NeighbourResult
 
 TABLE_QUERIES = 20  # queries shown in the terminal; the report has all of them
 TABLE_HITS = 5  # neighbours shown per query in the terminal
@@ -71,16 +71,16 @@ def neighbours(
     import torch
     from rich.console import Console
 
-    from isdretrieve.neighbours import QueryError, parse_query_spec
-    from isdretrieve.neighbours_report import neighbours_report
-    from isdretrieve.retrieval import Retriever
+    from isdretrieve.errors import QueryError
+    from isdretrieve.retrieve.queries import parse_query_spec
+    from isdretrieve.retrieve.report import neighbours_report
+    from isdretrieve.retrieve.retriever import Retriever
 
     if bool(specs) == (sample is not None):
         raise click.UsageError("give --query SPEC (repeatable) or --sample N")
     if device == "cuda" and not torch.cuda.is_available():
         raise QueryError("--device cuda: no CUDA device is available")
-    retriever = Retriever.open(index_dir, device=device)
-    try:
+    with Retriever.open(index_dir, device=device) as retriever:
         queries = (
             retriever.sample_rows(sample, seed)
             if sample is not None
@@ -88,8 +88,6 @@ def neighbours(
         )
         results, report = neighbours_report(retriever, queries, out, k=k, per_page=per_page)
         classes = retriever.classes
-    finally:
-        retriever.index.close()
     wrong = sum(h.label_differs is True for r in results for h in r.hits)
     known = sum(h.label_differs is not None for r in results for h in r.hits)
     pages = len(report.pages)
@@ -133,7 +131,7 @@ def _table(results: Sequence[NeighbourResult], classes: Sequence[str], k: int) -
     from rich.table import Table
     from rich.text import Text
 
-    from isdretrieve.neighbours_report import class_name
+    from isdretrieve.retrieve.hits import class_name
 
     shown = results[:TABLE_QUERIES]
     more = f" (first {len(shown)} of {len(results)} queries)" if len(results) > len(shown) else ""

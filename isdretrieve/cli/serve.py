@@ -53,7 +53,8 @@ def serve(
     try:
         import uvicorn
 
-        from isdretrieve.serve.app import ServeSettings, create_app, open_indices
+        from isdretrieve.serve.app import create_app, open_indices
+        from isdretrieve.serve.state import ServeSettings
     except ImportError as exc:
         raise IsdError(
             f"isd-index serve needs the serve extra ({exc.name} is missing): pip install 'isdretrieve[serve]'"

@@ -31,7 +31,8 @@ def main(
     as_json: bool,
 ):
     """Train a self-supervised encoder (ISD, MoCo-v2, BYOL) from a YAML RECIPE."""
-    from isdretrieve.train import Trainer, load_recipe  # torch import is slow: keep --help fast
+    from isdretrieve.train.engine import Trainer
+    from isdretrieve.train.recipe import load_recipe
 
     if device:
         overrides = (*overrides, f"engine.device={device}")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from isdretrieve.encoder_header import IMAGENET_MEAN, IMAGENET_STD
+from isdretrieve.files.encoder_header import IMAGENET_MEAN, IMAGENET_STD
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L")
 PRESETS = ("digits", "cifar", "imagenet")

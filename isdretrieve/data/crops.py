@@ -25,7 +25,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from isdretrieve.data.augment import CROP_TRIES, ViewConfig, size_groups
-from isdretrieve.data.datasets import ImageDataset, to_rgb
+from isdretrieve.data.datasets import ImageDataset
+from isdretrieve.data.images import to_rgb
 from isdretrieve.errors import DataError
 
 

@@ -38,7 +38,8 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from isdretrieve.data.datasets import ImageDataset, SubsetDataset, default_side, pil_to_tensor
+from isdretrieve.data.datasets import ImageDataset, SubsetDataset
+from isdretrieve.data.images import default_side, pil_to_tensor
 from isdretrieve.data.specs import DataSpec
 from isdretrieve.errors import DataError
 
@@ -248,7 +249,7 @@ class ShardDataset(ImageDataset):
     def _shard(self, i: int) -> Shard:
         return self.shards[self.locate(i)[0]]
 
-    def _image(self, i: int) -> torch.Tensor:
+    def read_image(self, i: int) -> torch.Tensor:
         try:
             with self.open_image(i) as img:
                 img.draft("RGB", (self.size, self.size))
@@ -328,7 +329,7 @@ class ShardStream(IterableDataset):
                 errors = [""] * (b - a)
                 for k, i in enumerate(range(a, b)):
                     try:
-                        images[k] = ds._image(i)
+                        images[k] = ds.read_image(i)
                     except DataError as exc:
                         errors[k] = str(exc)
                 labels = ds.labels[a:b].clone()

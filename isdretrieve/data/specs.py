@@ -21,6 +21,9 @@ from pathlib import Path
 from isdretrieve.errors import DataError
 
 KINDS = ("digits", "cifar10", "folder", "list", "wds")
+IMAGE_EXTENSIONS = frozenset(  # the files a folder SPEC (and a folder of query images) takes as images
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+)
 SPLITS = ("train", "test")
 OPTIONS = ("split", "longtail", "balanced", "size", "download")
 _FILE_KINDS = ("folder", "list", "wds")

@@ -14,17 +14,9 @@ import warnings
 
 from PIL import Image
 
-from isdretrieve.errors import DataError
+from isdretrieve.errors import ImageTooLarge, NotAnImage
 
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
-
-
-class NotAnImage(DataError):
-    """The bytes are not an image in one of the accepted formats, or are corrupt."""
-
-
-class ImageTooLarge(DataError):
-    """An image over the byte or pixel cap."""
 
 
 def decode_untrusted(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:

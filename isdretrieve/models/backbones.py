@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from isdretrieve._torchvision import import_torchvision
 from isdretrieve.models.timm_backbone import TIMM_PREFIX, build_timm
 from isdretrieve.models.vit import VIT_WIDTHS, build_vit
+from isdretrieve.util.torchvision import import_torchvision
 
 ARCHS = ("resnet18", "resnet50", "small_cnn", *VIT_WIDTHS)
 _FEATURE_DIMS = {"resnet18": 512, "resnet50": 2048, "small_cnn": 256} | {

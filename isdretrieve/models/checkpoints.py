@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from isdretrieve.atomic import atomic_path
-from isdretrieve.encoder_header import IMAGENET_MEAN, IMAGENET_STD, EncoderHeader
 from isdretrieve.errors import CheckpointError
+from isdretrieve.files.atomic import atomic_path
+from isdretrieve.files.encoder_header import IMAGENET_MEAN, IMAGENET_STD, EncoderHeader
 from isdretrieve.models.backbones import ARCHS, build_backbone, is_timm, is_vit
 from isdretrieve.models.timm_backbone import classifier_prefixes, timm_patch
 from isdretrieve.models.vit import is_timm_vit_state, timm_to_torchvision, vit_shape

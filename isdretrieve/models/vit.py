@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from isdretrieve._torchvision import import_torchvision
+from isdretrieve.util.torchvision import import_torchvision
 
 VIT_WIDTHS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}  # arch: (width, heads)
 VIT_DEPTH = 12

@@ -19,7 +19,7 @@ from http.cookies import CookieError, SimpleCookie
 from typing import Any
 from urllib.parse import unquote
 
-from isdretrieve.errors import IsdError
+from isdretrieve.errors import BindError
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -41,10 +41,6 @@ DOCS_POLICY = (
     "connect-src 'self'; base-uri 'none'; frame-ancestors 'none'"
 )
 DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect"})
-
-
-class BindError(IsdError):
-    """The service would listen beyond loopback without a token, or with a guessable one."""
 
 
 def is_loopback(host: str) -> bool:

@@ -1,6 +1,2 @@
-"""Training: recipes, methods on one engine, checkpoints."""
-
-from isdretrieve.train.engine import Trainer, TrainResult
-from isdretrieve.train.recipe import Recipe, load_recipe, recipe_from_data
-
-__all__ = ["Recipe", "TrainResult", "Trainer", "load_recipe", "recipe_from_data"]
+"""Training: the engine, typed recipes, the methods (ISD, MoCo-v2, BYOL, DINO, SePP, AdaSim) over pure
+loss functions, their memories, optimiser and schedules, checkpoints and the k-NN monitor."""

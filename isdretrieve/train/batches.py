@@ -32,8 +32,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from isdretrieve.data import ImageDataset, ViewConfig
+from isdretrieve.data.augment import ViewConfig
 from isdretrieve.data.crops import CroppedViews
+from isdretrieve.data.datasets import ImageDataset
 from isdretrieve.data.shards import ShardDataset, rank_shards, stream_order
 from isdretrieve.errors import RecipeError
 from isdretrieve.train.distributed import DistContext

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from isdretrieve.errors import CheckpointError
-from isdretrieve.models import CHECKPOINT_FORMAT, atomic_save, safe_load
+from isdretrieve.models.checkpoints import CHECKPOINT_FORMAT, atomic_save, safe_load
 
 _NAME = re.compile(r"epoch-(\d+)(?:-step-(\d+))?\.pt$")
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from isdretrieve.plot import Panel, line_charts
+from isdretrieve.util.plot import Panel, line_charts
 
 CURVES_FILE = "curves.png"
 

@@ -19,30 +19,28 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
 
-from isdretrieve.data import (
-    VIEW_NAMES,
-    augment_views,
-    items_sha256,
-    open_dataset,
-    parse_spec,
-    size_groups,
-    view_config,
-)
+from isdretrieve.data.augment import VIEW_NAMES, augment_views, size_groups, view_config
+from isdretrieve.data.datasets import items_sha256
+from isdretrieve.data.open import open_dataset
+from isdretrieve.data.specs import parse_spec
+from isdretrieve.encoder import FrozenEncoder
 from isdretrieve.errors import CheckpointError, Interrupted, RecipeError, TrainingDiverged
-from isdretrieve.frozen_encoder import FrozenEncoder
-from isdretrieve.models import EncoderHeader, build_backbone, export_encoder, is_timm, is_vit, load_init
+from isdretrieve.files.encoder_header import EncoderHeader
+from isdretrieve.models.backbones import build_backbone, is_timm, is_vit
+from isdretrieve.models.checkpoints import export_encoder, load_init
 from isdretrieve.models.timm_backbone import timm_patch
 from isdretrieve.train import distributed
 from isdretrieve.train.batches import BatchSource, StepBatch, epoch_generator
 from isdretrieve.train.checkpointing import list_checkpoints, load_latest_checkpoint, save_checkpoint
 from isdretrieve.train.curves import write_training_curves
-from isdretrieve.train.methods import Batch, DataContext, Method, build_method
+from isdretrieve.train.methods.base import Batch, DataContext, Method
+from isdretrieve.train.methods.build import build_method
 from isdretrieve.train.monitor import KnnMonitor, KnnResult
 from isdretrieve.train.optim import build_optimizer, clip_gradients, drop_gradients, set_hyperparameters
 from isdretrieve.train.recipe import Recipe, local_crops
 from isdretrieve.train.run_log import RunLog
 from isdretrieve.train.schedule import learning_rate, weight_decay
-from isdretrieve.typed_config import to_dict
+from isdretrieve.util.typed_config import to_dict
 
 
 @dataclass(frozen=True)

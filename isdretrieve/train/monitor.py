@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from isdretrieve.data import ImageDataset
-from isdretrieve.frozen_encoder import FrozenEncoder
-from isdretrieve.knn import knn_top1
+from isdretrieve.data.datasets import ImageDataset
+from isdretrieve.encoder import FrozenEncoder
+from isdretrieve.evaluate.knn import knn_top1
 
 _CACHE_LIMIT_BYTES = 1 << 30
 

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from isdretrieve.data import ViewConfig
+from isdretrieve.data.augment import ViewConfig
 from isdretrieve.errors import RecipeError
-from isdretrieve.typed_config import apply_override, from_dict, load_yaml
+from isdretrieve.util.typed_config import apply_override, from_dict, load_yaml
 
 ShuffleBN = bool | Literal["auto"]  # "auto": what the method's official code does
 
@@ -83,7 +83,7 @@ class MocoConfig:
 
     ``head: official`` is the official ``--mlp`` head, Linear(D→D)–ReLU–Linear(D→128) without BN;
     ``head: bn`` is Linear–BN–ReLU–Linear with a 2048-wide hidden layer (this project's head before
-    issue 17). ``proj_hidden`` left out: D (official) or 2048 (bn). ``shuffle_bn`` (official MoCo: on)
+    release 0.1.0). ``proj_hidden`` left out: D (official) or 2048 (bn). ``shuffle_bn`` (official MoCo: on)
     as in :class:`IsdConfig`, for the key encoder's forward."""
 
     name: Literal["moco"] = "moco"

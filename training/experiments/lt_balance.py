@@ -1,11 +1,11 @@
-"""Issue 17's measurement: does ISD hold up on long-tailed data better than MoCo-v2?
+"""Does ISD hold up on long-tailed data better than MoCo-v2?
 
 Every cell trains the small CNN for the same number of steps at the same batch size on one of two
 training sets of 12,406 CIFAR-10 images (JPEG q75 copy):
 - ``lt``: CIFAR-10-LT, imbalance ratio 100 (``longtail=100``: 5,000 … 50 images per class);
 - ``balanced``: a class-balanced subset of the same size (``balanced=12406``: 1,240–1,241 per class).
 
-Methods: ISD-base and MoCo-v2 as fixed in issue 17 (official MoCo head, shuffle-BN, BYOL's sum loss is
+Methods: ISD-base and MoCo-v2 in their official form (official MoCo head, shuffle-BN, BYOL's sum loss is
 not involved), from the shipped small-CNN CPU recipes; and SePP-ISD on LT with pairs mined by the
 LT-trained ISD encoder (seed 0; ``-k 5 --mutual --quantile 0.5``) plus its random-partner control.
 
@@ -35,16 +35,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from isdretrieve.atomic import atomic_path
-from isdretrieve.bank import export_bank
-from isdretrieve.data import open_dataset
-from isdretrieve.encoder_header import IMAGENET_MEAN, IMAGENET_STD, EncoderHeader
-from isdretrieve.frozen_encoder import FrozenEncoder
-from isdretrieve.knn import head_tail_accuracy, knn_class_scores, per_class_top1
-from isdretrieve.mining import MiningParams, mine_pairs
-from isdretrieve.models import build_backbone, export_encoder
-from isdretrieve.train import Trainer, recipe_from_data
-from isdretrieve.typed_config import load_yaml
+from isdretrieve.bank.export import export_bank
+from isdretrieve.data.open import open_dataset
+from isdretrieve.encoder import FrozenEncoder
+from isdretrieve.evaluate.knn import head_tail_accuracy, knn_class_scores, per_class_top1
+from isdretrieve.files.atomic import atomic_path
+from isdretrieve.files.encoder_header import IMAGENET_MEAN, IMAGENET_STD, EncoderHeader
+from isdretrieve.files.pairs import MiningParams
+from isdretrieve.mine.mining import mine_pairs
+from isdretrieve.models.backbones import build_backbone
+from isdretrieve.models.checkpoints import export_encoder
+from isdretrieve.train.engine import Trainer
+from isdretrieve.train.recipe import recipe_from_data
+from isdretrieve.util.typed_config import load_yaml
 
 TRAINING = Path(__file__).resolve().parents[1]
 LT_SIZE = 12_406  # CIFAR-10-LT at ratio 100: sum of floor(5000 * 100 ** (-c / 9))

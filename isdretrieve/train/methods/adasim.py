@@ -28,7 +28,7 @@ from isdretrieve.train.batches import epoch_generator
 from isdretrieve.train.methods.base import Batch, DataContext, Method, StepOutput
 from isdretrieve.train.methods.byol import BYOL
 from isdretrieve.train.methods.dino import DINO
-from isdretrieve.train.neighbours import (
+from isdretrieve.train.neighbour_memory import (
     IndexedMemory,
     NeighbourHistory,
     NeighbourLists,

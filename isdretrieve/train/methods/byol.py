@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from isdretrieve.models import projection_mlp
+from isdretrieve.models.heads import projection_mlp
 from isdretrieve.train.methods.base import (
     Encoder,
     PairMethod,

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from isdretrieve.models import dino_head
+from isdretrieve.models.heads import dino_head
 from isdretrieve.train.methods.base import (
     Batch,
     Encoder,

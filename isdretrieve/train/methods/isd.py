@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from isdretrieve.models import isd_base_predictor, projection_mlp
+from isdretrieve.models.heads import isd_base_predictor, projection_mlp
 from isdretrieve.train.memory import EmbeddingQueue
 from isdretrieve.train.methods.base import (
     Batch,

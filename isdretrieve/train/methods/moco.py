@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from isdretrieve.errors import CheckpointError
-from isdretrieve.models import moco_v2_head, projection_mlp
+from isdretrieve.models.heads import moco_v2_head, projection_mlp
 from isdretrieve.train.memory import EmbeddingQueue
 from isdretrieve.train.methods.base import (
     Batch,

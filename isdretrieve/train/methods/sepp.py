@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from isdretrieve.errors import RecipeError
-from isdretrieve.pairs_file import Pairs
+from isdretrieve.files.pairs import Pairs
 from isdretrieve.train.methods.base import Batch, DataContext, StepOutput, softmax_entropy
 from isdretrieve.train.methods.isd import ISD
 from isdretrieve.train.methods.moco import MoCo
@@ -42,7 +42,7 @@ def load_positive_lists(cfg: SeppConfig, data: DataContext) -> PositiveLists:
             f"method.pairs: {cfg.pairs} was mined over other images than data.train "
             "(the file lists differ): mine the bank of data.train"
         )
-    lists = PositiveLists(*pairs.in_dataset_space(data.num_images))
+    lists = PositiveLists(*(torch.from_numpy(a) for a in pairs.in_dataset_space(data.num_images)))
     return lists.randomised(data.seed) if cfg.partners == "random" else lists
 
 

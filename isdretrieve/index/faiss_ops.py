@@ -1,0 +1,84 @@
+"""Small operations on FAISS indices: make one from a factory string, find its search knob, set it, move
+it to a GPU, read it from disk, and turn FAISS's C++ errors into one line."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import faiss
+
+from isdretrieve.errors import IsdError
+from isdretrieve.index.exact import faiss_has_gpu, gpu_resources
+from isdretrieve.index.ondisk import is_ondisk
+
+EF_SEARCH = (16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+def faiss_message(exc: BaseException) -> str:
+    """The useful part of a FAISS C++ error, on one line."""
+    text = str(exc).strip()
+    match = re.search(r"failed: (.*)", text) or re.search(r"Error: (.*)", text)
+    lines = (match.group(1) if match else text).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def make_index(factory: str, dim: int) -> faiss.Index:
+    """``faiss.index_factory`` with the inner-product metric; a bad string is an IsdError."""
+    try:
+        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise IsdError(f"invalid index factory {factory!r}: {faiss_message(exc)}") from exc
+
+
+def innermost(index: faiss.Index) -> faiss.Index:
+    """The index under pre-transforms and refinement wrappers."""
+    index = faiss.downcast_index(index)
+    while isinstance(index, faiss.IndexPreTransform | faiss.IndexRefine):
+        inner = index.index if isinstance(index, faiss.IndexPreTransform) else index.base_index
+        index = faiss.downcast_index(inner)
+    return index
+
+
+def is_exact(index: faiss.Index) -> bool:
+    """Whether ``index`` is a flat (exact) index."""
+    return isinstance(faiss.downcast_index(index), faiss.IndexFlat)
+
+
+def search_knob(index: faiss.Index) -> tuple[str, list[int]] | None:
+    """The parameter that trades speed for recall, with the values to try, or None."""
+    try:
+        lists = faiss.extract_index_ivf(index).nlist
+    except RuntimeError:
+        lists = 0
+    if lists:
+        return "nprobe", sorted({min(2**i, lists) for i in range(lists.bit_length() + 1)})
+    if isinstance(innermost(index), faiss.IndexHNSW):
+        return "efSearch", list(EF_SEARCH)
+    return None
+
+
+def set_params(index: faiss.Index, params: dict[str, int], gpu: bool) -> None:
+    """Set search parameters such as ``{"nprobe": 16}`` on a CPU or GPU index."""
+    space = faiss.GpuParameterSpace() if gpu else faiss.ParameterSpace()
+    for name, value in params.items():
+        space.set_index_parameter(index, name, value)
+
+
+def to_gpu(index: faiss.Index) -> faiss.Index | None:
+    """A GPU copy of a Flat/IVF index when GPU FAISS is usable, else None (HNSW and on-disk lists stay
+    on the CPU)."""
+    if not faiss_has_gpu() or isinstance(innermost(index), faiss.IndexHNSW) or is_ondisk(index):
+        return None
+    try:
+        return faiss.index_cpu_to_gpu(gpu_resources(), 0, index)
+    except RuntimeError:  # a layout the GPU does not support (e.g. some PQ sizes)
+        return None
+
+
+def read_index(path: Path) -> faiss.Index:
+    """``index.faiss`` read into memory; an unreadable file is an IsdError."""
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as exc:
+        raise IsdError(f"cannot read FAISS index {path}: {faiss_message(exc)}") from exc

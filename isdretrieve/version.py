@@ -1,0 +1,3 @@
+"""The release of isdretrieve (written into every file it makes)."""
+
+__version__ = "0.2.0"
