@@ -1,5 +1,6 @@
 """Small operations on FAISS indices: make one from a factory string, find its search knob, set it, move
-it to a GPU, read it from disk, and turn FAISS's C++ errors into one line."""
+it to a GPU, read it from disk, search a subset of rows through an ID selector, and turn FAISS's C++
+errors into one line."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import re
 from pathlib import Path
 
 import faiss
+import numpy as np
 
 from isdretrieve.errors import IsdError
-from isdretrieve.index.exact import faiss_has_gpu, gpu_resources
+from isdretrieve.files.bank import FeatureBank
+from isdretrieve.index.exact import bank_exact_search, faiss_has_gpu, gpu_resources
 from isdretrieve.index.ondisk import is_ondisk
 
 EF_SEARCH = (16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -82,3 +85,43 @@ def read_index(path: Path) -> faiss.Index:
         return faiss.read_index(str(path))
     except RuntimeError as exc:
         raise IsdError(f"cannot read FAISS index {path}: {faiss_message(exc)}") from exc
+
+
+def selector_params(
+    index: faiss.Index, selector: faiss.IDSelector, params: dict[str, int]
+) -> faiss.SearchParameters:
+    """Search parameters carrying ``selector`` and the index's tuned knob (nprobe, efSearch): a
+    parameters object replaces the index's own settings for that search, so the knob is copied in."""
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        ivf = None
+    if ivf is not None:
+        return faiss.SearchParametersIVF(sel=selector, nprobe=int(params.get("nprobe", ivf.nprobe)))
+    inner = innermost(index)
+    if isinstance(inner, faiss.IndexHNSW):
+        ef = int(params.get("efSearch", inner.hnsw.efSearch))
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=ef)
+    return faiss.SearchParameters(sel=selector)
+
+
+def search_selected(
+    index: faiss.Index,
+    x: np.ndarray,
+    k: int,
+    allowed: np.ndarray,
+    params: dict[str, int],
+    bank: FeatureBank,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of the unit queries ``x`` among the bank rows ``allowed`` (sorted int64) through ``index``.
+
+    Flat, IVF (in RAM or on disk) and HNSW indices take FAISS's ID selector, so the approximate search is
+    the same one, restricted; an index type that refuses a selector (a refinement wrapper) is searched
+    exactly over the allowed rows instead. Rows that do not fill k come back as -1.
+    """
+    selector = faiss.IDSelectorBatch(allowed)
+    try:
+        scores, rows = index.search(x, k, params=selector_params(index, selector, params))
+    except RuntimeError:
+        return bank_exact_search(bank, x, k, allowed)
+    return scores.astype(np.float32, copy=False), rows.astype(np.int64, copy=False)
