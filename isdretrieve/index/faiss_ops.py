@@ -12,6 +12,7 @@ import numpy as np
 
 from isdretrieve.errors import IsdError
 from isdretrieve.files.bank import FeatureBank
+from isdretrieve.index.backend import widen_for_filter
 from isdretrieve.index.exact import bank_exact_search, faiss_has_gpu, gpu_resources
 from isdretrieve.index.ondisk import is_ondisk
 
@@ -88,20 +89,24 @@ def read_index(path: Path) -> faiss.Index:
 
 
 def selector_params(
-    index: faiss.Index, selector: faiss.IDSelector, params: dict[str, int]
+    index: faiss.Index, selector: faiss.IDSelector, params: dict[str, int], passing: float
 ) -> faiss.SearchParameters:
-    """Search parameters carrying ``selector`` and the index's tuned knob (nprobe, efSearch): a
-    parameters object replaces the index's own settings for that search, so the knob is copied in."""
+    """Search parameters carrying ``selector`` and the index's tuned knob widened for the fraction of
+    rows ``passing`` the filter (:func:`~isdretrieve.index.backend.widen_for_filter`). A parameters
+    object replaces the index's own settings for that search, so the knob is always set."""
     try:
         ivf = faiss.extract_index_ivf(index)
     except RuntimeError:
         ivf = None
     if ivf is not None:
-        return faiss.SearchParametersIVF(sel=selector, nprobe=int(params.get("nprobe", ivf.nprobe)))
+        nprobe = widen_for_filter("nprobe", int(params.get("nprobe", ivf.nprobe)), passing, ivf.nlist)
+        return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
     inner = innermost(index)
     if isinstance(inner, faiss.IndexHNSW):
         ef = int(params.get("efSearch", inner.hnsw.efSearch))
-        return faiss.SearchParametersHNSW(sel=selector, efSearch=ef)
+        return faiss.SearchParametersHNSW(
+            sel=selector, efSearch=widen_for_filter("ef", ef, passing, index.ntotal)
+        )
     return faiss.SearchParameters(sel=selector)
 
 
@@ -116,12 +121,19 @@ def search_selected(
     """Top-k of the unit queries ``x`` among the bank rows ``allowed`` (sorted int64) through ``index``.
 
     Flat, IVF (in RAM or on disk) and HNSW indices take FAISS's ID selector, so the approximate search is
-    the same one, restricted; an index type that refuses a selector (a refinement wrapper) is searched
-    exactly over the allowed rows instead. Rows that do not fill k come back as -1.
+    the same one, restricted, with its knob widened (:func:`selector_params`); a query for which it still
+    finds fewer hits than the allowed rows could give, and every query of an index type that refuses a
+    selector (a refinement wrapper), is searched exactly over the allowed rows. Only when fewer than k
+    rows pass do lists end in row -1.
     """
+    passing = len(allowed) / max(index.ntotal, 1)
     selector = faiss.IDSelectorBatch(allowed)
     try:
-        scores, rows = index.search(x, k, params=selector_params(index, selector, params))
+        scores, rows = index.search(x, k, params=selector_params(index, selector, params, passing))
     except RuntimeError:
         return bank_exact_search(bank, x, k, allowed)
-    return scores.astype(np.float32, copy=False), rows.astype(np.int64, copy=False)
+    scores, rows = scores.astype(np.float32, copy=False), rows.astype(np.int64, copy=False)
+    short = (rows >= 0).sum(axis=1) < min(k, len(allowed))
+    if short.any():
+        scores[short], rows[short] = bank_exact_search(bank, x[short], k, allowed)
+    return scores, rows

@@ -5,8 +5,8 @@ Fields: ``row`` (INT64, the primary key: the bank's row number, which every back
 ``embedding`` (FLOAT_VECTOR [D], searched by inner product), ``label`` (INT64, -1 unlabelled; the label
 filter), ``index`` (INT64, the dataset index) and ``path`` (VARCHAR). These are also the columns of
 ``isd-index export --format parquet``, so that file is what a Milvus bulk import reads. Properties
-(strings): ``isdretrieve.fingerprint``, ``.count``, ``.dim``, ``.classes`` (JSON), and while rows are
-inserted ``.rows_done`` and ``.block_rows`` (:mod:`~isdretrieve.index.milvus.fill`).
+(strings): ``isdretrieve.fingerprint``, ``.data_spec``, ``.count``, ``.dim``, ``.classes`` (JSON), and
+while rows are inserted ``.rows_done`` and ``.block_rows`` (:mod:`~isdretrieve.index.milvus.fill`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from isdretrieve.index.milvus.params import MilvusIndexSpec
 
 ROW, EMBEDDING, LABEL, INDEX, PATH = "row", "embedding", "label", "index", "path"
 PREFIX = "isdretrieve."
-FINGERPRINT, COUNT, DIM, CLASSES = (PREFIX + name for name in ("fingerprint", "count", "dim", "classes"))
+FINGERPRINT, DATA_SPEC, COUNT, DIM, CLASSES = (
+    PREFIX + name for name in ("fingerprint", "data_spec", "count", "dim", "classes")
+)
 ROWS_DONE, BLOCK_ROWS = PREFIX + "rows_done", PREFIX + "block_rows"
 PATH_MAX = 65_535  # Milvus's longest VARCHAR
 MAX_K = 16_384  # Milvus's largest topk and number of queries a search
@@ -50,6 +52,7 @@ def bank_properties(bank: FeatureBank) -> dict[str, str]:
     """The bank's identity as collection properties."""
     return {
         FINGERPRINT: bank.fingerprint,
+        DATA_SPEC: bank.data_spec,
         COUNT: str(len(bank)),
         DIM: str(bank.dim),
         CLASSES: json.dumps(bank.classes),
@@ -124,22 +127,22 @@ class BankCollection:
             )
 
     def check_holds(self, bank: FeatureBank) -> None:
-        """IsdError unless the collection's properties name ``bank`` (fingerprint, rows, dimension)."""
+        """IsdError unless the collection's properties name ``bank``: the fingerprint (its encoder), the
+        data SPEC, the number of rows and their dimension."""
         found = self.properties()
         if FINGERPRINT not in found:
             raise IsdError(
                 f"collection {self.name!r} was not made from an isdretrieve bank: choose another "
                 "--collection, or attach it with isd-index attach"
             )
-        if found[FINGERPRINT] != bank.fingerprint:
+        wanted = bank_properties(bank)
+        keys = (FINGERPRINT, DATA_SPEC, COUNT, DIM)
+        if any(found.get(key, "") != wanted[key] for key in keys):
+            theirs = ", ".join(found.get(key, "?") or "-" for key in keys)
+            ours = ", ".join(wanted[key] or "-" for key in keys)
             raise BankError(
-                f"collection {self.name!r} holds another bank (fingerprint {found[FINGERPRINT]} != "
-                f"{bank.fingerprint}): choose another --collection, or drop that one"
-            )
-        if found.get(COUNT) != str(len(bank)) or found.get(DIM) != str(bank.dim):
-            raise BankError(
-                f"collection {self.name!r} was made for {found.get(COUNT)} x {found.get(DIM)} rows, "
-                f"the bank has {len(bank):,} x {bank.dim}"
+                f"collection {self.name!r} holds another bank (fingerprint, data, rows, dim: {theirs}; "
+                f"this bank: {ours}): choose another --collection, or drop that one"
             )
 
     def insert(self, columns: list[Any], replace: bool) -> int:

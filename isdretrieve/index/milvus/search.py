@@ -17,7 +17,7 @@ from isdretrieve.files.manifest import (
     check_bank_fingerprint,
     read_manifest,
 )
-from isdretrieve.index.backend import LabelFilter, VectorIndex, pad_hits
+from isdretrieve.index.backend import LabelFilter, VectorIndex, pad_hits, widen_for_filter
 from isdretrieve.index.milvus.collection import BankCollection
 from isdretrieve.index.milvus.connect import Connection, MilvusTarget, connect
 from isdretrieve.index.milvus.params import MilvusIndexSpec, milvus_index
@@ -47,6 +47,7 @@ class MilvusIndex(VectorIndex):
         self.conn, self.collection = conn, collection
         self.spec: MilvusIndexSpec = milvus_index(manifest.factory)
         self._search_params = self.spec.search_params(manifest.params)
+        self._labels: np.ndarray | None = None
 
     @classmethod
     def open(cls, index_dir: str | Path) -> MilvusIndex:
@@ -74,11 +75,25 @@ class MilvusIndex(VectorIndex):
         return cls(directory, manifest, bank, conn, collection)
 
     def search_unit(self, x: np.ndarray, k: int, filter: LabelFilter | None) -> tuple[np.ndarray, np.ndarray]:
-        """Milvus search of unit queries; a label filter is a boolean expression on ``label``."""
-        expr = None if filter is None else filter.expression()
-        hits = self.collection.search(x, k, self._search_params, expr)
-        scores, rows = pad_hits(hits, k)
-        return scores, rows
+        """Milvus search of unit queries. A label filter is a boolean expression on ``label``, and the
+        knob is widened for it as on FAISS; a list can still come back short (row -1): unlike FAISS there
+        is no exact fallback here, the collection may hold far more than this machine could scan."""
+        if filter is None:
+            return pad_hits(self.collection.search(x, k, self._search_params, None), k)
+        params = dict(self.manifest.params)
+        if self.spec.knob in params:
+            most = self.spec.nlist if self.spec.knob == "nprobe" else len(self)
+            passing = filter.passing(self.labels)
+            params[self.spec.knob] = widen_for_filter(self.spec.knob, params[self.spec.knob], passing, most)
+        hits = self.collection.search(x, k, self.spec.search_params(params), filter.expression())
+        return pad_hits(hits, k)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Every bank row's label (read once, for label filters)."""
+        if self._labels is None:
+            self._labels = self.bank.labels()
+        return self._labels
 
     def close(self) -> None:
         self.conn.close()
