@@ -33,6 +33,7 @@ from isdretrieve.cli.knn import main as knn_cli
 from isdretrieve.errors import IsdError
 from isdretrieve.files.pairs import MiningParams
 from isdretrieve.index.backend import LabelFilter
+from isdretrieve.index.milvus.build import milvus_plan
 from isdretrieve.index.milvus.connect import pymilvus_module
 from isdretrieve.index.milvus.params import milvus_index
 from isdretrieve.index.open import open_index
@@ -149,6 +150,9 @@ def test_factory_strings_map_to_milvus_indices():
     for n, dim, budget in ((10_000, 256, 2**30), (1_500_000, 256, 2**30), (5_000_000, 256, 2**30)):
         plan = choose_index(n, dim, memory_budget=budget)
         assert milvus_index(plan.factory).index_type in ("FLAT", "HNSW", "IVF_FLAT", "IVF_SQ8", "IVF_PQ")
+    billion, why = milvus_plan(10**9, 256, "auto", 512 * 2**30)  # FAISS: IVF65536,SQ8 over the whole bank
+    assert billion == "IVF4096,SQ8" and "per Milvus segment of up to 1,048,576 rows" in why
+    assert milvus_plan(10**9, 256, "IVF256,Flat", None) == ("IVF256,Flat", "given")
     for refused in ("OPQ16,IVF64,PQ16", "IVF64,Flat,RFlat", "LSH", "IVF64_HNSW32,Flat", "PCA64,Flat"):
         with pytest.raises(IsdError, match="has no Milvus equivalent"):
             milvus_index(refused)
@@ -316,6 +320,8 @@ def test_service_and_mining_over_a_milvus_index(server_index, digits, tmp_path, 
         assert len(hits) == 15 and {h["label"] for h in hits} <= {3, 4}
         near = client.get("/api/indices/served/rows/0/neighbours?k=4&label=0")
         assert near.status_code == 200 and {h["label"] for h in near.json()["results"][0]["hits"]} == {0}
+        bad = client.post("/api/indices/served/search/vectors?label=cat", json={"vectors": x})
+        assert bad.status_code == 422 and len(bad.json()["error"].splitlines()) == 1, bad.text
         info = client.get("/api/indices/served/manifest").json()
         assert info["backend"] == "milvus" and TOKEN not in json.dumps(info)
     pairs = mine_pairs(out / "bank.h5", tmp_path / "pairs.h5", MiningParams(k=5), index=out)
@@ -338,7 +344,7 @@ def test_a_milvus_that_is_down_or_refuses_is_one_line(server_index, milvus_serve
     common = ["build", "--bank", bank, "--backend", "milvus", "--quiet"]
     down = invoke(index_cli, *common, "--out", tmp_path / "a", "--milvus-uri", dead)
     assert f"Milvus at {dead} (connecting)" in one_error_line(down)
-    assert not (tmp_path / "a" / "manifest.json").exists()
+    assert not (tmp_path / "a").exists()  # nothing written
     refused = invoke(
         index_cli, *common, "--out", tmp_path / "b", "--milvus-uri", milvus_server, "--collection", "pq",
         "--index", "IVF16,PQ8", "--milvus-token", TOKEN_ENV, env={TOKEN_ENV: TOKEN},

@@ -9,6 +9,7 @@ the collection, the index and the recall measured.
 
 from __future__ import annotations
 
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -34,11 +35,17 @@ from isdretrieve.index.milvus.collection import FINGERPRINT, ROWS_DONE, BankColl
 from isdretrieve.index.milvus.connect import Connection, MilvusTarget, connect, pymilvus_module
 from isdretrieve.index.milvus.fill import fill, open_for_fill
 from isdretrieve.index.milvus.params import METRIC, MilvusIndexSpec, milvus_index
-from isdretrieve.index.plan import choose_index, default_memory_budget
+from isdretrieve.index.plan import choose_index, default_memory_budget, ivf_lists
 from isdretrieve.index.recall import heldout_queries, heldout_recall, heldout_search, sample_rows
 
 KIND_MILVUS = "milvus"
 CHECKED_ROWS = 64  # rows of an attached collection compared with the bank
+SEGMENT_BYTES = 1 << 30  # Milvus's default largest segment (dataCoord.segment.maxSize, 1024 MB)
+
+
+def segment_rows(dim: int) -> int:
+    """Rows of ``dim`` float32 values in one full Milvus segment: what one IVF index is trained over."""
+    return SEGMENT_BYTES // (4 * dim)
 
 
 @dataclass
@@ -120,10 +127,10 @@ def _make(
     say = _reporter(progress)
     with FeatureBank.open(bank_path) as bank:
         build = _plan(bank, factory, memory_budget, k, say)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # unfinished until the new manifest lands
         conn = connect(target, Path.cwd())  # a relative milvus-lite file is relative to here
         try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # unfinished until the new manifest lands
             started = time.perf_counter()
             collection = _filled(conn, bank, say) if insert else _attached(conn, bank, build.spec, seed)
             collection.ensure_index(build.spec)
@@ -137,18 +144,29 @@ def _make(
     return _save(out_dir, target, build, identity, recall_target, memory_budget, server)
 
 
+def milvus_plan(n: int, dim: int, factory: str, memory_budget: int | None) -> tuple[str, str]:
+    """(factory, why) of the index for ``n`` x ``dim`` rows in Milvus: ``factory`` as given, or the auto
+    plan under the budget (the query nodes' memory) with an IVF's lists sized for one Milvus segment,
+    since Milvus trains an index per segment rather than one over the whole collection."""
+    if factory != "auto":
+        return factory, "given"
+    budget = default_memory_budget() if memory_budget is None else int(memory_budget)
+    plan = choose_index(n, dim, memory_budget=budget)
+    factory, reason = plan.factory, plan.reason
+    if plan.on_disk:
+        reason += "; in Milvus the query nodes hold the lists (on a cluster DISKANN keeps them on disk)"
+    if milvus_index(factory).knob == "nprobe":
+        rows = segment_rows(dim)
+        factory = re.sub(r"^IVF\d+", f"IVF{ivf_lists(min(n, rows))}", factory)
+        reason += f"; {factory.split(',')[0]} lists per Milvus segment of up to {rows:,} rows"
+    return factory, reason
+
+
 def _plan(
     bank: FeatureBank, factory: str, memory_budget: int | None, k: int, say: Callable[[str], None]
 ) -> _Build:
     """The index for this bank: the factory given, or the auto plan under the budget, as a Milvus index."""
-    if factory == "auto":
-        budget = default_memory_budget() if memory_budget is None else int(memory_budget)
-        plan = choose_index(len(bank), bank.dim, memory_budget=budget)
-        factory, reason = plan.factory, plan.reason
-        if plan.on_disk:
-            reason += "; in Milvus the query nodes hold the lists (on a cluster DISKANN keeps them on disk)"
-    else:
-        reason = "given"
+    factory, reason = milvus_plan(len(bank), bank.dim, factory, memory_budget)
     spec = milvus_index(factory)
     reason = f"{reason}; {spec.note}" if spec.note else reason
     if len(bank) < 2:
