@@ -58,7 +58,7 @@ _FACE: dict[str, str] = {
     "open_index": "isdretrieve.index.open",
     "MilvusTarget": "isdretrieve.index.milvus.connect",
     "MilvusIndex": "isdretrieve.index.milvus.search",
-    "attach_milvus_index": "isdretrieve.index.milvus.build",
+    "build_milvus_index": "isdretrieve.index.milvus.build",
     # using them
     "knn_evaluate": "isdretrieve.evaluate.knn_eval",
     "KnnReport": "isdretrieve.evaluate.knn_eval",

@@ -62,6 +62,40 @@ def export_kwargs(teacher: bool, quiet: bool, **options: object) -> dict[str, ob
     return {"which": "teacher" if teacher else "student", "progress": not quiet, **options}
 
 
+def index_options(command):
+    """Where the index directory goes and which index it gets (shared by build and attach)."""
+    options = [
+        click.option(
+            "--out",
+            required=True,
+            type=click.Path(file_okay=False, path_type=Path),
+            help="Index directory, e.g. indices/NAME.",
+        ),
+        click.option(
+            "--index",
+            "factory",
+            default="auto",
+            show_default=True,
+            help="auto, or a FAISS factory string (Milvus: one it has an index for).",
+        ),
+        click.option(
+            "--recall-target",
+            type=click.FloatRange(0, 1, min_open=True),
+            default=0.95,
+            show_default=True,
+            help="recall@10 an approximate index is tuned to.",
+        ),
+        click.option(
+            "--memory-budget",
+            type=SIZE,
+            help="Index memory budget for auto, e.g. 4G (default: half the RAM).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def milvus_options(required: bool):
     """Where a Milvus collection is: --milvus-uri, --collection, --milvus-token (build and attach)."""
     options = [
@@ -121,27 +155,7 @@ def milvus_target(out: Path, uri: str | None, collection: str | None, token_env:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="With --embeddings: one int label a row (.npy, or text with one a line).",
 )
-@click.option(
-    "--out",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Index directory, e.g. indices/NAME.",
-)
-@click.option(
-    "--index", "factory", default="auto", show_default=True, help="auto, or any FAISS factory string."
-)
-@click.option(
-    "--recall-target",
-    type=click.FloatRange(0, 1, min_open=True),
-    default=0.95,
-    show_default=True,
-    help="recall@10 an approximate index is tuned to.",
-)
-@click.option(
-    "--memory-budget",
-    type=SIZE,
-    help="Index memory budget for auto, e.g. 4G (default: half the RAM).",
-)
+@index_options
 @click.option(
     "--on-disk", is_flag=True, help="Keep an IVF index's lists on disk (auto does when RAM is short)."
 )
@@ -269,23 +283,7 @@ def _report_built(out: Path, manifest, as_json: bool) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="The bank whose rows the collection holds (its parquet export was imported into it).",
 )
-@click.option(
-    "--out",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Index directory to write, e.g. indices/NAME.",
-)
-@click.option(
-    "--index", "factory", default="auto", show_default=True, help="auto, or a factory string Milvus has."
-)
-@click.option(
-    "--recall-target",
-    type=click.FloatRange(0, 1, min_open=True),
-    default=0.95,
-    show_default=True,
-    help="recall@10 the index is tuned to.",
-)
-@click.option("--memory-budget", type=SIZE, help="Index memory budget for auto, e.g. 64G.")
+@index_options
 @milvus_options(required=True)
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @json_option
@@ -308,14 +306,15 @@ def attach(
     For a collection filled elsewhere, e.g. by a Milvus bulk import of 'isd-index export --format parquet':
     its rows are checked against the bank, then it is indexed and tuned like a build.
     """
-    from isdretrieve.index.milvus.build import attach_milvus_index
+    from isdretrieve.index.milvus.build import build_milvus_index
 
     target = milvus_target(out, milvus_uri, collection, milvus_token)
     target.token()  # a token variable that is not set fails now, before anything is written
-    manifest = attach_milvus_index(
+    manifest = build_milvus_index(
         bank,
         out,
         target,
+        attach=True,
         factory=factory,
         recall_target=recall_target,
         memory_budget=memory_budget,

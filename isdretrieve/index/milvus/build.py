@@ -69,6 +69,7 @@ def build_milvus_index(
     out_dir: str | Path,
     target: MilvusTarget,
     *,
+    attach: bool = False,
     factory: str = "auto",
     recall_target: float = 0.95,
     k: int = 10,
@@ -78,61 +79,26 @@ def build_milvus_index(
     progress: bool = False,
 ) -> IndexManifest:
     """Fill ``target``'s collection from the bank at ``bank`` (resumable: rerun to continue), give it the
-    planned index, tune it to ``recall_target`` on held-out queries, and write ``out_dir``."""
-    return _make(
-        bank, out_dir, target, factory, recall_target, k, memory_budget, queries, seed, progress, True
-    )
+    planned index, tune it to ``recall_target`` on held-out queries, and write ``out_dir``.
 
-
-def attach_milvus_index(
-    bank: str | Path,
-    out_dir: str | Path,
-    target: MilvusTarget,
-    *,
-    factory: str = "auto",
-    recall_target: float = 0.95,
-    k: int = 10,
-    memory_budget: int | None = None,
-    queries: int = 1000,
-    seed: int = 0,
-    progress: bool = False,
-) -> IndexManifest:
-    """Write ``out_dir`` for ``target``'s existing collection of the bank at ``bank`` (filled elsewhere,
-    e.g. by a bulk import of the bank's parquet export): its rows are checked against the bank, then
-    indexed and tuned as a build does."""
-    return _make(
-        bank, out_dir, target, factory, recall_target, k, memory_budget, queries, seed, progress, False
-    )
-
-
-def _make(
-    bank_path: str | Path,
-    out_dir: str | Path,
-    target: MilvusTarget,
-    factory: str,
-    recall_target: float,
-    k: int,
-    memory_budget: int | None,
-    queries: int,
-    seed: int,
-    progress: bool,
-    insert: bool,
-) -> IndexManifest:
-    """Build (``insert``) or attach: plan, fill or check, index, tune, then the manifest."""
-    out_dir = Path(out_dir)
+    ``attach``: the collection exists already, filled elsewhere (e.g. a bulk import of the bank's parquet
+    export); its rows are checked against the bank instead of inserted, then it is indexed and tuned.
+    """
+    out_dir, bank_path = Path(out_dir), Path(bank)
     if not 0 < recall_target <= 1 or queries < 1 or k < 1:
         raise IsdError(
             f"need 0 < recall_target <= 1, queries >= 1 and k >= 1, got {recall_target}, {queries} and {k}"
         )
     say = _reporter(progress)
-    with FeatureBank.open(bank_path) as bank:
+    with FeatureBank.open(bank_path) as opened:
+        bank = opened
         build = _plan(bank, factory, memory_budget, k, say)
         conn = connect(target, Path.cwd())  # a relative milvus-lite file is relative to here
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # unfinished until the new manifest lands
             started = time.perf_counter()
-            collection = _filled(conn, bank, say) if insert else _attached(conn, bank, build.spec, seed)
+            collection = _attached(conn, bank, build.spec, seed) if attach else _filled(conn, bank, say)
             collection.ensure_index(build.spec)
             build.build_seconds = time.perf_counter() - started
             _tune(collection, bank, build, recall_target, queries, seed, say)
@@ -140,7 +106,7 @@ def _make(
         finally:
             conn.close()
         identity = (bank.fingerprint, len(bank), bank.dim)
-    link_or_copy(Path(bank_path), out_dir / BANK_FILE)
+    link_or_copy(bank_path, out_dir / BANK_FILE)
     return _save(out_dir, target, build, identity, recall_target, memory_budget, server)
 
 
