@@ -45,6 +45,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from _harness import CIFAR_TARBALL, cifar_root, machine_info, random_encoder, write_result
 
 from isdretrieve.bank.export import export_bank
+from isdretrieve.files.versions import package_versions
 from isdretrieve.index.build import build_index
 from isdretrieve.index.milvus.connect import MilvusTarget
 from isdretrieve.index.open import open_index
@@ -160,6 +161,7 @@ def main() -> None:
             f"batch, median of {REPEATS}; single = p50 of {SINGLE} one-query calls; {args.threads} threads; "
             "milvus-lite embedded in the same process"
         ),
+        "milvus_versions": package_versions("pymilvus", "milvus_lite"),
         "bank": {
             "rows": exported.rows,
             "encoder": which,
