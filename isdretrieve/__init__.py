@@ -53,6 +53,12 @@ _FACE: dict[str, str] = {
     "choose_index": "isdretrieve.index.plan",
     "exact_search": "isdretrieve.index.exact",
     "SearchIndex": "isdretrieve.index.search",
+    "VectorIndex": "isdretrieve.index.backend",
+    "LabelFilter": "isdretrieve.index.backend",
+    "open_index": "isdretrieve.index.open",
+    "MilvusTarget": "isdretrieve.index.milvus.connect",
+    "MilvusIndex": "isdretrieve.index.milvus.search",
+    "build_milvus_index": "isdretrieve.index.milvus.build",
     # using them
     "knn_evaluate": "isdretrieve.evaluate.knn_eval",
     "KnnReport": "isdretrieve.evaluate.knn_eval",

@@ -8,6 +8,7 @@ the same command after a crash finishes the job.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from isdretrieve.bank.export import export_bank
 from isdretrieve.encoder import encoder_fingerprint
@@ -15,6 +16,9 @@ from isdretrieve.errors import BankError
 from isdretrieve.files.manifest import IndexManifest
 from isdretrieve.index.build import build_index
 from isdretrieve.models.checkpoints import export_encoder, load_backbone
+
+if TYPE_CHECKING:
+    from isdretrieve.index.milvus.connect import MilvusTarget
 
 
 def export_index_encoder(checkpoint: str | Path, out_dir: Path, *, which: str = "student") -> Path:
@@ -46,8 +50,11 @@ def build_index_from_checkpoint(
     workers: int = 2,
     on_bad_image: str = "error",
     progress: bool = False,
+    backend: str = "faiss",
+    milvus: MilvusTarget | None = None,
 ) -> IndexManifest:
-    """Encoder export → bank export (resumable) → index build, all inside ``out_dir``."""
+    """Encoder export → bank export (resumable) → index build, all inside ``out_dir`` (with
+    ``backend="milvus"`` the index is the collection ``milvus`` names)."""
     out_dir = Path(out_dir)
     encoder = export_index_encoder(checkpoint, out_dir, which=which)
     export_bank(
@@ -68,6 +75,8 @@ def build_index_from_checkpoint(
         recall_target=recall_target,
         memory_budget=memory_budget,
         progress=progress,
+        backend=backend,
+        milvus=milvus,
     )
 
 

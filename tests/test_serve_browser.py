@@ -209,3 +209,24 @@ def test_a_token_server_page_asks_for_the_token_then_works(browser, indices):
         other.wait_for_selector("#token-form:not([hidden])")
         assert "wrong token" in other.text_content("#error") and "#" not in other.url
         context.close()
+
+
+def test_the_class_filter_applies_to_searches(page, indices):
+    """The class chosen for browsing filters searches too: a row whose neighbours span classes shows only
+    neighbours of the chosen class once it is chosen."""
+    with Retriever.open(indices["digits"]) as r:
+        rows = [
+            row
+            for row in r.sample_rows(450, label=7)
+            if {h.label for h in r.neighbours([row], k=10)[0].hits} != {7}
+        ]
+    assert rows, "every class-7 row has only class-7 neighbours: the filter would show nothing"
+    page.evaluate(f"searchRow({rows[0]})")  # the page's own search of a row, as a click runs it
+    page.wait_for_function("() => document.querySelectorAll('.hits .tile').length === 10")
+    assert set(page.eval_on_selector_all(".hits .cls", "s => s.map(e => e.textContent)")) != {"7"}
+    page.select_option("#cls", "7")
+    page.evaluate(f"searchRow({rows[0]})")
+    page.wait_for_function(
+        "() => document.querySelectorAll('.hits .tile').length === 10"
+        " && Array.from(document.querySelectorAll('.hits .cls')).every(e => e.textContent === '7')"
+    )

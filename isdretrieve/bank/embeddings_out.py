@@ -5,8 +5,11 @@
   ``labels.npy`` [N] int64 (-1: unlabelled), ``paths.txt`` (one image path a line) and ``meta.json``
   (fingerprint, data spec, class names).
 - **parquet**: one file with columns ``row`` int64, ``index`` int64, ``label`` int64, ``path`` string and
-  ``embedding`` fixed_size_list<float32>[D]; the bank's fingerprint, data spec and classes are in the
-  schema's metadata.
+  ``embedding`` list<float32> (D values each); the bank's fingerprint, data spec and classes are in the
+  schema's metadata. These are the fields of the bank's Milvus collection
+  (:mod:`isdretrieve.index.milvus.collection`) with the types a Milvus bulk import reads (a FLOAT_VECTOR
+  as a list of float32, as pymilvus's own BulkWriter writes it), in row groups of at most 32 MiB, so the
+  file can be imported into that collection as it is.
 
 Banks are read block by block, and every output is written under a temporary name and renamed into place.
 """
@@ -26,6 +29,7 @@ from isdretrieve.files.atomic import atomic_path, fsync_path
 from isdretrieve.files.bank import FeatureBank
 
 FORMATS = ("h5", "npy", "parquet")
+ROW_GROUP_BYTES = 32 << 20  # Milvus's importer reads a row group at a time
 NPY_FILES = ("features.npy", "rows.npy", "indices.npy", "labels.npy", "paths.txt", "meta.json")
 
 
@@ -97,15 +101,17 @@ def _write_parquet(bank: FeatureBank, out: Path) -> None:
             ("index", pa.int64()),
             ("label", pa.int64()),
             ("path", pa.string()),
-            ("embedding", pa.list_(pa.float32(), dim)),
+            ("embedding", pa.list_(pa.float32())),
         ],
         metadata={"isdretrieve": json.dumps(_meta(bank))},
     )
     indices, labels, paths = bank.indices(), bank.labels(), bank.paths()
+    group_rows = max(1, ROW_GROUP_BYTES // (4 * dim + 64))
     with atomic_path(out) as tmp, pa.parquet.ParquetWriter(tmp, schema) as writer:
         for start, x in bank.blocks():
             stop = start + len(x)
-            embedding = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), pa.float32()), dim)
+            offsets = pa.array(np.arange(0, (len(x) + 1) * dim, dim, dtype=np.int32))
+            embedding = pa.ListArray.from_arrays(offsets, pa.array(x.reshape(-1), pa.float32()))
             columns = [
                 pa.array(np.arange(start, stop, dtype=np.int64)),
                 pa.array(indices[start:stop].astype(np.int64)),
@@ -113,4 +119,4 @@ def _write_parquet(bank: FeatureBank, out: Path) -> None:
                 pa.array(paths[start:stop], pa.string()),
                 embedding,
             ]
-            writer.write_table(pa.Table.from_arrays(columns, schema=schema))
+            writer.write_table(pa.Table.from_arrays(columns, schema=schema), row_group_size=group_rows)

@@ -1,4 +1,4 @@
-"""``isd-index``: build and inspect FAISS indices over feature banks."""
+"""``isd-index``: build and inspect indices over feature banks (FAISS, or a Milvus collection)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from isdretrieve.cli.serve import serve
 
 @click.group(cls=Group, context_settings=CONTEXT)
 def main() -> None:
-    """Build and use feature banks and FAISS indices."""
+    """Build and use feature banks and their indices (FAISS, or Milvus collections)."""
 
 
 def export_options(command):
@@ -62,6 +62,76 @@ def export_kwargs(teacher: bool, quiet: bool, **options: object) -> dict[str, ob
     return {"which": "teacher" if teacher else "student", "progress": not quiet, **options}
 
 
+def index_options(command):
+    """Where the index directory goes and which index it gets (shared by build and attach)."""
+    options = [
+        click.option(
+            "--out",
+            required=True,
+            type=click.Path(file_okay=False, path_type=Path),
+            help="Index directory, e.g. indices/NAME.",
+        ),
+        click.option(
+            "--index",
+            "factory",
+            default="auto",
+            show_default=True,
+            help="auto, or a FAISS factory string (Milvus: one it has an index for).",
+        ),
+        click.option(
+            "--recall-target",
+            type=click.FloatRange(0, 1, min_open=True),
+            default=0.95,
+            show_default=True,
+            help="recall@10 an approximate index is tuned to.",
+        ),
+        click.option(
+            "--memory-budget",
+            type=SIZE,
+            help="Index memory budget for auto, e.g. 4G (default: half the RAM).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def milvus_options(required: bool):
+    """Where a Milvus collection is: --milvus-uri, --collection, --milvus-token (build and attach)."""
+    options = [
+        click.option(
+            "--milvus-uri",
+            required=required,
+            help="A milvus-lite file (NAME.db, embedded) or a Milvus server, http(s)://HOST:PORT"
+            + ("." if required else " (default with --backend milvus: OUT/milvus.db)."),
+        ),
+        click.option("--collection", help="The Milvus collection (default: isd_ and the name of OUT)."),
+        click.option(
+            "--milvus-token",
+            "milvus_token",
+            metavar="ENV",
+            help="The environment variable holding the Milvus token (user:password or an API key).",
+        ),
+    ]
+
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def milvus_target(out: Path, uri: str | None, collection: str | None, token_env: str | None):
+    """The MilvusTarget the options name (URI default OUT/milvus.db, collection default isd_NAME)."""
+    import re
+
+    from isdretrieve.index.milvus.connect import MilvusTarget
+
+    name = collection or "isd_" + re.sub(r"[^A-Za-z0-9_]", "_", out.resolve().name or "index")
+    return MilvusTarget(uri or str(out / "milvus.db"), name, token_env)
+
+
 @main.command(context_settings=CONTEXT)
 @click.option(
     "--checkpoint",
@@ -85,27 +155,7 @@ def export_kwargs(teacher: bool, quiet: bool, **options: object) -> dict[str, ob
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="With --embeddings: one int label a row (.npy, or text with one a line).",
 )
-@click.option(
-    "--out",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Index directory, e.g. indices/NAME.",
-)
-@click.option(
-    "--index", "factory", default="auto", show_default=True, help="auto, or any FAISS factory string."
-)
-@click.option(
-    "--recall-target",
-    type=click.FloatRange(0, 1, min_open=True),
-    default=0.95,
-    show_default=True,
-    help="recall@10 an approximate index is tuned to.",
-)
-@click.option(
-    "--memory-budget",
-    type=SIZE,
-    help="Index memory budget for auto, e.g. 4G (default: half the RAM).",
-)
+@index_options
 @click.option(
     "--on-disk", is_flag=True, help="Keep an IVF index's lists on disk (auto does when RAM is short)."
 )
@@ -114,6 +164,14 @@ def export_kwargs(teacher: bool, quiet: bool, **options: object) -> dict[str, ob
     type=click.IntRange(min=1),
     help="On-disk builds: rows added per shard (default: what half the budget holds).",
 )
+@click.option(
+    "--backend",
+    type=click.Choice(["faiss", "milvus"]),
+    default="faiss",
+    show_default=True,
+    help="faiss: OUT/index.faiss; milvus: the rows go into a Milvus collection (resumable).",
+)
+@milvus_options(required=False)
 @export_options
 @json_option
 @verbose_option
@@ -131,17 +189,23 @@ def build(
     memory_budget: int | None,
     on_disk: bool,
     shard_rows: int | None,
+    backend: str,
+    milvus_uri: str | None,
+    collection: str | None,
+    milvus_token: str | None,
     as_json: bool,
     **export: object,
 ) -> None:
     """Encode a data set into OUT/bank.h5 and build OUT/index.faiss (resumable: rerun to finish).
 
     Or index an existing bank (--bank), or embeddings made elsewhere (--embeddings), imported as OUT/bank.h5.
+    With --backend milvus the rows go into a Milvus collection instead of OUT/index.faiss.
     """
     from isdretrieve.index.build import build_index
     from isdretrieve.pipeline import build_index_from_checkpoint
 
     options = export_kwargs(**export)
+    where = _backend_kwargs(out, backend, milvus_uri, collection, milvus_token)
     sources = [name for name, given in (("--bank", bank), ("--embeddings", embeddings)) if given]
     if (key or labels) and not embeddings:
         raise click.UsageError("--key and --labels go with --embeddings")
@@ -164,6 +228,7 @@ def build(
             on_disk=on_disk,
             shard_rows=shard_rows,
             progress=options["progress"],
+            **where,
         )
     else:
         if not (checkpoint and data):
@@ -177,9 +242,31 @@ def build(
             factory=factory,
             recall_target=recall_target,
             memory_budget=memory_budget,
+            **where,
             **options,
         )
-    where = " on disk" if manifest.kind == "ondisk" else ""
+    _report_built(out, manifest, as_json)
+
+
+def _backend_kwargs(
+    out: Path, backend: str, uri: str | None, collection: str | None, token_env: str | None
+) -> dict[str, object]:
+    """``backend`` (and ``milvus``, the target) for build_index; Milvus options need --backend milvus."""
+    if backend != "milvus":
+        if uri or collection or token_env:
+            raise click.UsageError("--milvus-uri, --collection and --milvus-token go with --backend milvus")
+        return {}
+    target = milvus_target(out, uri, collection, token_env)
+    target.token()  # a token variable that is not set fails now, before anything is written
+    return {"backend": "milvus", "milvus": target}
+
+
+def _report_built(out: Path, manifest, as_json: bool) -> None:
+    """What build and attach print: the index, its size and its measured recall (the manifest with --json)."""
+    if manifest.backend == "milvus":
+        where = f" in Milvus ({manifest.milvus['index_type']}, collection {manifest.milvus['collection']})"
+    else:
+        where = " on disk" if manifest.kind == "ondisk" else ""
     text = (
         f"{out}: {manifest.factory}{where} over {manifest.count:,} x {manifest.dim}, "
         f"recall@{manifest.recall_k} {manifest.recall:.4f}, built in {manifest.build_seconds:.1f} s"
@@ -187,6 +274,53 @@ def build(
     for note in manifest.notes:
         click.echo(f"note: {note}", err=True)
     emit({"index_dir": out, **json.loads(manifest.to_json())}, as_json, text)
+
+
+@main.command(context_settings=CONTEXT)
+@click.option(
+    "--bank",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The bank whose rows the collection holds (its parquet export was imported into it).",
+)
+@index_options
+@milvus_options(required=True)
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+@json_option
+@verbose_option
+@user_errors
+def attach(
+    bank: Path,
+    out: Path,
+    factory: str,
+    recall_target: float,
+    memory_budget: int | None,
+    milvus_uri: str,
+    collection: str | None,
+    milvus_token: str | None,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    """Write the index directory OUT for an existing Milvus collection of BANK's rows.
+
+    For a collection filled elsewhere, e.g. by a Milvus bulk import of 'isd-index export --format parquet':
+    its rows are checked against the bank, then it is indexed and tuned like a build.
+    """
+    from isdretrieve.index.milvus.build import build_milvus_index
+
+    target = milvus_target(out, milvus_uri, collection, milvus_token)
+    target.token()  # a token variable that is not set fails now, before anything is written
+    manifest = build_milvus_index(
+        bank,
+        out,
+        target,
+        attach=True,
+        factory=factory,
+        recall_target=recall_target,
+        memory_budget=memory_budget,
+        progress=not quiet,
+    )
+    _report_built(out, manifest, as_json)
 
 
 @main.command(context_settings=CONTEXT)
@@ -299,15 +433,17 @@ def _print_rows(title: str, rows: dict[str, object]) -> None:
 @verbose_option
 @user_errors
 def recall(index_dir: Path, k: int, queries: int, seed: int, as_json: bool) -> None:
-    """Re-measure recall@k of the index against exact search."""
-    from isdretrieve.index.search import SearchIndex
+    """Re-measure recall@k of the index against exact search (through its backend: FAISS or Milvus)."""
+    from isdretrieve.index.open import open_index
 
-    with SearchIndex.open(index_dir) as index:
+    with open_index(index_dir) as index:
         value = index.recall(k=k, queries=queries, seed=seed)
-        used, factory = min(queries, len(index)), index.manifest.factory
+        used, factory, backend = min(queries, len(index)), index.manifest.factory, index.backend
         k_used = min(k, len(index) - 1)  # recall() lowers k to the other rows of a small bank
     result = {"index_dir": index_dir, "k": k_used, "recall": value, "queries": used, "factory": factory}
-    emit(result, as_json, f"recall@{k_used} = {value:.4f} ({factory}, {used:,} queries)")
+    result["backend"] = backend
+    where = "" if backend == "faiss" else f" in {backend}"
+    emit(result, as_json, f"recall@{k_used} = {value:.4f} ({factory}{where}, {used:,} queries)")
 
 
 main.add_command(mine)

@@ -69,7 +69,7 @@ def main(
 ) -> None:
     """k-NN top-1/top-5 of the TEST bank's rows against the TRAIN index (or of a checkpoint on --data)."""
     from isdretrieve.evaluate.knn_eval import knn_evaluate, open_test_bank
-    from isdretrieve.index.search import SearchIndex
+    from isdretrieve.index.open import open_index
 
     preset_ks, preset_t, preset_w = PRESETS[preset]
     with contextlib.ExitStack() as stack:
@@ -82,7 +82,7 @@ def main(
             train_dir, test_path = knn_banks_from_checkpoint(checkpoint, data, work)
         elif not (train_dir and test_path):
             raise click.UsageError(EITHER)
-        train = stack.enter_context(SearchIndex.open(train_dir))
+        train = stack.enter_context(open_index(train_dir))
         test = stack.enter_context(open_test_bank(test_path))
         report = knn_evaluate(
             train,
@@ -110,7 +110,8 @@ def _probe_config(linear: str | None):
 
 def _print_report(report, per_class: bool) -> None:
     self_note = ", self-matches excluded" if report.exclude_self else ""
-    click.echo(f"{report.test_size:,} queries vs {report.train_size:,} ({report.search}{self_note})")
+    where = "" if report.backend == "faiss" else f" in {report.backend}"
+    click.echo(f"{report.test_size:,} queries vs {report.train_size:,} ({report.search}{where}{self_note})")
     for r in report.results:
         t = f", T={r.temperature}" if r.weighting == "exp" else ""
         click.echo(f"k={r.k}{t} {r.weighting}: top-1 {r.top1:.4f}  top-5 {r.top5:.4f}")

@@ -14,8 +14,8 @@ from isdretrieve.errors import BankError
 from isdretrieve.evaluate.knn import KnnResult, classify
 from isdretrieve.evaluate.protocols import Weighting
 from isdretrieve.files.bank import FeatureBank
+from isdretrieve.index.backend import VectorIndex
 from isdretrieve.index.recall import drop_self_matches
-from isdretrieve.index.search import SearchIndex
 
 if TYPE_CHECKING:  # the probe needs torch; k-NN alone runs on FAISS and NumPy
     from isdretrieve.evaluate.linear_eval import ImageProbeConfig
@@ -31,6 +31,7 @@ class KnnReport:
     train_size: int
     test_size: int
     search: str  # the train index's factory string ("Flat" = exact)
+    backend: str  # where it was searched: faiss or milvus
     exclude_self: bool
     features: str
     search_seconds: float
@@ -62,7 +63,7 @@ def _same_bank(a: FeatureBank, b: FeatureBank) -> bool:
 
 
 def knn_evaluate(
-    train: SearchIndex,
+    train: VectorIndex,
     test: FeatureBank,
     *,
     ks: tuple[int, ...] = (20,),
@@ -114,6 +115,7 @@ def knn_evaluate(
         train_size=len(train),
         test_size=len(test),
         search=train.manifest.factory,
+        backend=train.backend,
         exclude_self=exclude_self,
         features="L2-normalised backbone features",
         search_seconds=round(search_seconds, 4),
@@ -125,7 +127,7 @@ def knn_evaluate(
 
 def _probe(
     linear: ProbeConfig | ImageProbeConfig,
-    train: SearchIndex,
+    train: VectorIndex,
     test: FeatureBank,
     train_labels: np.ndarray,
     queries: np.ndarray,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,3 +62,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Make ``target`` the file at ``source``: a hard link where possible, else a copy, put in place
+    atomically (nothing is done when they are already the same file).
+
+    A link is safe for a bank: a complete bank is never written in place (exports only resume
+    incomplete ones)."""
+    if target.exists() and os.path.samefile(source, target):
+        return
+    with atomic_path(target) as tmp:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)

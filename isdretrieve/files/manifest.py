@@ -4,6 +4,8 @@
 An index directory holds ``bank.h5`` (the bank the index was built from, a hard link or a copy),
 ``index.faiss`` (its ids are the bank's row numbers), ``index.ivfdata`` (kind "ondisk" only: the inverted
 lists, memory-mapped) and ``manifest.json``, written last: a directory without it is an unfinished build.
+A Milvus index (backend "milvus") has no ``index.faiss``: its manifest names the collection that holds
+the rows (``milvus``: the URI without secrets, the collection, the index type and its parameters).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ METRIC = "inner_product"
 BANK_FILE, INDEX_FILE, MANIFEST_FILE = "bank.h5", "index.faiss", "manifest.json"
 RECALL_PROTOCOL = "held-out: sampled bank rows searched for k+1, own row dropped from hits and truth"
 KIND_RAM, KIND_ONDISK = "ram", "ondisk"
+BACKEND_FAISS, BACKEND_MILVUS = "faiss", "milvus"
 
 
 @dataclass
@@ -32,7 +35,7 @@ class IndexManifest:
     """Contents of ``manifest.json``: what was built, over which bank, and how well it searches."""
 
     factory: str
-    params: dict[str, int]  # search parameters: {"nprobe": ...} or {"efSearch": ...} or {}
+    params: dict[str, int]  # search parameters: {"nprobe": ...} or {"efSearch": ...} ({"ef": ...} in Milvus)
     bank_fingerprint: str
     count: int
     dim: int
@@ -52,6 +55,8 @@ class IndexManifest:
     shards: int = 0  # shards the on-disk lists were filled in
     recall_protocol: str = ""  # how recall was measured (RECALL_PROTOCOL); "" in manifests before it
     notes: list[str] = field(default_factory=list)  # e.g. k lowered for a bank smaller than k
+    backend: str = BACKEND_FAISS  # "faiss": index.faiss here; "milvus": a collection (``milvus``)
+    milvus: dict[str, Any] = field(default_factory=dict)  # uri (no secrets), collection, index type...
     format: str = INDEX_FORMAT
     metric: str = METRIC
     bank_file: str = BANK_FILE
@@ -84,10 +89,16 @@ def read_manifest(index_dir: str | Path) -> IndexManifest:
     directory = Path(index_dir)
     if not directory.is_dir():
         raise IsdError(f"index directory not found: {directory}")
-    for name in (MANIFEST_FILE, INDEX_FILE, BANK_FILE):
+    if not (directory / MANIFEST_FILE).is_file():
+        raise IsdError(f"{directory} is not a finished index directory: {MANIFEST_FILE} is missing")
+    manifest = IndexManifest.from_json((directory / MANIFEST_FILE).read_text())
+    if manifest.backend not in (BACKEND_FAISS, BACKEND_MILVUS):
+        raise IsdError(f"{directory / MANIFEST_FILE} names an unknown backend {manifest.backend!r}")
+    needed = (BANK_FILE,) if manifest.backend == BACKEND_MILVUS else (INDEX_FILE, BANK_FILE)
+    for name in needed:
         if not (directory / name).is_file():
             raise IsdError(f"{directory} is not a finished index directory: {name} is missing")
-    return IndexManifest.from_json((directory / MANIFEST_FILE).read_text())
+    return manifest
 
 
 def check_bank_fingerprint(directory: Path, manifest: IndexManifest, fingerprint: str) -> None:

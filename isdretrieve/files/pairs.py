@@ -15,7 +15,8 @@ Layout (``format = "isdretrieve.pairs/1"``), N = bank rows, P = pairs:
 Attributes: the parameters (``k``, ``threshold`` as applied, ``quantile``, ``mutual``), the bank's
 ``fingerprint``, ``data_spec``, ``dataset_size`` and ``items_sha256`` (its file list), ``bank``,
 ``search_seconds``, ``created``, and how the candidates were searched: ``search`` ("exact", or
-"approximate" through the index directory ``index``, with ``index_factory`` and ``index_params``),
+"approximate" through the index directory ``index``, with ``index_backend`` (faiss or milvus; absent
+before it), ``index_factory`` and ``index_params``),
 ``search_recall`` (recall@k of the candidate lists against exact search on ``search_recall_queries``
 sampled rows, own rows excluded on both sides; 1.0 and 0 queries for exact search).
 """

@@ -9,21 +9,22 @@ is recorded in ``manifest.json`` (the directory's files: :mod:`isdretrieve.files
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
 
 from isdretrieve.bank.arrays import bank_from_array
 from isdretrieve.errors import IsdError
-from isdretrieve.files.atomic import atomic_path
+from isdretrieve.files.atomic import atomic_path, link_or_copy
 from isdretrieve.files.bank import BLOCK_BYTES, FeatureBank
 from isdretrieve.files.manifest import (
+    BACKEND_FAISS,
+    BACKEND_MILVUS,
     BANK_FILE,
     INDEX_FILE,
     KIND_ONDISK,
@@ -37,6 +38,9 @@ from isdretrieve.index.faiss_ops import faiss_message, is_exact, make_index, sea
 from isdretrieve.index.ondisk import IVFDATA_FILE, build_ondisk, shard_rows_for
 from isdretrieve.index.plan import choose_index, default_memory_budget
 from isdretrieve.index.recall import heldout_queries, heldout_recall, heldout_search, sample_rows
+
+if TYPE_CHECKING:
+    from isdretrieve.index.milvus.connect import MilvusTarget
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,8 @@ def build_index(
     on_disk: bool = False,
     shard_rows: int | None = None,
     progress: bool = False,
+    backend: str = BACKEND_FAISS,
+    milvus: MilvusTarget | None = None,
 ) -> IndexManifest:
     """Build, tune and save an index over ``bank`` (a bank.h5 path, or an [N, D] array) into ``out_dir``.
 
@@ -91,16 +97,27 @@ def build_index(
     held-out queries) lowers k, noted in the manifest. An array is checked (2-D, finite, no zero rows),
     normalised and written as ``out_dir/bank.h5``. Writes ``index.faiss``, places the bank at
     ``out_dir/bank.h5`` (hard link or copy) and writes ``manifest.json`` last.
+
+    ``backend="milvus"`` puts the rows in the collection ``milvus`` names instead of ``index.faiss``
+    (:func:`~isdretrieve.index.milvus.build.build_milvus_index`: same plan, same tuning, resumable).
     """
     out_dir = Path(out_dir)
     if not 0 < recall_target <= 1 or queries < 1 or k < 1:
         raise IsdError(
             f"need 0 < recall_target <= 1, queries >= 1 and k >= 1, got {recall_target}, {queries} and {k}"
         )
+    _check_backend(backend, milvus, on_disk or bool(shard_rows))
     if isinstance(bank, np.ndarray):
         (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
         bank = bank_from_array(bank, out_dir / BANK_FILE)
     bank_path = Path(bank)
+    if backend == BACKEND_MILVUS:
+        from isdretrieve.index.milvus.build import build_milvus_index
+
+        return build_milvus_index(
+            bank_path, out_dir, milvus, factory=factory, recall_target=recall_target, k=k,
+            memory_budget=memory_budget, queries=queries, seed=seed, progress=progress,
+        )  # fmt: skip
     with FeatureBank.open(bank_path) as opened:
         choice = _choose(opened, factory, memory_budget, on_disk, progress)
         index = make_index(choice.factory, opened.dim)
@@ -115,6 +132,16 @@ def build_index(
     return _save(
         index, bank_path, out_dir, choice, outcome, recall_target, memory_budget, fingerprint, count, dim
     )
+
+
+def _check_backend(backend: str, milvus: MilvusTarget | None, faiss_only: bool) -> None:
+    """IsdError unless ``backend`` is FAISS, or Milvus with a collection to fill and no FAISS options."""
+    if backend not in (BACKEND_FAISS, BACKEND_MILVUS):
+        raise IsdError(f"backend must be {BACKEND_FAISS} or {BACKEND_MILVUS}, got {backend!r}")
+    if backend == BACKEND_MILVUS and milvus is None:
+        raise IsdError("a Milvus build needs the collection to fill (a MilvusTarget)")
+    if backend == BACKEND_MILVUS and faiss_only:
+        raise IsdError("--on-disk and --shard-rows are FAISS options: Milvus keeps its own segments")
 
 
 def _choose(
@@ -305,17 +332,8 @@ def _save(
 
 
 def _place_bank(source: Path, target: Path) -> None:
-    """Make ``target`` the bank at ``source``: a hard link where possible, else a copy.
-
-    A link is safe: a complete bank is never written in place (exports only resume incomplete ones).
-    """
-    if target.exists() and os.path.samefile(source, target):
-        return
-    with atomic_path(target) as tmp:
-        try:
-            os.link(source, tmp)
-        except OSError:
-            shutil.copyfile(source, tmp)
+    """Make ``target`` the bank at ``source``: a hard link where possible, else a copy."""
+    link_or_copy(source, target)
 
 
 def _say(progress: bool, message: str) -> None:

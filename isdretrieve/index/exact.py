@@ -110,13 +110,22 @@ def as_float32(x: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def bank_exact_search(bank: FeatureBank, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k over the whole bank, one block at a time, keeping the best k seen so far."""
+def bank_exact_search(
+    bank: FeatureBank, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k over the whole bank (or only its sorted rows ``allowed``), one block at a time, keeping
+    the best k seen so far; fewer rows than k leave the last hits missing (row -1)."""
     scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
     rows = np.full((len(queries), k), -1, dtype=np.int64)
     for start, x in bank.blocks():
+        ids = np.arange(start, start + len(x))
+        if allowed is not None:
+            ids = allowed[(allowed >= start) & (allowed < start + len(x))]
+            x = x[ids - start]
+        if not len(ids):
+            continue
         s, r = exact_search(x, queries, min(k, len(x)))
-        scores, rows = np.concatenate([scores, s], axis=1), np.concatenate([rows, r + start], axis=1)
+        scores, rows = np.concatenate([scores, s], axis=1), np.concatenate([rows, ids[r]], axis=1)
         best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         scores, rows = np.take_along_axis(scores, best, 1), np.take_along_axis(rows, best, 1)
     return scores, rows

@@ -1,8 +1,9 @@
-"""An index directory opened for search (:class:`SearchIndex`): the FAISS index, its manifest and bank."""
+"""An index directory of the FAISS backend opened for search (:class:`SearchIndex`): the FAISS index
+(in RAM, or with its lists on disk), its manifest and bank, behind the one index interface
+(:class:`~isdretrieve.index.backend.VectorIndex`)."""
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,6 +13,7 @@ import numpy as np
 from isdretrieve.errors import BankError, IsdError
 from isdretrieve.files.bank import FeatureBank
 from isdretrieve.files.manifest import (
+    BACKEND_FAISS,
     BANK_FILE,
     INDEX_FILE,
     KIND_ONDISK,
@@ -19,31 +21,17 @@ from isdretrieve.files.manifest import (
     check_bank_fingerprint,
     read_manifest,
 )
-from isdretrieve.index.exact import (
-    GPU_MAX_K,
-    as_float32,
-    bank_exact_search,
-    cuda_available,
-    exact_search_torch,
-)
-from isdretrieve.index.faiss_ops import is_exact, read_index, set_params, to_gpu
+from isdretrieve.index.backend import LabelFilter, VectorIndex
+from isdretrieve.index.exact import GPU_MAX_K, cuda_available, exact_search_torch
+from isdretrieve.index.faiss_ops import is_exact, read_index, search_selected, set_params, to_gpu
 from isdretrieve.index.ondisk import read_ondisk
-from isdretrieve.index.recall import heldout_queries, heldout_recall, heldout_search
 
 if TYPE_CHECKING:
     import torch  # imported only on the CUDA paths
 
 
-def clamp_k(k: int, most: int) -> int:
-    """``k``, or ``most`` with a warning when k is larger (a bank smaller than the k asked for)."""
-    if k > most:
-        warnings.warn(f"k={k} lowered to {most}: the bank has too few rows", stacklevel=3)
-        return most
-    return k
-
-
-class SearchIndex:
-    """A built index directory, opened for search: ``manifest``, ``bank`` and ``search``."""
+class SearchIndex(VectorIndex):
+    """A FAISS index directory, opened for search: ``manifest``, ``bank``, ``search`` and ``recall``."""
 
     def __init__(self, directory: Path, manifest: IndexManifest, index: faiss.Index, bank: FeatureBank):
         self.directory = directory
@@ -55,12 +43,15 @@ class SearchIndex:
             set_params(self._gpu_index, manifest.params, gpu=True)
         self._torch_exact = self._gpu_index is None and is_exact(index) and cuda_available()
         self._cuda_features: torch.Tensor | None = None
+        self._labels: np.ndarray | None = None
 
     @classmethod
     def open(cls, index_dir: str | Path) -> SearchIndex:
         """Open ``index_dir``; a bank whose fingerprint differs from the manifest's is a BankError."""
         directory = Path(index_dir)
         manifest = read_manifest(directory)
+        if manifest.backend != BACKEND_FAISS:
+            raise IsdError(f"{directory} is a {manifest.backend} index: open it with open_index")
         bank = FeatureBank.open(directory / BANK_FILE)
         try:
             check_bank_fingerprint(directory, manifest, bank.fingerprint)
@@ -79,24 +70,11 @@ class SearchIndex:
             raise
         return cls(directory, manifest, index, bank)
 
-    def __len__(self) -> int:
-        return self.manifest.count
-
-    def search(self, queries: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k bank rows for each query: (scores [Q,k] float32, rows [Q,k] int64).
-
-        Queries ([Q,D] or [D]) are L2-normalised first, so on a normalised bank scores are cosines.
-        An approximate index may return fewer than k hits; missing ones have row -1. A k above the
-        bank's size is lowered to it, with a warning.
-        """
-        if k < 1:
-            raise IsdError(f"k must be at least 1, got {k}")
-        k = clamp_k(k, len(self))
-        x = as_float32(queries)
-        x = x[None] if x.ndim == 1 else x
-        if x.ndim != 2 or x.shape[1] != self.manifest.dim:
-            raise IsdError(f"queries must have shape [Q, {self.manifest.dim}], got {list(x.shape)}")
-        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    def search_unit(self, x: np.ndarray, k: int, filter: LabelFilter | None) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS search of unit queries; a filter goes through an ID selector on the CPU index."""
+        if filter is not None:
+            allowed = filter.rows(self.labels)
+            return search_selected(self._index, x, k, allowed, self.manifest.params, self.bank)
         if self._torch_exact:
             import torch
 
@@ -104,6 +82,13 @@ class SearchIndex:
         index = self._gpu_index if self._gpu_index is not None and k <= GPU_MAX_K else self._index
         scores, rows = index.search(x, k)
         return scores.astype(np.float32, copy=False), rows.astype(np.int64, copy=False)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Every bank row's label (read once, for label filters)."""
+        if self._labels is None:
+            self._labels = self.bank.labels()
+        return self._labels
 
     def _features_on_cuda(self) -> torch.Tensor:
         """The bank's features on the GPU (loaded on first use), for Flat search without GPU FAISS."""
@@ -116,26 +101,6 @@ class SearchIndex:
             self._cuda_features = features
         return self._cuda_features
 
-    def recall(self, k: int = 10, queries: int = 1000, seed: int = 0) -> float:
-        """Re-measure held-out recall@k (the build's protocol) on ``queries`` bank rows sampled with ``seed``.
-
-        A k of at least the bank's size is lowered to its size - 1 (the other rows), with a warning.
-        """
-        if k < 1:
-            raise IsdError(f"k must be at least 1, got {k}")
-        if len(self) < 2:
-            raise IsdError("recall needs at least 2 bank rows (each query's own row is left out)")
-        k = clamp_k(k, len(self) - 1)
-        rows, xq = heldout_queries(self.bank, queries, seed)
-        truth = heldout_search(lambda q, kk: bank_exact_search(self.bank, q, kk), xq, rows, k)[1]
-        return heldout_recall(self.search, xq, rows, truth)
-
     def close(self) -> None:
         self._cuda_features = None
         self.bank.close()
-
-    def __enter__(self) -> SearchIndex:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

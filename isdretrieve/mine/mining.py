@@ -34,9 +34,10 @@ from isdretrieve.files.atomic import atomic_path, names_file
 from isdretrieve.files.bank import FeatureBank
 from isdretrieve.files.h5 import attr_value
 from isdretrieve.files.pairs import MiningParams, Pairs, write_pairs
+from isdretrieve.index.backend import VectorIndex, clamp_k
 from isdretrieve.index.exact import bank_exact_search, cuda_available, exact_search, exact_search_torch
+from isdretrieve.index.open import open_index
 from isdretrieve.index.recall import drop_self_matches, heldout_queries, heldout_search, recall_at_k
-from isdretrieve.index.search import SearchIndex, clamp_k
 
 PARTIAL_FORMAT = "isdretrieve.pairs-partial/1"
 IN_MEMORY_BYTES = 4 << 30  # banks up to this many float32 bytes are searched from memory
@@ -117,7 +118,7 @@ def search_candidates(
     device: str = "auto",
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     progress: Callable[[int, int], None] | None = None,
-    index: SearchIndex | None = None,
+    index: VectorIndex | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k other rows of every bank row, resumable through the file ``partial``.
 
@@ -146,14 +147,15 @@ def search_candidates(
         return f["rows"][...], f["similarities"][...]
 
 
-def _search_name(index: SearchIndex | None) -> str:
+def _search_name(index: VectorIndex | None) -> str:
     if index is None:
         return "exact"
-    return f"approximate:{index.manifest.factory}:{json.dumps(index.manifest.params, sort_keys=True)}"
+    where = "" if index.backend == "faiss" else f"{index.backend}/"  # FAISS names as before
+    return f"approximate:{where}{index.manifest.factory}:{json.dumps(index.manifest.params, sort_keys=True)}"
 
 
 def _index_searcher(
-    bank: FeatureBank, index: SearchIndex, device: str
+    bank: FeatureBank, index: VectorIndex, device: str
 ) -> Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]:
     """Search through ``index``; query rows with a missing hit (row -1) are searched exactly."""
     exact = None
@@ -178,8 +180,8 @@ def candidate_recall(bank: FeatureBank, cand_rows: np.ndarray, seed: int = 0) ->
     return recall_at_k(cand_rows[rows], truth), len(rows)
 
 
-def _open_index(index_dir: str | Path, bank: FeatureBank) -> SearchIndex:
-    index = SearchIndex.open(index_dir)
+def _open_index(index_dir: str | Path, bank: FeatureBank) -> VectorIndex:
+    index = open_index(index_dir)
     if index.manifest.bank_fingerprint != bank.fingerprint or len(index) != len(bank):
         index.close()
         raise BankError(f"index {index_dir} was built over another bank than {bank.path}: rebuild it")
@@ -253,7 +255,7 @@ def mine_pairs(
 
 
 def _search_attrs(
-    bank: FeatureBank, cand_rows: np.ndarray, searcher: SearchIndex | None, index: str | Path | None
+    bank: FeatureBank, cand_rows: np.ndarray, searcher: VectorIndex | None, index: str | Path | None
 ) -> dict[str, Any]:
     """How the candidates were searched: exact, or through ``index`` with its measured recall."""
     if searcher is None:
@@ -262,6 +264,7 @@ def _search_attrs(
     return {
         "search": "approximate",
         "index": str(index),
+        "index_backend": searcher.backend,
         "index_factory": searcher.manifest.factory,
         "index_params": json.dumps(searcher.manifest.params),
         "search_recall": recall,

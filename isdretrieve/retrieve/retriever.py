@@ -6,11 +6,15 @@
     found = r.neighbours([17, "query.jpg", "more/"], k=8)   # bank rows (self left out), files, folders
     found = r.neighbours(r.sample_rows(16, seed=0), k=8)    # a random sample of bank rows
     r.search_vectors([[0.1] * r.dim], k=5)                 # feature vectors, checked against the bank's D
+    r.search(["query.jpg"], k=5, labels=[3, 5])             # only hits of these classes
     r.row(17), r.row_image(17)                              # a bank row's label and path; its picture
 
 Images are embedded with the index's own encoder (``encoder.pt`` in the index directory, checked against
 the bank's fingerprint) through :class:`~isdretrieve.encoder.FrozenEncoder`, as the bank was. Searching
-with vectors needs only FAISS and NumPy: torch is imported when the first image is embedded.
+with vectors needs only FAISS and NumPy: torch is imported when the first image is embedded. The index is
+whatever backend built the directory (FAISS, or a Milvus collection): the Retriever uses only the one
+index interface (:class:`~isdretrieve.index.backend.VectorIndex`), and the directory's bank for labels,
+paths and pictures.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ import numpy as np
 from PIL import Image
 
 from isdretrieve.errors import BankError, QueryError
+from isdretrieve.index.backend import LabelFilter, VectorIndex
 from isdretrieve.index.exact import as_float32, cuda_available
-from isdretrieve.index.search import SearchIndex
+from isdretrieve.index.open import open_index
 from isdretrieve.retrieve.hits import BankRow, Hit, class_name, label_differs
 from isdretrieve.retrieve.pictures import ImageSource
 from isdretrieve.retrieve.queries import NeighbourQuery, NeighbourResult, QueryItem, expand_queries
@@ -37,12 +42,13 @@ if TYPE_CHECKING:  # torch and the encoder are imported when images are embedded
     from isdretrieve.encoder import FrozenEncoder, Queries
 
 ENCODER_FILE = "encoder.pt"
+Labels = int | Sequence[int] | None  # a class filter: one label, several, or none
 
 
 class Retriever:
     """Search one index directory by images, bank rows or feature vectors (see the module docstring)."""
 
-    def __init__(self, index: SearchIndex, index_dir: Path, device: str = "auto") -> None:
+    def __init__(self, index: VectorIndex, index_dir: Path, device: str = "auto") -> None:
         self.index, self.index_dir = index, index_dir
         self.device = ("cuda" if cuda_available() else "cpu") if str(device) == "auto" else str(device)
         bank = index.bank
@@ -53,8 +59,8 @@ class Retriever:
 
     @classmethod
     def open(cls, index_dir: str | Path, *, device: str = "auto") -> Retriever:
-        """Open ``indices/NAME`` (index.faiss, manifest.json, bank.h5, encoder.pt)."""
-        return cls(SearchIndex.open(index_dir), Path(index_dir), device)
+        """Open ``indices/NAME`` (manifest.json, bank.h5, index.faiss or a Milvus collection, encoder.pt)."""
+        return cls(open_index(index_dir), Path(index_dir), device)
 
     def close(self) -> None:
         """Close the index and its bank."""
@@ -113,10 +119,11 @@ class Retriever:
         encoder = self.encoder
         return encoder.embed(encoder.prepare(images))
 
-    def search(self, queries: Queries, k: int = 10) -> list[list[Hit]]:
-        """The k nearest bank rows of each query (images, or feature vectors [Q, D] / [D])."""
+    def search(self, queries: Queries, k: int = 10, labels: Labels = None) -> list[list[Hit]]:
+        """The k nearest bank rows of each query (images, or feature vectors [Q, D] / [D]); with
+        ``labels`` (one label or several) only rows of those classes."""
         features = self._as_features(queries)
-        scores, rows = self.index.search(features, k)
+        scores, rows = self.index.search(features, k, LabelFilter.of(labels))
         return [
             [self._hit(int(r), float(s)) for s, r in zip(score_row, row_row, strict=True) if r >= 0]
             for score_row, row_row in zip(scores, rows, strict=True)
@@ -128,7 +135,9 @@ class Retriever:
             row, int(self._indices[row]), label, self._paths[row], score, label_differs(query_label, label)
         )
 
-    def search_vectors(self, vectors: Sequence[Sequence[float]] | np.ndarray, k: int = 10) -> list[list[Hit]]:
+    def search_vectors(
+        self, vectors: Sequence[Sequence[float]] | np.ndarray, k: int = 10, labels: Labels = None
+    ) -> list[list[Hit]]:
         """:meth:`search` for feature vectors only ([Q, D] or [D]): a QueryError, not an image error, when
         their length is not the bank's dimension or a value is not finite."""
         try:
@@ -141,7 +150,7 @@ class Retriever:
             raise QueryError(f"feature vectors must have {self.dim} numbers each (the bank's D), got {shape}")
         if not np.isfinite(x).all():
             raise QueryError("feature vectors must hold finite numbers only")
-        return self.search(x, k)
+        return self.search(x, k, labels)
 
     def row(self, row: int) -> BankRow:
         """Bank row ``row``'s dataset index, label and path; a QueryError for a row the bank lacks."""
@@ -166,9 +175,12 @@ class Retriever:
         rng = np.random.default_rng(seed)
         return sorted(int(r) for r in rng.choice(pool, size=min(n, len(pool)), replace=False))
 
-    def neighbours(self, queries: QueryItem | Sequence[QueryItem], k: int = 10) -> list[NeighbourResult]:
+    def neighbours(
+        self, queries: QueryItem | Sequence[QueryItem], k: int = 10, labels: Labels = None
+    ) -> list[NeighbourResult]:
         """The k nearest bank rows of each query, in the order given: bank rows (``int``, each left out of
-        its own neighbours), image paths, folders (their images, sorted) or PIL images."""
+        its own neighbours), image paths, folders (their images, sorted) or PIL images; with ``labels``
+        only rows of those classes."""
         items = expand_queries(queries)
         n = len(self.index)
         has_rows = any(isinstance(item, int) for item in items)
@@ -184,7 +196,7 @@ class Retriever:
         for i, query in enumerate(described):
             if query.row is not None:
                 features[i] = self.index.bank.features(query.row, query.row + 1)[0]
-        scores, rows = self.index.search(features, min(k + 1, n) if has_rows else k)
+        scores, rows = self.index.search(features, min(k + 1, n) if has_rows else k, LabelFilter.of(labels))
         return [
             NeighbourResult(query, self._hits(query, score_row, row_row, k))
             for query, score_row, row_row in zip(described, scores, rows, strict=True)

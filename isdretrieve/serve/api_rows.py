@@ -37,8 +37,13 @@ def row_info(one: Index, row: Row) -> dict[str, Any]:
 
 
 @router.get("/api/indices/{name}/rows/{row}/neighbours", summary="Neighbours of a bank row (itself left out)")
-def row_neighbours(one: Index, row: Row, k: K = 10) -> dict[str, Any]:
-    result = one.retriever.neighbours([row], k)[0]
+def row_neighbours(
+    one: Index,
+    row: Row,
+    k: K = 10,
+    label: Annotated[list[int] | None, Query(description="Only hits of these classes.")] = None,
+) -> dict[str, Any]:
+    result = one.retriever.neighbours([row], k, label)[0]
     query = row_json(one, one.retriever.row(row))
     return {"results": [{"query": query, "hits": [hit_json(one, h) for h in result.hits]}]}
 

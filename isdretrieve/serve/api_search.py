@@ -1,4 +1,4 @@
-"""Search routes: neighbours of uploaded images and of feature vectors."""
+"""Search routes: neighbours of uploaded images and of feature vectors, optionally of some classes only."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ router = APIRouter()
 Index = Annotated[ServedIndex, Depends(served_index)]
 Settings = Annotated[ServeSettings, Depends(settings_of)]
 K = Annotated[int, Query(ge=1, le=MAX_K, description="Neighbours per query.")]
+Labels = Annotated[list[int] | None, Query(description="Only hits of these classes (repeatable).")]
 
 
 class VectorQuery(BaseModel):
@@ -28,6 +29,7 @@ def search_images(
     settings: Settings,
     files: Annotated[list[UploadFile], File(description="Image files.")],
     k: K = 10,
+    label: Labels = None,
 ) -> dict[str, Any]:
     if one.batcher is None:
         raise HTTPException(400, f"index {one.name!r} has no encoder.pt: search it with feature vectors")
@@ -39,7 +41,7 @@ def search_images(
         for upload in files
     ]
     features = one.batcher.encode(one.retriever.prepare(images))
-    results = one.retriever.search(features, k)
+    results = one.retriever.search(features, k, label)
     return {
         "results": [
             {"query": {"file": upload.filename or f"image {n}"}, "hits": [hit_json(one, h) for h in hits]}
@@ -49,6 +51,6 @@ def search_images(
 
 
 @router.post("/api/indices/{name}/search/vectors", summary="Neighbours of feature vectors")
-def search_vectors(one: Index, query: VectorQuery, k: K = 10) -> dict[str, Any]:
-    results = one.retriever.search_vectors(query.vectors, k)
+def search_vectors(one: Index, query: VectorQuery, k: K = 10, label: Labels = None) -> dict[str, Any]:
+    results = one.retriever.search_vectors(query.vectors, k, label)
     return {"results": [{"hits": [hit_json(one, h) for h in hits]} for hits in results]}

@@ -92,13 +92,22 @@ async function run(what, work) {
   }
 }
 
+// the class chosen above the rows filters searches too ("" when all classes)
+function classFilter() {
+  const label = $("cls").value;
+  return label === "" ? "" : `&label=${label}`;
+}
+
 function searchFiles(files) {
   if (!files.length) return;
   run("searching", async () => {
     const form = new FormData();
     for (const file of files) form.append("files", file, file.name);
     const start = performance.now();
-    const body = await api(indexPath(`/search/images?k=${k()}`), { method: "POST", body: form });
+    const body = await api(indexPath(`/search/images?k=${k()}${classFilter()}`), {
+      method: "POST",
+      body: form,
+    });
     const queries = Array.from(files, (file) =>
       tile({ thumb: URL.createObjectURL(file), path: file.name }, { kind: "query" }),
     );
@@ -109,7 +118,7 @@ function searchFiles(files) {
 function searchRow(row) {
   run("searching", async () => {
     const start = performance.now();
-    const body = await api(indexPath(`/rows/${row}/neighbours?k=${k()}`));
+    const body = await api(indexPath(`/rows/${row}/neighbours?k=${k()}${classFilter()}`));
     const queries = body.results.map((result) => tile(result.query, { kind: "query" }));
     showResults(body.results, queries, (performance.now() - start) / 1000);
     window.scrollTo({ top: 0 });
@@ -119,9 +128,7 @@ function searchRow(row) {
 function browse() {
   run("loading rows", async () => {
     const seed = Math.floor(Math.random() * 2 ** 31);
-    const label = $("cls").value;
-    const query = `/rows?n=24&seed=${seed}` + (label === "" ? "" : `&label=${label}`);
-    const body = await api(indexPath(query));
+    const body = await api(indexPath(`/rows?n=24&seed=${seed}${classFilter()}`));
     const tiles = body.rows.map((row) => tile(row, { onClick: () => searchRow(row.row) }));
     $("rows").replaceChildren(...tiles);
     if (!tiles.length) $("rows").append(el("p", {}, "no rows of this class"));
