@@ -8,11 +8,13 @@ is recorded in ``manifest.json`` (the directory's files: :mod:`isdretrieve.files
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,31 +92,49 @@ def build_index(
     ``recall_target`` is met; Flat is exact (recall 1.0). A bank with fewer rows than ``k`` (+1 for the
     held-out queries) lowers k, noted in the manifest. An array is checked (2-D, finite, no zero rows),
     normalised and written as ``out_dir/bank.h5``. Writes ``index.faiss``, places the bank at
-    ``out_dir/bank.h5`` (hard link or copy) and writes ``manifest.json`` last.
+    ``out_dir/bank.h5`` (hard link or copy) and writes ``manifest.json`` last; an index already in
+    ``out_dir`` stays whole until then, so a refused input or a failed build leaves it as it was.
     """
     out_dir = Path(out_dir)
     if not 0 < recall_target <= 1 or queries < 1 or k < 1:
         raise IsdError(
             f"need 0 < recall_target <= 1, queries >= 1 and k >= 1, got {recall_target}, {queries} and {k}"
         )
-    if isinstance(bank, np.ndarray):
-        (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
-        bank = bank_from_array(bank, out_dir / BANK_FILE)
-    bank_path = Path(bank)
-    with FeatureBank.open(bank_path) as opened:
-        choice = _choose(opened, factory, memory_budget, on_disk, progress)
-        index = make_index(choice.factory, opened.dim)
-        outcome = _Outcome(recall_k=_recall_k(index, choice, len(opened), k))
-        if outcome.recall_k < k:
-            outcome.notes.append(
-                f"k lowered from {k} to {outcome.recall_k}: the bank has {len(opened):,} rows"
-            )
-        index = _fill(index, opened, out_dir, choice, outcome, train_size, seed, shard_rows, progress)
-        _tune(index, opened, outcome, recall_target, queries, seed, progress)
-        fingerprint, count, dim = opened.fingerprint, len(opened), opened.dim
-    return _save(
-        index, bank_path, out_dir, choice, outcome, recall_target, memory_budget, fingerprint, count, dim
-    )
+    with contextlib.ExitStack() as stack:
+        if isinstance(bank, np.ndarray):
+            bank = bank_from_array(bank, stack.enter_context(staged_bank(out_dir)))
+        bank_path = Path(bank)
+        with FeatureBank.open(bank_path) as opened:
+            choice = _choose(opened, factory, memory_budget, on_disk, progress)
+            index = make_index(choice.factory, opened.dim)
+            outcome = _Outcome(recall_k=_recall_k(index, choice, len(opened), k))
+            if outcome.recall_k < k:
+                outcome.notes.append(
+                    f"k lowered from {k} to {outcome.recall_k}: the bank has {len(opened):,} rows"
+                )
+            index = _fill(index, opened, out_dir, choice, outcome, train_size, seed, shard_rows, progress)
+            _tune(index, opened, outcome, recall_target, queries, seed, progress)
+            fingerprint, count, dim = opened.fingerprint, len(opened), opened.dim
+        return _save(
+            index, bank_path, out_dir, choice, outcome, recall_target, memory_budget, fingerprint, count, dim
+        )
+
+
+@contextlib.contextmanager
+def staged_bank(out_dir: Path) -> Iterator[Path]:
+    """A hidden path in ``out_dir`` for a new bank to index: :func:`build_index` places it as
+    ``bank.h5`` only when the index is saved, so a bank refused while it is written (or a failed build)
+    leaves an index already in the folder untouched. The staged file is removed afterwards (and a folder
+    made for it, when nothing else landed there)."""
+    made = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f".{BANK_FILE}.staged-{os.getpid()}"
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+        if made and not any(out_dir.iterdir()):
+            out_dir.rmdir()
 
 
 def _choose(
@@ -158,7 +178,6 @@ def _fill(
     started = time.perf_counter()
     if choice.on_disk:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # index.faiss is replaced by the merge
         index, outcome.train_rows, outcome.shards = build_ondisk(
             index,
             bank,

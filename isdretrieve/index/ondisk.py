@@ -35,6 +35,7 @@ from faiss.contrib.ondisk import merge_ondisk
 from isdretrieve.errors import IsdError
 from isdretrieve.files.atomic import atomic_path, fsync_path
 from isdretrieve.files.bank import FeatureBank
+from isdretrieve.files.manifest import MANIFEST_FILE
 
 IVFDATA_FILE = "index.ivfdata"
 PARTIAL_DIR = "ondisk.partial"
@@ -183,6 +184,7 @@ def build_ondisk(
         fsync_path(tmp_data)
         _write_index(merged, out_dir / f".{IVFDATA_FILE}.index")
         del lists, merged
+        (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # unfinished from here until the new manifest
         os.replace(tmp_data, out_dir / IVFDATA_FILE)
         os.replace(out_dir / f".{IVFDATA_FILE}.index", out_dir / "index.faiss")
         fsync_path(out_dir)
