@@ -4,6 +4,8 @@
 An index directory holds ``bank.h5`` (the bank the index was built from, a hard link or a copy),
 ``index.faiss`` (its ids are the bank's row numbers), ``index.ivfdata`` (kind "ondisk" only: the inverted
 lists, memory-mapped) and ``manifest.json``, written last: a directory without it is an unfinished build.
+The manifest records each file's size (``file_bytes``; derived from ``index_bytes`` and ``ivfdata_bytes``
+in manifests written before it), and :func:`check_files` compares them before anything is mapped.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from isdretrieve.errors import BankError, IsdError
+from isdretrieve.errors import BankError, DamagedFile, IsdError
 from isdretrieve.files.bank import BankAttrs
 from isdretrieve.files.h5 import open_h5
 from isdretrieve.files.versions import package_versions
@@ -23,6 +25,7 @@ from isdretrieve.files.versions import package_versions
 INDEX_FORMAT = "isdretrieve.index/1"
 METRIC = "inner_product"
 BANK_FILE, INDEX_FILE, MANIFEST_FILE = "bank.h5", "index.faiss", "manifest.json"
+IVFDATA_FILE = "index.ivfdata"
 RECALL_PROTOCOL = "held-out: sampled bank rows searched for k+1, own row dropped from hits and truth"
 KIND_RAM, KIND_ONDISK = "ram", "ondisk"
 
@@ -52,6 +55,7 @@ class IndexManifest:
     shards: int = 0  # shards the on-disk lists were filled in
     recall_protocol: str = ""  # how recall was measured (RECALL_PROTOCOL); "" in manifests before it
     notes: list[str] = field(default_factory=list)  # e.g. k lowered for a bank smaller than k
+    file_bytes: dict[str, int] = field(default_factory=dict)  # size of each file at build; {} before it
     format: str = INDEX_FORMAT
     metric: str = METRIC
     bank_file: str = BANK_FILE
@@ -80,14 +84,53 @@ class IndexManifest:
 
 
 def read_manifest(index_dir: str | Path) -> IndexManifest:
-    """The manifest of a finished index directory; IsdError if the directory or its files are missing."""
+    """The manifest of a finished index directory; IsdError if the directory or its manifest is missing,
+    DamagedFile if a file the manifest lists is missing."""
     directory = Path(index_dir)
     if not directory.is_dir():
         raise IsdError(f"index directory not found: {directory}")
-    for name in (MANIFEST_FILE, INDEX_FILE, BANK_FILE):
+    if not (directory / MANIFEST_FILE).is_file():
+        raise IsdError(f"{directory} is not a finished index directory: {MANIFEST_FILE} is missing")
+    manifest = IndexManifest.from_json((directory / MANIFEST_FILE).read_text())
+    for name in (INDEX_FILE, BANK_FILE, *([IVFDATA_FILE] if manifest.kind == KIND_ONDISK else [])):
         if not (directory / name).is_file():
-            raise IsdError(f"{directory} is not a finished index directory: {name} is missing")
-    return IndexManifest.from_json((directory / MANIFEST_FILE).read_text())
+            raise DamagedFile(f"{directory} is not a finished index directory: {name} is missing")
+    return manifest
+
+
+def recorded_sizes(manifest: IndexManifest) -> dict[str, int]:
+    """The byte size of each index file as the build recorded it (older manifests: index.faiss and
+    index.ivfdata from ``index_bytes`` and ``ivfdata_bytes``; the bank's size was not recorded)."""
+    if manifest.file_bytes:
+        return dict(manifest.file_bytes)
+    sizes = {INDEX_FILE: manifest.index_bytes - manifest.ivfdata_bytes}
+    if manifest.kind == KIND_ONDISK:
+        sizes[IVFDATA_FILE] = manifest.ivfdata_bytes
+    return sizes
+
+
+def file_sizes(directory: Path, kind: str) -> dict[str, int]:
+    """The byte sizes of a just-built index's files, for the manifest."""
+    names = (INDEX_FILE, BANK_FILE, *([IVFDATA_FILE] if kind == KIND_ONDISK else []))
+    return {name: (directory / name).stat().st_size for name in names}
+
+
+def check_size(path: Path, expected: int, found: int | None = None) -> None:
+    """DamagedFile unless ``path`` (or ``found``, its size from an open descriptor) has ``expected``
+    bytes: a file that is shorter would be read (or memory-mapped) past its end."""
+    size = path.stat().st_size if found is None else found
+    if size != expected:
+        what = "truncated" if size < expected else "longer than built"
+        raise DamagedFile(
+            f"{path} is damaged ({what}: {size:,} bytes, the manifest recorded {expected:,}): "
+            "rebuild the index"
+        )
+
+
+def check_files(directory: Path, manifest: IndexManifest) -> None:
+    """Every file the manifest records has its recorded size (before any of them is read or mapped)."""
+    for name, expected in recorded_sizes(manifest).items():
+        check_size(directory / name, expected)
 
 
 def check_bank_fingerprint(directory: Path, manifest: IndexManifest, fingerprint: str) -> None:
@@ -103,6 +146,7 @@ def describe_index(index_dir: str | Path) -> dict[str, Any]:
     """The manifest plus the bank's rows, data SPEC, transform, class count and skipped images (read from
     the bank's attributes with h5py; FAISS and torch are not imported)."""
     manifest = read_manifest(index_dir)
+    check_files(Path(index_dir), manifest)
     bank_path = Path(index_dir) / BANK_FILE
     try:
         with open_h5(bank_path) as f:

@@ -33,6 +33,7 @@ from isdretrieve.files.manifest import (
     MANIFEST_FILE,
     RECALL_PROTOCOL,
     IndexManifest,
+    file_sizes,
 )
 from isdretrieve.index.exact import GPU_MAX_K, bank_exact_search, cuda_available
 from isdretrieve.index.faiss_ops import faiss_message, is_exact, make_index, search_knob, set_params, to_gpu
@@ -317,6 +318,7 @@ def _save(
         shards=outcome.shards,
         recall_protocol="exact" if is_exact(index) else RECALL_PROTOCOL,
         notes=outcome.notes,
+        file_bytes=file_sizes(out_dir, KIND_ONDISK if choice.on_disk else KIND_RAM),
     )
     with atomic_path(out_dir / MANIFEST_FILE) as tmp:
         tmp.write_text(manifest.to_json())

@@ -14,10 +14,13 @@ from isdretrieve.files.bank import FeatureBank
 from isdretrieve.files.manifest import (
     BANK_FILE,
     INDEX_FILE,
+    IVFDATA_FILE,
     KIND_ONDISK,
     IndexManifest,
     check_bank_fingerprint,
+    check_files,
     read_manifest,
+    recorded_sizes,
 )
 from isdretrieve.index.exact import (
     GPU_MAX_K,
@@ -27,7 +30,7 @@ from isdretrieve.index.exact import (
     exact_search_torch,
 )
 from isdretrieve.index.faiss_ops import is_exact, read_index, set_params, to_gpu
-from isdretrieve.index.ondisk import read_ondisk
+from isdretrieve.index.ondisk import ListsFile, read_ondisk
 from isdretrieve.index.recall import heldout_queries, heldout_recall, heldout_search
 
 if TYPE_CHECKING:
@@ -45,8 +48,16 @@ def clamp_k(k: int, most: int) -> int:
 class SearchIndex:
     """A built index directory, opened for search: ``manifest``, ``bank`` and ``search``."""
 
-    def __init__(self, directory: Path, manifest: IndexManifest, index: faiss.Index, bank: FeatureBank):
+    def __init__(
+        self,
+        directory: Path,
+        manifest: IndexManifest,
+        index: faiss.Index,
+        bank: FeatureBank,
+        lists_file: ListsFile | None = None,
+    ):
         self.directory = directory
+        self._lists_file = lists_file  # on-disk lists: checked before every search
         self.manifest = manifest
         self.bank = bank
         self._index = index
@@ -58,13 +69,18 @@ class SearchIndex:
 
     @classmethod
     def open(cls, index_dir: str | Path) -> SearchIndex:
-        """Open ``index_dir``; a bank whose fingerprint differs from the manifest's is a BankError."""
+        """Open ``index_dir``; a bank whose fingerprint differs from the manifest's is a BankError, a file
+        whose size is not the one the manifest recorded a DamagedFile (checked before anything is
+        read or memory-mapped)."""
         directory = Path(index_dir)
         manifest = read_manifest(directory)
+        check_files(directory, manifest)
         bank = FeatureBank.open(directory / BANK_FILE)
+        lists_file = None
         try:
             check_bank_fingerprint(directory, manifest, bank.fingerprint)
             if manifest.kind == KIND_ONDISK:
+                lists_file = ListsFile(directory / IVFDATA_FILE, recorded_sizes(manifest)[IVFDATA_FILE])
                 index = read_ondisk(directory / INDEX_FILE)
             else:
                 index = read_index(directory / INDEX_FILE)
@@ -76,8 +92,10 @@ class SearchIndex:
             set_params(index, manifest.params, gpu=False)
         except BaseException:
             bank.close()
+            if lists_file is not None:
+                lists_file.close()
             raise
-        return cls(directory, manifest, index, bank)
+        return cls(directory, manifest, index, bank, lists_file)
 
     def __len__(self) -> int:
         return self.manifest.count
@@ -97,6 +115,8 @@ class SearchIndex:
         if x.ndim != 2 or x.shape[1] != self.manifest.dim:
             raise IsdError(f"queries must have shape [Q, {self.manifest.dim}], got {list(x.shape)}")
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        if self._lists_file is not None:
+            self._lists_file.check()
         if self._torch_exact:
             import torch
 
@@ -133,6 +153,8 @@ class SearchIndex:
     def close(self) -> None:
         self._cuda_features = None
         self.bank.close()
+        if self._lists_file is not None:
+            self._lists_file.close()
 
     def __enter__(self) -> SearchIndex:
         return self
