@@ -106,6 +106,9 @@ def read_ondisk(path: Path) -> faiss.Index:
     except RuntimeError as exc:
         raise IsdError(f"cannot read on-disk index {path}: {str(exc).strip().splitlines()[-1]}") from exc
     lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    # FAISS's list prefetch threads read the mapping on their own after a search has returned: a file
+    # truncated then would end the process (SIGBUS) though every search checks the file first
+    lists.prefetch_nthread = 0
     size = data.stat().st_size
     if lists.totsize > size:
         raise DamagedFile(
@@ -170,6 +173,7 @@ def build_ondisk(
     if partial.intact(trained_path.name):
         train_rows = int(partial.state.get("train_rows", 0))
     else:
+        partial.discard_files()
         train_rows = train(index)
         _write_index(index, trained_path)
         partial.record(trained_path.name, train_rows=train_rows)

@@ -77,6 +77,14 @@ class PartialBuild:
         self.state["files"].pop(name, None)
         return False
 
+    def discard_files(self) -> None:
+        """Remove every recorded file (the trained index is made again: shards filled from the old one
+        would not match it)."""
+        for name in list(self.state["files"]):
+            self.path(name).unlink(missing_ok=True)
+        self.state["files"] = {}
+        self._write()
+
     def record(self, name: str, **values: Any) -> None:
         """Pin the file ``name`` just written (its size and CRC-32), with other ``values`` of the state."""
         path = self.path(name)
