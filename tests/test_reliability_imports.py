@@ -130,7 +130,7 @@ FOLDER_CASES = {
     "labels-too-few": (lambda p: _npy_folder(p, labels_npy=np.zeros(N - 1, int)), "labels has shape [19]"),
     "huge-label": (
         lambda p: _npy_folder(p, labels_npy=np.array([0] * 9 + [10**12] + [0] * (N - 10))),
-        "labels must be in [-1, 16777216], row 9 holds 1000000000000",
+        "labels must be in [-1, 1048576], row 9 holds 1000000000000",
     ),
     "label-below-minus-one": (
         lambda p: _npy_folder(p, labels_npy=np.array([0] * 2 + [-7] + [0] * (N - 3))),

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from isdretrieve.errors import EmbeddingsError
+from isdretrieve.files.bank import MAX_LABEL
 
-MAX_LABEL = 1 << 24  # labels index class names; 16.7M classes is beyond any data set we know
 META_KEYS = ("fingerprint", "data_spec", "classes")
 
 
