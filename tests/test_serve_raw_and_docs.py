@@ -163,8 +163,8 @@ def test_docs_render_offline_in_chromium(server, chromium_path):
             assert "/api/indices/{name}/search/image" in "".join(paths) and len(paths) >= 10
             title = page.text_content(".swagger-ui .title")
             assert title and "isdretrieve search" in title
-            page.click("text=/api/indices/{name}/search/image")  # the route opens: its body is described
-            page.wait_for_selector("text=application/octet-stream")
+            page.locator('[data-path="/api/indices/{name}/search/image"]').first.click()  # the route opens
+            page.wait_for_selector("option[value='application/octet-stream']", state="attached")
         finally:
             browser.close()
     assert not refused, refused
