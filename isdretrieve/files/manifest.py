@@ -127,10 +127,15 @@ def check_size(path: Path, expected: int, found: int | None = None) -> None:
         )
 
 
-def check_files(directory: Path, manifest: IndexManifest) -> None:
-    """Every file the manifest records has its recorded size (before any of them is read or mapped)."""
+INDEX_FILES = (INDEX_FILE, IVFDATA_FILE)
+
+
+def check_files(directory: Path, manifest: IndexManifest, names: tuple[str, ...] = INDEX_FILES) -> None:
+    """The files ``names`` have the sizes the manifest recorded (before they are read or mapped). The
+    bank is checked after its fingerprint, so a bank of another encoder is named as such."""
     for name, expected in recorded_sizes(manifest).items():
-        check_size(directory / name, expected)
+        if name in names:
+            check_size(directory / name, expected)
 
 
 def check_bank_fingerprint(directory: Path, manifest: IndexManifest, fingerprint: str) -> None:
@@ -155,6 +160,7 @@ def describe_index(index_dir: str | Path) -> dict[str, Any]:
     except OSError as exc:
         raise BankError(f"cannot read feature bank {bank_path}: {exc}") from None
     check_bank_fingerprint(Path(index_dir), manifest, attrs.fingerprint)
+    check_files(Path(index_dir), manifest, (BANK_FILE,))
     info: dict[str, Any] = json.loads(manifest.to_json())
     info.update(bank_rows=rows, data_spec=attrs.data_spec, transform=attrs.transform)
     info.update(classes=len(attrs.classes), skipped_images=attrs.skipped)

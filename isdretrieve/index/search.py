@@ -79,6 +79,7 @@ class SearchIndex:
         lists_file = None
         try:
             check_bank_fingerprint(directory, manifest, bank.fingerprint)
+            check_files(directory, manifest, (BANK_FILE,))
             if manifest.kind == KIND_ONDISK:
                 lists_file = ListsFile(directory / IVFDATA_FILE, recorded_sizes(manifest)[IVFDATA_FILE])
                 index = read_ondisk(directory / INDEX_FILE)

@@ -22,7 +22,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from PIL import Image
 
-from isdretrieve.errors import DamagedFile, IsdError
+from isdretrieve.errors import BankError, IsdError
 from isdretrieve.files.pairs import find_pairs
 from isdretrieve.retrieve.retriever import Retriever
 from isdretrieve.serve import api_indices, api_pairs, api_rows, api_search
@@ -52,12 +52,13 @@ def open_indices(
     index_dirs: Sequence[str | Path], *, device: str = "auto"
 ) -> dict[str, Retriever | DamagedIndex]:
     """Open each index directory as a Retriever, named by :func:`index_names`; one whose files are
-    damaged becomes a :class:`DamagedIndex` (served as 503) instead of stopping the others."""
+    damaged (or whose bank does not match it) becomes a :class:`DamagedIndex` (served as 503) instead of
+    stopping the others."""
     opened: dict[str, Retriever | DamagedIndex] = {}
     for name, path in index_names(index_dirs).items():
         try:
             opened[name] = Retriever.open(path, device=device)
-        except DamagedFile as exc:
+        except BankError as exc:  # a damaged file, or a bank that does not match its index
             opened[name] = DamagedIndex(path, str(exc))
     return opened
 
