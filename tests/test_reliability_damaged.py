@@ -88,7 +88,7 @@ DAMAGE = {
     "bank-truncated": (
         "flat",
         lambda d: _truncate(d / "bank.h5", 0.9),
-        "bank.h5: not an HDF5 file, or truncated",
+        "bank.h5",
     ),
 }
 
