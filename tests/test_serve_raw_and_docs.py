@@ -169,3 +169,23 @@ def test_docs_render_offline_in_chromium(server, chromium_path):
             browser.close()
     assert not refused, refused
     assert not [e for e in errors if "Content Security Policy" in e], errors
+
+
+def test_concurrent_raw_searches_get_their_own_answers(server, client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    name = server.name_of_digits
+    before = client.get(f"/api/indices/{name}").json()["batcher"]
+    queries = [3, 40, 77, 120, 200, 311, 402, 449] * 3
+
+    def search(i: int) -> int:
+        with httpx.Client(base_url=server.url, timeout=60) as own:
+            answer = own.post(f"/api/indices/{name}/search/image", params={"k": 3}, content=_png(i))
+        assert answer.status_code == 200, answer.text
+        return answer.json()["results"][0]["hits"][0]["index"]
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(search, queries)) == queries
+    after = client.get(f"/api/indices/{name}").json()["batcher"]
+    assert after["jobs"] - before["jobs"] == len(queries) == after["images"] - before["images"]
+    assert after["forwards"] - before["forwards"] <= len(queries)

@@ -4,7 +4,9 @@ multipart form) and of feature vectors. Answers are encoded straight to JSON byt
 
 from __future__ import annotations
 
-from typing import Annotated
+import asyncio
+from functools import partial
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from fastapi.responses import Response
@@ -16,6 +18,9 @@ from isdretrieve.data.uploads import decode_untrusted
 from isdretrieve.serve.payloads import hit_json, json_response
 from isdretrieve.serve.state import MAX_K, ServedIndex, ServeSettings, served_index, settings_of
 
+if TYPE_CHECKING:
+    import torch
+
 router = APIRouter()
 Index = Annotated[ServedIndex, Depends(served_index)]
 Settings = Annotated[ServeSettings, Depends(settings_of)]
@@ -26,6 +31,8 @@ class VectorQuery(BaseModel):
     vectors: list[list[float]] = Field(min_length=1, max_length=256, description="Feature vectors [Q, D].")
 
 
+INLINE_BYTES = 256 << 10  # uploads up to this size are decoded on the event loop (a few ms at most)
+JOIN_YIELDS = 3  # event-loop turns a raw-body search waits for requests already received to join it
 RAW_BODY = {
     "requestBody": {
         "required": True,
@@ -47,16 +54,24 @@ async def search_image(
     k: K = 10,
     file: Annotated[str, Query(max_length=256, description="The query's name in the answer.")] = "upload",
 ) -> Response:
+    """Runs on the event loop, without a thread hop (which costs more than the work on a busy machine):
+    decode (a large upload on a worker thread), queue for the encoder, yield so that requests already
+    received queue theirs too, then one forward for all of them, search, answer."""
     if one.batcher is None:
         raise HTTPException(400, f"index {one.name!r} has no encoder.pt: search it with feature vectors")
     data = await request.body()
-    return await run_in_threadpool(_search_bytes, one, settings, data, k, file)
-
-
-def _search_bytes(one: ServedIndex, settings: ServeSettings, data: bytes, k: int, file: str) -> Response:
-    image = decode_untrusted(data, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels)
-    hits = one.retriever.search(one.batcher.encode(one.retriever.prepare([image])), k)[0]
+    decode = partial(_decoded, one, settings, data)
+    images = decode() if len(data) <= INLINE_BYTES else await run_in_threadpool(decode)
+    job = one.batcher.submit(images)
+    for _ in range(JOIN_YIELDS):
+        await asyncio.sleep(0)
+    hits = one.retriever.search(one.batcher.result(job), k)[0]
     return json_response({"results": [{"query": {"file": file}, "hits": [hit_json(one, h) for h in hits]}]})
+
+
+def _decoded(one: ServedIndex, settings: ServeSettings, data: bytes) -> torch.Tensor:
+    image = decode_untrusted(data, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels)
+    return one.retriever.prepare([image])
 
 
 @router.post("/api/indices/{name}/search/images", summary="Neighbours of uploaded images")
