@@ -97,11 +97,8 @@ def test_bad_parquet_is_one_line_and_builds_nothing(tmp_path, case):
     make, message = PARQUET_CASES[case]
     parts = make()
     path = _parquet(tmp_path / "e.parquet", parts.pop("embedding"), parts.pop("metadata", None), **parts)
-    result = invoke("build", "--embeddings", path, "--out", tmp_path / "idx", "--quiet")
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
-    assert not (tmp_path / "idx").exists()
+    _refused(tmp_path, path, f"error: {path}: ")
+    _refused(tmp_path, path, message)
 
 
 # --------------------------------------------------------------------------- npy and HDF5 foreign inputs
@@ -169,15 +166,19 @@ FOLDER_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(FOLDER_CASES))
-def test_bad_npy_folder_is_one_line_and_builds_nothing(tmp_path, case):
-    make, message = FOLDER_CASES[case]
-    source = make(tmp_path / "emb")
+def _refused(tmp_path: Path, source: Path, message: str) -> None:
+    """``build --embeddings source`` ends in one line holding ``message``, exit 2, and builds nothing."""
     result = invoke("build", "--embeddings", source, "--out", tmp_path / "idx", "--quiet")
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.output
     assert not (tmp_path / "idx").exists()
+
+
+@pytest.mark.parametrize("case", sorted(FOLDER_CASES))
+def test_bad_npy_folder_is_one_line_and_builds_nothing(tmp_path, case):
+    make, message = FOLDER_CASES[case]
+    _refused(tmp_path, make(tmp_path / "emb"), message)
 
 
 def _h5(path: Path, **datasets: object) -> Path:
@@ -214,12 +215,7 @@ H5_CASES = {
 @pytest.mark.parametrize("case", sorted(H5_CASES))
 def test_bad_hdf5_is_one_line_and_builds_nothing(tmp_path, case):
     make, message = H5_CASES[case]
-    source = make(tmp_path / "emb.h5")
-    result = invoke("build", "--embeddings", source, "--out", tmp_path / "idx", "--quiet")
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.output
-    assert not (tmp_path / "idx").exists()
+    _refused(tmp_path, make(tmp_path / "emb.h5"), message)
 
 
 def test_a_labels_file_of_text_or_huge_values_is_refused(tmp_path):
