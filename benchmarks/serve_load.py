@@ -207,6 +207,80 @@ def first_requests(url: str, query: tuple[int, bytes], n: int = 21) -> list[floa
     return took
 
 
+def _asgi_post(app, path: str, body: bytes):
+    """One POST through the ASGI app in this process (no socket, no HTTP parsing), as a coroutine."""
+
+    async def call() -> int:
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+            "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": f"k={K}".encode(),
+            "root_path": "", "headers": [(b"host", b"127.0.0.1")], "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 80),
+        }  # fmt: skip
+        sent, status = [{"type": "http.request", "body": body, "more_body": False}], []
+
+        async def receive():
+            return sent.pop() if sent else {"type": "http.disconnect"}
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+
+        await app(scope, receive, send)
+        return status[0]
+
+    return call()
+
+
+def profile_app(index: Path, query: tuple[int, bytes], repeat: int) -> dict:
+    """Where a served search's time goes without the socket: the ASGI app in this process (routing,
+    dependencies, decoding, batcher, search, JSON) against the bare path, alternating; then cProfile's
+    top functions by own time over ``repeat`` app requests."""
+    import asyncio
+    import cProfile
+    import pstats
+
+    from PIL import Image
+
+    from isdretrieve.serve.app import create_app, open_indices
+
+    app = create_app(open_indices([index], device="cpu"))
+    retriever = Retriever.open(index, device="cpu")
+    path = "/api/indices/index/search/image"
+
+    async def measure() -> dict:
+        async with app.app.router.lifespan_context(app.app):
+            in_app, bare = [], []
+            for n in range(repeat + 10):
+                start = time.perf_counter()
+                assert await _asgi_post(app, path, query[1]) == 200
+                took = time.perf_counter() - start
+                start = time.perf_counter()
+                retriever.search(Image.open(io.BytesIO(query[1])), k=K)
+                if n >= 10:
+                    in_app.append(took)
+                    bare.append(time.perf_counter() - start)
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(repeat):
+                await _asgi_post(app, path, query[1])
+            profiler.disable()
+        stats = pstats.Stats(profiler).sort_stats("tottime")
+        total = sum(row[2] for row in stats.stats.values())
+        top = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:15]
+        return {
+            "app_p50_ms": 1e3 * statistics.median(in_app),
+            "bare_p50_ms": 1e3 * statistics.median(bare),
+            "app_over_bare": statistics.median(in_app) / statistics.median(bare),
+            "top_own_time": [
+                {"function": f"{Path(f).name}:{line}({name})", "share": round(row[2] / total, 4)}
+                for (f, line, name), row in top
+            ],
+        }
+
+    return asyncio.run(measure())
+
+
 def load(url: str, queries: list[tuple[int, bytes]], clients: int, seconds: float, max_requests: int) -> dict:
     latencies: list[float] = []
     problems: list[str] = []
@@ -278,6 +352,12 @@ def main() -> None:
                 flush=True,
             )
             loaded = load(url, queries, args.clients, args.seconds, args.max_requests)
+            profile = profile_app(index, queries[0], args.single // 2)
+            print(
+                f"in process: app p50 {profile['app_p50_ms']:.2f} ms, bare {profile['bare_p50_ms']:.2f} ms, "
+                f"{profile['app_over_bare']:.2f}x",
+                flush=True,
+            )
             batcher = httpx.get(f"{url}/api/indices/index", timeout=10).json()["batcher"]
         finally:
             server.terminate()
@@ -307,6 +387,7 @@ def main() -> None:
                 "torch_threads": args.threads,
             },
             "single": one,
+            "profile_without_http": profile,
             "load": loaded,
             "batcher": batcher,
             "zero_errors": loaded["errors"] == 0,

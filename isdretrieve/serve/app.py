@@ -9,9 +9,9 @@ picture is addressed by (index name, row) only, and pairs files by their name am
 index directory, so no request names a file. Every error is a JSON body ``{"error": "one line"}`` with a
 4xx (bad input) or 5xx status, and the server keeps serving. An index whose files are damaged (sizes
 other than its manifest recorded) is listed but answers 503 to every request, while the others serve.
-Image queries are decoded on the request's thread and encoded through an
-:class:`~isdretrieve.serve.batcher.EncodeBatcher`, so concurrent requests share forwards. Each index's
-encoder and search are warmed up (:mod:`isdretrieve.serve.warmup`) before the port opens.
+Image queries are encoded through an :class:`~isdretrieve.serve.batcher.EncodeBatcher`, so concurrent
+requests share forwards (a raw-body search runs on the event loop, multipart ones on worker threads).
+Each index's encoder and search are warmed up (:mod:`isdretrieve.serve.warmup`) before the port opens.
 """
 
 from __future__ import annotations
