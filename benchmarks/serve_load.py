@@ -81,16 +81,23 @@ def build(root: Path) -> tuple[Path, str, list[tuple[int, bytes]]]:
     return root / "index", spec, queries
 
 
+STACK_PROBE = (
+    "import importlib.util, json; "
+    "names = ('uvloop', 'httptools', 'orjson'); "
+    "print(json.dumps({n: importlib.util.find_spec(n) is not None for n in names}))"
+)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def start_server(index: Path, port: int, threads: int) -> subprocess.Popen:
+def start_server(index: Path, port: int, threads: int, python: str = sys.executable) -> subprocess.Popen:
     """The server in its own process; returns once it answers (it listens only after its warm-up)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "isdretrieve.cli.index", "serve", str(index), "--port", str(port)]
+    command = [python, "-m", "isdretrieve.cli.index", "serve", str(index), "--port", str(port)]
     server = subprocess.Popen(command + ["--device", "cpu"], env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -131,6 +138,33 @@ def search(client: httpx.Client, query: tuple[int, bytes], raw: bool = True) -> 
 
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
+
+
+def compare_stacks(url: str, other: str, index: Path, query: tuple[int, bytes], repeat: int) -> dict:
+    """Lean-client p50 of this server and of ``other`` (the same code under another interpreter, e.g.
+    without uvloop, httptools and orjson), alternating, each against the bare path measured between."""
+    from PIL import Image
+
+    retriever = Retriever.open(index, device="cpu")
+    mine = http.client.HTTPConnection(url.removeprefix("http://"), timeout=30)
+    theirs = http.client.HTTPConnection(other.removeprefix("http://"), timeout=30)
+    times: dict[str, list[float]] = {"this": [], "other": [], "bare": []}
+    for n in range(repeat + 10):
+        took = {"this": lean_search(mine, query), "other": lean_search(theirs, query)}
+        start = time.perf_counter()
+        retriever.search(Image.open(io.BytesIO(query[1])), k=K)
+        took["bare"] = time.perf_counter() - start
+        if n >= 10:
+            for key, value in took.items():
+                times[key].append(value)
+    p50 = {key: statistics.median(values) for key, values in times.items()}
+    return {
+        "this_p50_ms": 1e3 * p50["this"],
+        "other_p50_ms": 1e3 * p50["other"],
+        "bare_p50_ms": 1e3 * p50["bare"],
+        "this_ratio": p50["this"] / p50["bare"],
+        "other_ratio": p50["other"] / p50["bare"],
+    }
 
 
 def single(url: str, index: Path, query: tuple[int, bytes], repeat: int) -> dict:
@@ -326,6 +360,7 @@ def main() -> None:
     parser.add_argument("--max-requests", type=int, default=200_000)
     parser.add_argument("--single", type=int, default=200, help="sequential requests for the single p50")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads, both processes")
+    parser.add_argument("--compare-python", help="also serve with this interpreter and compare (lean client)")
     parser.add_argument("--name", default="serve_load", help="writes benchmarks/results/NAME.json")
     args = parser.parse_args()
     if not 1 <= args.clients <= 256 or not 0 < args.seconds <= 600:
@@ -339,6 +374,21 @@ def main() -> None:
         try:
             first = first_requests(url, queries[1])
             one = single(url, index, queries[0], args.single)
+            if args.compare_python:
+                other_port = free_port()
+                other = start_server(index, other_port, args.threads, args.compare_python)
+                try:
+                    found = compare_stacks(
+                        url, f"http://127.0.0.1:{other_port}", index, queries[0], args.single
+                    )
+                finally:
+                    other.terminate()
+                    other.wait(timeout=30)
+                stack = subprocess.run(
+                    [args.compare_python, "-c", STACK_PROBE], capture_output=True, text=True, check=True
+                )
+                one["stack_comparison"] = {**found, "other_stack": json.loads(stack.stdout)}
+                print(f"stacks: this {found['this_ratio']:.2f}, other {found['other_ratio']:.2f}", flush=True)
             one["first_request_ms"] = 1e3 * first[0]
             one["next_20_fresh_connections_p50_ms"] = 1e3 * statistics.median(first[1:])
             one["first_over_p50"] = first[0] / statistics.median(first[1:])
