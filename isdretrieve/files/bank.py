@@ -187,6 +187,7 @@ class FeatureBank:
 
     def __init__(self, path: Path, h5: h5py.File, info: BankAttrs) -> None:
         self.path, self._h5, self.info = path, h5, info
+        self._shape = tuple(int(n) for n in h5["features"].shape)  # complete and read-only: fixed
 
     @property
     def fingerprint(self) -> str:
@@ -242,7 +243,7 @@ class FeatureBank:
             raise
 
     def __len__(self) -> int:
-        return int(self._h5["features"].shape[0])
+        return self._shape[0]
 
     def __repr__(self) -> str:
         shape = f"n={len(self)}, dim={self.dim}, dtype={self.dtype}"
@@ -250,7 +251,7 @@ class FeatureBank:
 
     @property
     def dim(self) -> int:
-        return int(self._h5["features"].shape[1])
+        return self._shape[1]
 
     @property
     def dtype(self) -> np.dtype:
