@@ -132,9 +132,7 @@ def test_a_finished_shard_rewritten_alike_is_refused_on_resume(
     assert hashlib.sha256(out.read_bytes()).hexdigest() == before  # refused before anything was written
 
 
-def test_a_resume_without_changes_finishes_identical_and_stream_digests_match_workers(
-    tmp_path, shards, enc16
-):
+def test_the_stream_digest_equals_a_fresh_read_with_any_worker_count(tmp_path, shards, enc16):
     root, spec = shards
     dataset = open_dataset(spec)
     for workers in (0, 2):
