@@ -73,6 +73,7 @@ _FACE: dict[str, str] = {
     "BankRow": "isdretrieve.retrieve.hits",
     "neighbours_report": "isdretrieve.retrieve.report",
     "build_index_from_checkpoint": "isdretrieve.pipeline",
+    "build_index_from_embeddings": "isdretrieve.pipeline",
     # training and serving
     "Trainer": "isdretrieve.train.engine",
     "Recipe": "isdretrieve.train.recipe",

@@ -27,6 +27,11 @@ class BankError(IsdError):
     """A feature bank is missing, incomplete, corrupt or does not match."""
 
 
+class DamagedFile(BankError):
+    """A file of a finished index (or a build's saved progress) is not what was written: truncated,
+    grown, replaced or unreadable. It is refused before it is memory-mapped; the service answers 503."""
+
+
 class EmbeddingsError(BankError, ValueError):
     """An embeddings file or array is unreadable, of the wrong shape, or holds NaN / zero rows."""
 

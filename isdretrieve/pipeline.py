@@ -10,11 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from isdretrieve.bank.embeddings_in import import_embeddings
 from isdretrieve.bank.export import export_bank
 from isdretrieve.encoder import encoder_fingerprint
 from isdretrieve.errors import BankError
 from isdretrieve.files.manifest import IndexManifest
-from isdretrieve.index.build import build_index
+from isdretrieve.index.build import build_index, staged_bank
 from isdretrieve.models.checkpoints import export_encoder, load_backbone
 
 if TYPE_CHECKING:
@@ -78,6 +79,26 @@ def build_index_from_checkpoint(
         backend=backend,
         milvus=milvus,
     )
+
+
+def build_index_from_embeddings(
+    source: str | Path,
+    out_dir: str | Path,
+    *,
+    key: str | None = None,
+    labels: object = None,
+    **build: object,
+) -> IndexManifest:
+    """Import embeddings made elsewhere (:func:`~isdretrieve.bank.embeddings_in.import_embeddings`) and
+    index them in ``out_dir`` (``build``: :func:`~isdretrieve.index.build.build_index`'s options).
+
+    The input is checked whole and written to a staged bank first; ``out_dir/bank.h5`` and the manifest
+    change only when the new index is saved, so a refused input or a failed build leaves an index already
+    in ``out_dir`` as it was."""
+    out_dir = Path(out_dir)
+    with staged_bank(out_dir) as staged:
+        import_embeddings(source, staged, key=key, labels=labels)
+        return build_index(staged, out_dir, **build)
 
 
 def knn_banks_from_checkpoint(

@@ -31,7 +31,7 @@ from isdretrieve.train.neighbour_memory import (
     window_average,
 )
 from isdretrieve.train.objectives import dino_cross_entropy
-from isdretrieve.train.recipe import AdasimConfig, ByolConfig, DinoConfig, recipe_from_data
+from isdretrieve.train.recipe import AdasimConfig, ByolConfig, DinoConfig, Recipe, recipe_from_data
 
 # ------------------------------------------------------------------------------ the selection rule
 
@@ -199,8 +199,8 @@ def test_dino_views_and_the_switch_to_strong_views():
     method = _adasim(base="dino", dino=DinoConfig(**dino, views="strong"))
     assert (method.views, method.partner_views) == (("strong",), ("strong",))
     assert (_adasim().views, _adasim().partner_views) == (("strong",), ("strong",))  # BYOL: as before
-    with pytest.raises(ValueError, match="local_crops must be >= 0"):
-        DinoConfig(local_crops=-1)
+    with pytest.raises(RecipeError, match=r"method\.dino\.local_crops: must not be negative"):
+        Recipe(method=AdasimConfig(base="dino", dino=DinoConfig(local_crops=-1)))
 
 
 def test_local_crops_go_through_the_student_once_per_size_and_never_the_teacher(one_thread):

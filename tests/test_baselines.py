@@ -132,7 +132,7 @@ def test_shuffle_bn_setting_is_typed():
     assert recipe_from_data({"method": {"name": "isd", "shuffle_bn": "auto"}}).method.shuffles is True
     with pytest.raises(RecipeError, match="method.shuffle_bn"):
         recipe_from_data({"method": {"name": "moco", "shuffle_bn": "sometimes"}})
-    with pytest.raises(RecipeError, match="shuffle_groups must be positive"):
+    with pytest.raises(RecipeError, match="method.shuffle_groups: must be positive"):
         recipe_from_data({"method": {"name": "isd", "shuffle_groups": 0}})
 
 

@@ -17,7 +17,8 @@ from isdretrieve.files.pairs import MiningParams
 from isdretrieve.index import ondisk as index_ondisk
 from isdretrieve.index.build import build_index
 from isdretrieve.index.exact import bank_exact_search
-from isdretrieve.index.ondisk import IVFDATA_FILE, PARTIAL_DIR, is_ondisk
+from isdretrieve.index.ondisk import IVFDATA_FILE, is_ondisk
+from isdretrieve.index.partial_build import PARTIAL_DIR
 from isdretrieve.index.plan import choose_index
 from isdretrieve.index.recall import recall_at_k
 from isdretrieve.index.search import SearchIndex

@@ -267,7 +267,7 @@ def test_dino_setting_steps_on_cuda_never_wait_for_the_gpu(tmp_path, mode):
         ({"clip_grad": 0}, "optim.clip_grad: must be positive"),
         ({"clip_grad_mode": "norm"}, "optim.clip_grad_mode: expected one of per_param, global"),
         ({"betas": [0.9]}, "optim.betas: expected 2 values"),
-        ({"betas": [0.9, 1.5]}, "optim.betas: each must be in [0, 1)"),
+        ({"betas": [0.9, 1.5]}, "optim.betas[1]: must be in [0, 1), got 1.5"),
         ({"weight_decay_end": -0.1}, "optim.weight_decay_end: must not be negative"),
         ({"no_decay_bias_and_norm": "yes"}, "optim.no_decay_bias_and_norm: expected true or false"),
         ({"min_lr": 0.5, "lr": 0.1}, "optim.min_lr: must not exceed optim.lr"),
@@ -283,7 +283,7 @@ def test_bad_optimiser_settings_are_one_line_naming_the_key(optim, message):
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        (-1, "method.dino: freeze_last_layer must not be negative"),
+        (-1, "method.dino.freeze_last_layer: must not be negative"),
         (0.5, "method.dino.freeze_last_layer: expected"),
     ],
 )

@@ -10,13 +10,13 @@ Formats (see ``indices/README.md``):
 - **HDF5**: any file with a 2-D float dataset: ``--key`` names it, else ``features``, else the only 2-D
   float dataset in the file (more than one without ``--key`` is an error).
 
-Rows are checked and normalised as :mod:`isdretrieve.bank.arrays` does, streamed in blocks, never held
-whole in memory.
+The whole input (features' shape and dtype, labels, indices, paths and metadata) is checked by
+:func:`~isdretrieve.bank.embeddings_checks.check_import` before the bank is written; rows are then checked
+and normalised as :mod:`isdretrieve.bank.arrays` does, streamed in blocks, never held whole in memory.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,13 @@ import h5py
 import numpy as np
 
 from isdretrieve.bank.arrays import array_blocks, content_fingerprint, write_bank_blocks
+from isdretrieve.bank.embeddings_checks import (
+    check_import,
+    column_labels,
+    parquet_rows,
+    parse_meta,
+    read_text,
+)
 from isdretrieve.errors import EmbeddingsError
 from isdretrieve.files.bank import BANK_FORMAT, FeatureBank
 from isdretrieve.files.h5 import attr_value
@@ -47,7 +54,7 @@ def read_labels(path: str | Path) -> np.ndarray:
             labels = np.load(path, allow_pickle=False)
         else:
             labels = np.array([int(line) for line in path.read_text().split()], dtype=np.int64)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, OverflowError) as exc:
         raise EmbeddingsError(f"cannot read labels from {path}: {exc}") from None
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise EmbeddingsError(
@@ -86,10 +93,11 @@ def import_embeddings(
     reader = {"npy": _read_npy, "parquet": _read_parquet, "h5": _read_h5}[kind]
     with reader(source, key) as found:
         features, meta = found
-        n, dim = _shape2(features, source)
         meta = dict(meta)
         if labels is not None:
             meta["labels"] = labels
+        check_import(features, meta, source)
+        n, dim = _shape2(features, source)
         if not meta.get("fingerprint"):
             meta["fingerprint"] = content_fingerprint(features)
         return write_bank_blocks(bank_path, n, dim, array_blocks(features), source=str(source), **meta)
@@ -134,13 +142,9 @@ def _read_npy(source: Path, key: str | None) -> _Opened:
             if (folder / name).is_file():
                 meta[field] = np.asarray(_load_npy(folder / name))
         if (folder / "paths.txt").is_file():
-            meta["paths"] = (folder / "paths.txt").read_text().splitlines()
+            meta["paths"] = read_text(folder / "paths.txt").splitlines()
         if (folder / "meta.json").is_file():
-            try:
-                info = json.loads((folder / "meta.json").read_text())
-            except json.JSONDecodeError as exc:
-                raise EmbeddingsError(f"{folder / 'meta.json'} is not valid JSON: {exc}") from None
-            meta.update({k: info[k] for k in ("fingerprint", "data_spec", "classes") if k in info})
+            meta.update(parse_meta(read_text(folder / "meta.json"), str(folder / "meta.json")))
     return _Opened((features, meta))
 
 
@@ -156,21 +160,16 @@ def _read_parquet(source: Path, key: str | None) -> _Opened:
     embedding = table.column(column).combine_chunks()
     if not pa.types.is_fixed_size_list(embedding.type) and not pa.types.is_list(embedding.type):
         raise EmbeddingsError(f"{source}: column {column!r} must be a list of floats, got {embedding.type}")
-    n = len(embedding)
-    values = embedding.flatten().to_numpy(zero_copy_only=False)
-    if n and len(values) % n:
-        raise EmbeddingsError(f"{source}: rows of column {column!r} have different lengths")
-    features = values.reshape(n, len(values) // n if n else 0)
+    features = parquet_rows(embedding, source, column)
     meta: dict[str, Any] = {}
     for name, field in (("label", "labels"), ("index", "indices")):
         if name in table.column_names:
-            meta[field] = table.column(name).to_numpy()
+            meta[field] = column_labels(table.column(name).combine_chunks(), source, name)
     if "path" in table.column_names:
-        meta["paths"] = [str(p) for p in table.column("path").to_pylist()]
+        meta["paths"] = table.column("path").to_pylist()
     stored = (table.schema.metadata or {}).get(b"isdretrieve")
     if stored:
-        info = json.loads(stored)
-        meta.update({k: info[k] for k in ("fingerprint", "data_spec", "classes") if k in info})
+        meta.update(parse_meta(stored, f"{source}: parquet metadata 'isdretrieve'"))
     return _Opened((features, meta))
 
 
@@ -184,10 +183,10 @@ def _read_h5(source: Path, key: str | None) -> _Opened:
         meta: dict[str, Any] = {}
         n = features.shape[0] if len(features.shape) == 2 else -1
         for name, field in (("labels", "labels"), ("indices", "indices")):
-            if isinstance(f.get(name), h5py.Dataset) and f[name].shape == (n,):
-                meta[field] = f[name][...]
+            if isinstance(f.get(name), h5py.Dataset) and f[name].shape[:1] == (n,):
+                meta[field] = f[name][...]  # checked whole by check_import: type, shape, range
         if isinstance(f.get("paths"), h5py.Dataset) and f["paths"].shape == (n,):
-            meta["paths"] = [p.decode() if isinstance(p, bytes) else str(p) for p in f["paths"][...]]
+            meta["paths"] = [_text(p) for p in f["paths"][...]]
         if attr_value(f.attrs.get("format")) == BANK_FORMAT:
             with FeatureBank.open(source) as bank:
                 meta.update(fingerprint=bank.fingerprint, data_spec=bank.data_spec, classes=bank.classes)
@@ -195,6 +194,11 @@ def _read_h5(source: Path, key: str | None) -> _Opened:
         f.close()
         raise
     return _Opened((features, meta), f.close)
+
+
+def _text(value: Any) -> Any:
+    """An HDF5 string as str (bytes that are not UTF-8 keep their surrogates, for the check to name)."""
+    return value.decode("utf-8", errors="surrogateescape") if isinstance(value, bytes) else value
 
 
 def _h5_dataset(f: h5py.File, source: Path, key: str | None) -> h5py.Dataset:

@@ -184,7 +184,9 @@ def _create(job: ExportJob, rank: int, world: int, expect: dict[str, Any]) -> Ba
     progress["items_sha256"] = expect["file list sha256"]
     listed = _shard_list(job)
     if listed is not None:
-        progress.update(shard_files=tuple(map(tuple, listed)), shards_done=())
+        progress.update(
+            shard_files=tuple(map(tuple, listed)), shards_done=(), shard_sha256=("",) * len(listed)
+        )
     attrs = dataclasses.replace(attrs, **progress)
     return BankWriter.create(
         job.out, rows=job.hi - job.lo, dim=job.encoder.dim, dtype=job.dtype, attrs=attrs, resumable=True

@@ -3,10 +3,13 @@
 Rank r of w takes the contiguous block of tar shards ``[r*S//w, (r+1)*S//w)`` (so joining stays a
 concatenation). The tar headers give the sample count up front, so the layout is fixed: a shard's rows
 start at its first sample's position and loader workers may finish shards in any order. The bank records
-``shard_files`` (``[name, bytes, samples]`` of each tar of the block, in order: a resume refuses any other
-list) and ``shards_done`` (positions in that list, written after the shard's rows are flushed); a rerun
-skips finished shards and re-encodes only unfinished ones, from their start. Rows of images skipped by
-``on_bad_image="skip"`` are dropped at the end by rewriting the bank whole.
+``shard_files`` (``[name, bytes, samples]`` of each tar of the block, in order: a resume refuses any
+other list), ``shards_done`` (positions in that list, written after the shard's rows are flushed) and
+``shard_sha256`` (each finished tar's content digest, SHA-256 over its index and image bytes, computed as
+the stream reads them: no extra pass). A rerun first re-reads each finished tar (bytes only, no decoding)
+and refuses one whose digest changed, then re-encodes only the unfinished ones, from their start. A
+partial bank from before the digests starts over (its finished tars cannot be checked). Rows of images
+skipped by ``on_bad_image="skip"`` are dropped at the end by rewriting the bank whole.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from isdretrieve.bank.job import (
     check_finite,
     progress_bar,
 )
-from isdretrieve.data.shards import ShardBatch, ShardDataset, ShardStream
-from isdretrieve.errors import DataError
+from isdretrieve.data.shards import ShardBatch, ShardDataset, ShardStream, shard_sha256
+from isdretrieve.errors import BankError, DataError
 from isdretrieve.files.bank import BankAttrs
 from isdretrieve.files.bank_writer import BankWriter
 from isdretrieve.files.h5 import open_h5
@@ -62,6 +65,7 @@ class _Progress:
     done: set[int]
     skipped: int
     skipped_paths: list[str]
+    digests: list[str]  # per position in the block: the finished tar's content digest, or ""
     pending: dict[int, list[str]] = dataclasses.field(default_factory=dict)  # skipped, shard unfinished
 
 
@@ -69,8 +73,7 @@ def export_shards(writer: BankWriter, job: ExportJob) -> ExportResult:
     """Export the job's tar shards that ``writer``'s bank has not finished, then finish the bank."""
     dataset, block = job.dataset, job.shard_block
     assert isinstance(dataset, ShardDataset) and block is not None
-    info = writer.info
-    state = _Progress(set(info.shards_done or ()), info.skipped, list(info.skipped_paths))
+    state = _verified_progress(writer, job)
     counts = [len(dataset.shards[s]) for s in block]
     total, finished = sum(counts), sum(counts[k] for k in state.done)
     todo = [s for k, s in enumerate(block) if k not in state.done]
@@ -82,7 +85,7 @@ def export_shards(writer: BankWriter, job: ExportJob) -> ExportResult:
             processed += len(batch.indices)
             if batch.last:  # the shard's rows are all on disk: mark it done
                 finished += counts[block.index(batch.shard)]
-                _finish_shard(writer, block, batch.shard, finished, state)
+                _finish_shard(writer, block, batch.shard, batch.sha256, finished, state)
             advance(len(batch.indices), job.rate(processed))
     if state.skipped == 0:
         writer.finish(rows=total)
@@ -90,6 +93,26 @@ def export_shards(writer: BankWriter, job: ExportJob) -> ExportResult:
         writer.close()
         _drop_skipped_rows(job.out)
     return job.result(total - state.skipped, state.skipped, processed, resumed_from)
+
+
+def _verified_progress(writer: BankWriter, job: ExportJob) -> _Progress:
+    """The bank's progress, its finished tars checked against their recorded content digests (a changed
+    one is a BankError before anything is written); a bank without digests starts over."""
+    info, block = writer.info, job.shard_block
+    assert isinstance(job.dataset, ShardDataset) and block is not None
+    if info.shard_sha256 is None:
+        return _Progress(set(), 0, [], [""] * len(block))
+    digests = list(info.shard_sha256)
+    done = set(info.shards_done or ())
+    for k in sorted(done):
+        now = shard_sha256(job.dataset, block[k])
+        if now != digests[k]:
+            name = job.dataset.shards[block[k]].name
+            raise BankError(
+                f"{job.out}: finished shard {k} ('{name}') changed since it was exported (content sha256 "
+                f"{digests[k][:12]}..., now {now[:12]}...): {DELETE_HINT}"
+            )
+    return _Progress(done, info.skipped, list(info.skipped_paths), digests)
 
 
 def _write_batch(writer: BankWriter, job: ExportJob, batch: ShardBatch, state: _Progress) -> None:
@@ -109,14 +132,18 @@ def _write_batch(writer: BankWriter, job: ExportJob, batch: ShardBatch, state: _
     writer.put(int(batch.indices[0]) - job.lo, feats.numpy(), labels, indices, paths)
 
 
-def _finish_shard(writer: BankWriter, block: list[int], shard: int, finished: int, state: _Progress) -> None:
+def _finish_shard(
+    writer: BankWriter, block: list[int], shard: int, digest: str, finished: int, state: _Progress
+) -> None:
     """Record shard ``shard`` as done, with the images it skipped."""
     state.done.add(block.index(shard))
+    state.digests[block.index(shard)] = digest
     lost = state.pending.pop(shard, [])
     state.skipped += len(lost)
     state.skipped_paths += lost[: max(0, MAX_SKIPPED_PATHS - len(state.skipped_paths))]
     writer.mark(
         shards_done=sorted(state.done),
+        shard_sha256=state.digests,
         rows_done=finished - state.skipped,
         items_done=finished,
         skipped=state.skipped,

@@ -212,24 +212,18 @@ def build(
     if sources:
         if len(sources) > 1 or checkpoint or data:
             raise click.UsageError("give one of --bank, --embeddings, or --checkpoint with --data")
+        settings = dict(factory=factory, recall_target=recall_target, memory_budget=memory_budget)
+        settings.update(on_disk=on_disk, shard_rows=shard_rows, progress=options["progress"])
         if embeddings is not None:
-            from isdretrieve.bank.embeddings_in import import_embeddings, read_labels
-            from isdretrieve.files.manifest import MANIFEST_FILE
+            from isdretrieve.bank.embeddings_in import read_labels
+            from isdretrieve.pipeline import build_index_from_embeddings
 
-            (out / MANIFEST_FILE).unlink(missing_ok=True)  # its bank.h5 is about to be replaced
             label_array = read_labels(labels) if labels else None
-            bank = import_embeddings(embeddings, out / "bank.h5", key=key, labels=label_array)
-        manifest = build_index(
-            bank,
-            out,
-            factory=factory,
-            recall_target=recall_target,
-            memory_budget=memory_budget,
-            on_disk=on_disk,
-            shard_rows=shard_rows,
-            progress=options["progress"],
-            **where,
-        )
+            manifest = build_index_from_embeddings(
+                embeddings, out, key=key, labels=label_array, **settings, **where
+            )
+        else:
+            manifest = build_index(bank, out, **settings, **where)
     else:
         if not (checkpoint and data):
             raise click.UsageError("give --checkpoint and --data (or --bank, or --embeddings)")

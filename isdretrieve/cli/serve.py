@@ -54,7 +54,7 @@ def serve(
         import uvicorn
 
         from isdretrieve.serve.app import create_app, open_indices
-        from isdretrieve.serve.state import ServeSettings
+        from isdretrieve.serve.state import DamagedIndex, ServeSettings
     except ImportError as exc:
         raise IsdError(
             f"isd-index serve needs the serve extra ({exc.name} is missing): pip install 'isdretrieve[serve]'"
@@ -66,6 +66,10 @@ def serve(
     app = create_app(retrievers, settings)
     where = f"[{host}]" if ":" in host else host
     url = f"http://{where}:{port}/"
+    damaged = {name: r.error for name, r in retrievers.items() if isinstance(r, DamagedIndex)}
+    for name, error in damaged.items():
+        click.echo(f"warning: index {name!r} is damaged and answers 503: {error}", err=True)
     click.echo(f"serving {len(index_dirs)} index(es) on {url} (Ctrl-C stops)", err=True)
-    emit({"url": url, "indices": {name: r.index_dir for name, r in retrievers.items()}}, as_json)
+    paths = {name: getattr(r, "index_dir", getattr(r, "path", None)) for name, r in retrievers.items()}
+    emit({"url": url, "indices": paths, "damaged": damaged}, as_json)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import io
 import itertools
 import json
@@ -31,7 +32,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -40,8 +41,10 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from isdretrieve.data.datasets import ImageDataset, SubsetDataset
 from isdretrieve.data.images import default_side, pil_to_tensor
+from isdretrieve.data.sources import check_utf8_names
 from isdretrieve.data.specs import DataSpec
 from isdretrieve.errors import DataError
+from isdretrieve.files.bank import MAX_LABEL
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # in order of preference when a sample has several
 _BRACE_RE = re.compile(r"\{([^{}]*)\}")
@@ -130,12 +133,23 @@ def _label(tar: tarfile.TarFile, info: tarfile.TarInfo, ext: str, where: str) ->
     text = fh.read().decode("utf-8", errors="replace") if fh is not None else ""
     try:
         if ext == "cls":
-            return int(text.strip())
+            return _label_in_range(int(text.strip()), info, where)
         meta = json.loads(text)
     except ValueError:
         raise DataError(f"{where}: cannot read a label from '{info.name}'") from None
     value = meta.get("label", meta.get("cls")) if isinstance(meta, dict) else None
-    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+    return (
+        _label_in_range(value, info, where)
+        if isinstance(value, int) and not isinstance(value, bool)
+        else None
+    )
+
+
+def _label_in_range(value: int, info: tarfile.TarInfo, where: str) -> int:
+    """A label from a shard: -1 (none) up to MAX_LABEL; larger ones would name millions of classes."""
+    if not -1 <= value <= MAX_LABEL:
+        raise DataError(f"{where}: label {value} in '{info.name}' is outside [-1, {MAX_LABEL}]")
+    return value
 
 
 def scan_shard(path: Path, name: str) -> Shard:
@@ -147,6 +161,7 @@ def scan_shard(path: Path, name: str) -> Shard:
             for info in tar:
                 if not info.isfile():
                     continue
+                check_utf8_names([info.name], f"shard '{path}': member")
                 key, ext = _split_name(info.name)
                 if not samples or samples[-1][0] != key:
                     samples.append([key, None, 0, 0, None])
@@ -250,16 +265,26 @@ class ShardDataset(ImageDataset):
         return self.shards[self.locate(i)[0]]
 
     def read_image(self, i: int) -> torch.Tensor:
+        return self.decode(i, self.read_bytes(i))
+
+    def decode(self, i: int, data: bytes) -> torch.Tensor:
+        """Item ``i``'s image from its encoded bytes (as :meth:`read_bytes` gives them)."""
         try:
-            with self.open_image(i) as img:
+            with Image.open(io.BytesIO(data)) as img:
                 img.draft("RGB", (self.size, self.size))
                 return pil_to_tensor(img, self.size)
-        except DataError:
-            raise
         except Exception as exc:
             raise DataError(
                 f"cannot decode image '{self.path(i)}' in shard '{self._shard(i).path}': {exc}"
             ) from None
+
+    def content_hasher(self, s: int) -> Any:
+        """A SHA-256 of shard ``s``'s index (keys, image types, labels), to be fed its images' bytes in
+        member order: :func:`shard_sha256` and the export's stream compute the same digest."""
+        shard = self.shards[s]
+        digest = hashlib.sha256(json.dumps([shard.keys, shard.exts]).encode())
+        digest.update(shard.labels.astype("<i8").tobytes())
+        return digest
 
     def path(self, i: int) -> str:
         s, k = self.locate(int(i))
@@ -304,6 +329,7 @@ class ShardBatch(NamedTuple):
     labels: torch.Tensor
     indices: torch.Tensor  # dataset indices
     errors: list[str]
+    sha256: str = ""  # on a shard's last batch: the digest of its content (:func:`shard_sha256`)
 
 
 class ShardStream(IterableDataset):
@@ -323,17 +349,21 @@ class ShardStream(IterableDataset):
         ds, (h, w) = self.dataset, self.dataset.image_size
         for s in mine:
             start, stop = int(ds.shard_starts[s]), int(ds.shard_starts[s + 1])
+            content = ds.content_hasher(s)  # the bytes are hashed as they are read: no second pass
             for a in range(start, stop, self.batch_size):
                 b = min(a + self.batch_size, stop)
                 images = torch.zeros((b - a, 3, h, w), dtype=torch.uint8)
                 errors = [""] * (b - a)
                 for k, i in enumerate(range(a, b)):
+                    data = ds.read_bytes(i)
+                    content.update(data)
                     try:
-                        images[k] = ds.read_image(i)
+                        images[k] = ds.decode(i, data)
                     except DataError as exc:
                         errors[k] = str(exc)
                 labels = ds.labels[a:b].clone()
-                yield ShardBatch(s, b == stop, images, labels, torch.arange(a, b), errors)
+                digest = content.hexdigest() if b == stop else ""
+                yield ShardBatch(s, b == stop, images, labels, torch.arange(a, b), errors, digest)
 
     def loader(self, workers: int, pin_memory: bool = False) -> Iterator[ShardBatch]:
         """The stream through ``workers`` loader processes (0: in this process)."""
@@ -345,6 +375,15 @@ class ShardStream(IterableDataset):
             self, batch_size=None, num_workers=min(workers, max(1, len(self.shards))), pin_memory=pin_memory
         )
         return iter(loader)
+
+
+def shard_sha256(dataset: ShardDataset, s: int) -> str:
+    """The content digest of shard ``s``: SHA-256 over its index and its image members' bytes, read in
+    member order (what a finished shard of an export is pinned by)."""
+    content = dataset.content_hasher(s)
+    for i in range(int(dataset.shard_starts[s]), int(dataset.shard_starts[s + 1])):
+        content.update(dataset.read_bytes(i))
+    return content.hexdigest()
 
 
 def rank_shards(n_shards: int, rank: int, world: int, *, contiguous: bool = False) -> list[int]:

@@ -50,6 +50,17 @@ def _images_under(root: Path, sub: str) -> list[str]:
     return sorted(found)
 
 
+def check_utf8_names(names: list[str], what: str) -> None:
+    """DataError naming the first of ``names`` (file or member names) that is not valid UTF-8: its bytes
+    could not be written to a bank's paths, nor shown."""
+    for name in names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raw = name.encode("utf-8", "surrogateescape")
+            raise DataError(f"{what} name {raw!r} is not valid UTF-8: rename it") from None
+
+
 def _scan_folder(root: Path) -> tuple[list[str], list[int], list[str]]:
     """(files, labels, classes) of an ImageFolder root, or of a flat folder of unlabeled images."""
     if not root.is_dir():
@@ -60,6 +71,7 @@ def _scan_folder(root: Path) -> tuple[list[str], list[int], list[str]]:
         files = [e.name for e in entries if e.is_file() and _is_image(e.name)]
         if not files:
             raise DataError(f"data root '{root}' holds no images (expected class folders or image files)")
+        check_utf8_names(files, f"data root '{root}': file")
         return files, [-1] * len(files), []
     files, labels = [], []
     for label, name in enumerate(classes):
@@ -68,6 +80,7 @@ def _scan_folder(root: Path) -> tuple[list[str], list[int], list[str]]:
             raise DataError(f"class folder '{root / name}' holds no images")
         files.extend(found)
         labels.extend([label] * len(found))
+    check_utf8_names(files, f"data root '{root}': file")
     return files, labels, classes
 
 

@@ -36,6 +36,7 @@ BANK_FORMAT = "isdretrieve.bank/1"
 DATASETS = ("features", "labels", "indices", "paths")
 DTYPES = ("float32", "float16")
 BLOCK_BYTES = 64 << 20  # rows are read about this many float32 bytes at a time
+MAX_LABEL = 1 << 20  # the largest label a bank takes: labels index class names (about a million)
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,9 @@ class BankAttrs:
     ``skipped_paths`` (unreadable images), ``shard`` (rank, world), ``items_done`` / ``items_total``
     (dataset items consumed / in the shard), ``items_sha256`` (over the shard's item names; "" in joined
     banks), ``rows_done``, ``complete``; for ``wds:`` data also ``shard_files`` ([name, bytes, samples]
-    per tar) and ``shards_done`` (positions in that list). On disk lists, tuples, dicts and the header
-    are JSON strings, integers int64.
+    per tar), ``shards_done`` (positions in that list) and ``shard_sha256`` (the content digest of each
+    finished tar, "" for the others: a resume refuses a finished tar whose content changed). On disk
+    lists, tuples, dicts and the header are JSON strings, integers int64.
     """
 
     fingerprint: str = ""
@@ -70,6 +72,7 @@ class BankAttrs:
     complete: bool = False
     shard_files: tuple[tuple[str, int, int], ...] | None = None
     shards_done: tuple[int, ...] | None = None
+    shard_sha256: tuple[str, ...] | None = None
     format: str = BANK_FORMAT
 
     @classmethod
@@ -129,7 +132,9 @@ class BankAttrs:
             h5.attrs.modify(name, _encode(name, value))
 
 
-_JSON = frozenset({"classes", "versions", "skipped_paths", "shard", "shard_files", "shards_done"})
+_JSON = frozenset(
+    {"classes", "versions", "skipped_paths", "shard", "shard_files", "shards_done", "shard_sha256"}
+)
 
 
 def _encode(name: str, value: Any) -> Any:
@@ -182,6 +187,7 @@ class FeatureBank:
 
     def __init__(self, path: Path, h5: h5py.File, info: BankAttrs) -> None:
         self.path, self._h5, self.info = path, h5, info
+        self._shape = tuple(int(n) for n in h5["features"].shape)  # complete and read-only: fixed
 
     @property
     def fingerprint(self) -> str:
@@ -237,7 +243,7 @@ class FeatureBank:
             raise
 
     def __len__(self) -> int:
-        return int(self._h5["features"].shape[0])
+        return self._shape[0]
 
     def __repr__(self) -> str:
         shape = f"n={len(self)}, dim={self.dim}, dtype={self.dtype}"
@@ -245,7 +251,7 @@ class FeatureBank:
 
     @property
     def dim(self) -> int:
-        return int(self._h5["features"].shape[1])
+        return self._shape[1]
 
     @property
     def dtype(self) -> np.dtype:

@@ -6,6 +6,8 @@ An index directory holds ``bank.h5`` (the bank the index was built from, a hard 
 lists, memory-mapped) and ``manifest.json``, written last: a directory without it is an unfinished build.
 A Milvus index (backend "milvus") has no ``index.faiss``: its manifest names the collection that holds
 the rows (``milvus``: the URI without secrets, the collection, the index type and its parameters).
+The manifest records each file's size (``file_bytes``; derived from ``index_bytes`` and ``ivfdata_bytes``
+in manifests written before it), and :func:`check_files` compares them before anything is mapped.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from isdretrieve.errors import BankError, IsdError
+from isdretrieve.errors import BankError, DamagedFile, IsdError
 from isdretrieve.files.bank import BankAttrs
 from isdretrieve.files.h5 import open_h5
 from isdretrieve.files.versions import package_versions
@@ -25,6 +27,7 @@ from isdretrieve.files.versions import package_versions
 INDEX_FORMAT = "isdretrieve.index/1"
 METRIC = "inner_product"
 BANK_FILE, INDEX_FILE, MANIFEST_FILE = "bank.h5", "index.faiss", "manifest.json"
+IVFDATA_FILE = "index.ivfdata"
 RECALL_PROTOCOL = "held-out: sampled bank rows searched for k+1, own row dropped from hits and truth"
 KIND_RAM, KIND_ONDISK = "ram", "ondisk"
 BACKEND_FAISS, BACKEND_MILVUS = "faiss", "milvus"
@@ -57,6 +60,7 @@ class IndexManifest:
     notes: list[str] = field(default_factory=list)  # e.g. k lowered for a bank smaller than k
     backend: str = BACKEND_FAISS  # "faiss": index.faiss here; "milvus": a collection (``milvus``)
     milvus: dict[str, Any] = field(default_factory=dict)  # uri (no secrets), collection, index type...
+    file_bytes: dict[str, int] = field(default_factory=dict)  # size of each file at build; {} before it
     format: str = INDEX_FORMAT
     metric: str = METRIC
     bank_file: str = BANK_FILE
@@ -85,7 +89,8 @@ class IndexManifest:
 
 
 def read_manifest(index_dir: str | Path) -> IndexManifest:
-    """The manifest of a finished index directory; IsdError if the directory or its files are missing."""
+    """The manifest of a finished index directory; IsdError if the directory or its manifest is missing,
+    DamagedFile if a file the manifest lists is missing."""
     directory = Path(index_dir)
     if not directory.is_dir():
         raise IsdError(f"index directory not found: {directory}")
@@ -94,11 +99,59 @@ def read_manifest(index_dir: str | Path) -> IndexManifest:
     manifest = IndexManifest.from_json((directory / MANIFEST_FILE).read_text())
     if manifest.backend not in (BACKEND_FAISS, BACKEND_MILVUS):
         raise IsdError(f"{directory / MANIFEST_FILE} names an unknown backend {manifest.backend!r}")
-    needed = (BANK_FILE,) if manifest.backend == BACKEND_MILVUS else (INDEX_FILE, BANK_FILE)
-    for name in needed:
+    for name in index_files(manifest.backend, manifest.kind):
         if not (directory / name).is_file():
-            raise IsdError(f"{directory} is not a finished index directory: {name} is missing")
+            raise DamagedFile(f"{directory} is not a finished index directory: {name} is missing")
     return manifest
+
+
+def index_files(backend: str, kind: str) -> tuple[str, ...]:
+    """The files an index directory must hold besides its manifest: a Milvus index keeps only its bank
+    (the vectors live in the collection); a FAISS index ``index.faiss`` too, and ``index.ivfdata`` on disk."""
+    if backend == BACKEND_MILVUS:
+        return (BANK_FILE,)
+    return (INDEX_FILE, BANK_FILE, *([IVFDATA_FILE] if kind == KIND_ONDISK else []))
+
+
+def recorded_sizes(manifest: IndexManifest) -> dict[str, int]:
+    """The byte size of each index file as the build recorded it (older manifests: index.faiss and
+    index.ivfdata from ``index_bytes`` and ``ivfdata_bytes``; the bank's size was not recorded)."""
+    if manifest.file_bytes:
+        return dict(manifest.file_bytes)
+    if manifest.backend == BACKEND_MILVUS:
+        return {}
+    sizes = {INDEX_FILE: manifest.index_bytes - manifest.ivfdata_bytes}
+    if manifest.kind == KIND_ONDISK:
+        sizes[IVFDATA_FILE] = manifest.ivfdata_bytes
+    return sizes
+
+
+def file_sizes(directory: Path, backend: str, kind: str) -> dict[str, int]:
+    """The byte sizes of a just-built index's files, for the manifest."""
+    return {name: (directory / name).stat().st_size for name in index_files(backend, kind)}
+
+
+def check_size(path: Path, expected: int, found: int | None = None) -> None:
+    """DamagedFile unless ``path`` (or ``found``, its size from an open descriptor) has ``expected``
+    bytes: a file that is shorter would be read (or memory-mapped) past its end."""
+    size = path.stat().st_size if found is None else found
+    if size != expected:
+        what = "truncated" if size < expected else "longer than built"
+        raise DamagedFile(
+            f"{path} is damaged ({what}: {size:,} bytes, the manifest recorded {expected:,}): "
+            "rebuild the index"
+        )
+
+
+INDEX_FILES = (INDEX_FILE, IVFDATA_FILE)
+
+
+def check_files(directory: Path, manifest: IndexManifest, names: tuple[str, ...] = INDEX_FILES) -> None:
+    """The files ``names`` have the sizes the manifest recorded (before they are read or mapped). The
+    bank is checked after its fingerprint, so a bank of another encoder is named as such."""
+    for name, expected in recorded_sizes(manifest).items():
+        if name in names:
+            check_size(directory / name, expected)
 
 
 def check_bank_fingerprint(directory: Path, manifest: IndexManifest, fingerprint: str) -> None:
@@ -114,6 +167,7 @@ def describe_index(index_dir: str | Path) -> dict[str, Any]:
     """The manifest plus the bank's rows, data SPEC, transform, class count and skipped images (read from
     the bank's attributes with h5py; FAISS and torch are not imported)."""
     manifest = read_manifest(index_dir)
+    check_files(Path(index_dir), manifest)
     bank_path = Path(index_dir) / BANK_FILE
     try:
         with open_h5(bank_path) as f:
@@ -122,6 +176,7 @@ def describe_index(index_dir: str | Path) -> dict[str, Any]:
     except OSError as exc:
         raise BankError(f"cannot read feature bank {bank_path}: {exc}") from None
     check_bank_fingerprint(Path(index_dir), manifest, attrs.fingerprint)
+    check_files(Path(index_dir), manifest, (BANK_FILE,))
     info: dict[str, Any] = json.loads(manifest.to_json())
     info.update(bank_rows=rows, data_spec=attrs.data_spec, transform=attrs.transform)
     info.update(classes=len(attrs.classes), skipped_images=attrs.skipped)

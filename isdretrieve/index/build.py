@@ -8,9 +8,12 @@ is recorded in ``manifest.json`` (the directory's files: :mod:`isdretrieve.files
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,6 +35,7 @@ from isdretrieve.files.manifest import (
     MANIFEST_FILE,
     RECALL_PROTOCOL,
     IndexManifest,
+    file_sizes,
 )
 from isdretrieve.index.exact import GPU_MAX_K, bank_exact_search, cuda_available
 from isdretrieve.index.faiss_ops import faiss_message, is_exact, make_index, search_knob, set_params, to_gpu
@@ -100,6 +104,8 @@ def build_index(
 
     ``backend="milvus"`` puts the rows in the collection ``milvus`` names instead of ``index.faiss``
     (:func:`~isdretrieve.index.milvus.build.build_milvus_index`: same plan, same tuning, resumable).
+    ``out_dir/bank.h5`` (hard link or copy) and writes ``manifest.json`` last; an index already in
+    ``out_dir`` stays whole until then, so a refused input or a failed build leaves it as it was.
     """
     out_dir = Path(out_dir)
     if not 0 < recall_target <= 1 or queries < 1 or k < 1:
@@ -107,31 +113,48 @@ def build_index(
             f"need 0 < recall_target <= 1, queries >= 1 and k >= 1, got {recall_target}, {queries} and {k}"
         )
     _check_backend(backend, milvus, on_disk or bool(shard_rows))
-    if isinstance(bank, np.ndarray):
-        (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
-        bank = bank_from_array(bank, out_dir / BANK_FILE)
-    bank_path = Path(bank)
-    if backend == BACKEND_MILVUS:
-        from isdretrieve.index.milvus.build import build_milvus_index
+    with contextlib.ExitStack() as stack:
+        if isinstance(bank, np.ndarray):
+            bank = bank_from_array(bank, stack.enter_context(staged_bank(out_dir)))
+        bank_path = Path(bank)
+        if backend == BACKEND_MILVUS:
+            from isdretrieve.index.milvus.build import build_milvus_index
 
-        return build_milvus_index(
-            bank_path, out_dir, milvus, factory=factory, recall_target=recall_target, k=k,
-            memory_budget=memory_budget, queries=queries, seed=seed, progress=progress,
-        )  # fmt: skip
-    with FeatureBank.open(bank_path) as opened:
-        choice = _choose(opened, factory, memory_budget, on_disk, progress)
-        index = make_index(choice.factory, opened.dim)
-        outcome = _Outcome(recall_k=_recall_k(index, choice, len(opened), k))
-        if outcome.recall_k < k:
-            outcome.notes.append(
-                f"k lowered from {k} to {outcome.recall_k}: the bank has {len(opened):,} rows"
-            )
-        index = _fill(index, opened, out_dir, choice, outcome, train_size, seed, shard_rows, progress)
-        _tune(index, opened, outcome, recall_target, queries, seed, progress)
-        fingerprint, count, dim = opened.fingerprint, len(opened), opened.dim
-    return _save(
-        index, bank_path, out_dir, choice, outcome, recall_target, memory_budget, fingerprint, count, dim
-    )
+            return build_milvus_index(
+                bank_path, out_dir, milvus, factory=factory, recall_target=recall_target, k=k,
+                memory_budget=memory_budget, queries=queries, seed=seed, progress=progress,
+            )  # fmt: skip
+        with FeatureBank.open(bank_path) as opened:
+            choice = _choose(opened, factory, memory_budget, on_disk, progress)
+            index = make_index(choice.factory, opened.dim)
+            outcome = _Outcome(recall_k=_recall_k(index, choice, len(opened), k))
+            if outcome.recall_k < k:
+                outcome.notes.append(
+                    f"k lowered from {k} to {outcome.recall_k}: the bank has {len(opened):,} rows"
+                )
+            index = _fill(index, opened, out_dir, choice, outcome, train_size, seed, shard_rows, progress)
+            _tune(index, opened, outcome, recall_target, queries, seed, progress)
+            fingerprint, count, dim = opened.fingerprint, len(opened), opened.dim
+        return _save(
+            index, bank_path, out_dir, choice, outcome, recall_target, memory_budget, fingerprint, count, dim
+        )
+
+
+@contextlib.contextmanager
+def staged_bank(out_dir: Path) -> Iterator[Path]:
+    """A hidden path in ``out_dir`` for a new bank to index: :func:`build_index` places it as
+    ``bank.h5`` only when the index is saved, so a bank refused while it is written (or a failed build)
+    leaves an index already in the folder untouched. The staged file is removed afterwards (and a folder
+    made for it, when nothing else landed there)."""
+    made = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f".{BANK_FILE}.staged-{os.getpid()}"
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+        if made and not any(out_dir.iterdir()):
+            out_dir.rmdir()
 
 
 def _check_backend(backend: str, milvus: MilvusTarget | None, faiss_only: bool) -> None:
@@ -185,7 +208,6 @@ def _fill(
     started = time.perf_counter()
     if choice.on_disk:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # index.faiss is replaced by the merge
         index, outcome.train_rows, outcome.shards = build_ondisk(
             index,
             bank,
@@ -325,6 +347,7 @@ def _save(
         shards=outcome.shards,
         recall_protocol="exact" if is_exact(index) else RECALL_PROTOCOL,
         notes=outcome.notes,
+        file_bytes=file_sizes(out_dir, BACKEND_FAISS, KIND_ONDISK if choice.on_disk else KIND_RAM),
     )
     with atomic_path(out_dir / MANIFEST_FILE) as tmp:
         tmp.write_text(manifest.to_json())

@@ -9,8 +9,9 @@ The build never holds the whole index in memory:
    ``index.ivfdata``, and ``index.faiss`` (quantizer + list directory, small) is written beside it.
 
 An interrupted build resumes: the trained index and the finished shards are kept in ``ondisk.partial/``
-(with the settings they were made with in ``build.json``) until the merge has landed, and a rerun with
-the same settings reuses them. The index is opened with ``IO_FLAG_ONDISK_SAME_DIR``: the lists are
+(with the settings they were made with, and each file's size and CRC-32, in ``build.json``:
+:mod:`isdretrieve.index.partial_build`) until the merge has landed, and a rerun with the same settings
+reuses those that are intact. The index is opened with ``IO_FLAG_ONDISK_SAME_DIR``: the lists are
 memory-mapped from the ``index.ivfdata`` next to ``index.faiss``, so the directory can be moved, and the
 operating system's page cache, not the process, holds the parts of the lists that queries touch.
 
@@ -21,9 +22,7 @@ Codes are SQ8 (one byte per dimension): on unit vectors its recall is close to u
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,12 +31,12 @@ import faiss
 import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 
-from isdretrieve.errors import IsdError
+from isdretrieve.errors import DamagedFile, IsdError
 from isdretrieve.files.atomic import atomic_path, fsync_path
 from isdretrieve.files.bank import FeatureBank
+from isdretrieve.files.manifest import IVFDATA_FILE, MANIFEST_FILE, check_size
+from isdretrieve.index.partial_build import PartialBuild
 
-IVFDATA_FILE = "index.ivfdata"
-PARTIAL_DIR = "ondisk.partial"
 ONDISK_CODE = "SQ8"
 LIST_OVERHEAD_BYTES = 24  # per list, OnDiskInvertedLists keeps (size, capacity, offset) in memory
 MIN_SHARD_ROWS = 10_000
@@ -93,41 +92,61 @@ def is_ondisk(index: faiss.Index) -> bool:
 
 
 def read_ondisk(path: Path) -> faiss.Index:
-    """Open ``index.faiss`` with its lists memory-mapped, read-only, from ``index.ivfdata`` beside it."""
-    if not (path.parent / IVFDATA_FILE).is_file():
-        raise IsdError(f"{path.parent} is not a finished index directory: {IVFDATA_FILE} is missing")
+    """Open ``index.faiss`` with its lists memory-mapped, read-only, from ``index.ivfdata`` beside it.
+
+    Callers check the file's size against the manifest first (:class:`ListsFile`); this also refuses
+    lists that reach past the file's end, which FAISS would map and fault on (SIGBUS) at the first
+    search."""
+    data = path.parent / IVFDATA_FILE
+    if not data.is_file():
+        raise DamagedFile(f"{path.parent} is not a finished index directory: {IVFDATA_FILE} is missing")
     try:
         with _quiet_faiss():
-            return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
+            index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
     except RuntimeError as exc:
         raise IsdError(f"cannot read on-disk index {path}: {str(exc).strip().splitlines()[-1]}") from exc
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    # FAISS's list prefetch threads read the mapping on their own after a search has returned: a file
+    # truncated then would end the process (SIGBUS) though every search checks the file first
+    lists.prefetch_nthread = 0
+    size = data.stat().st_size
+    if lists.totsize > size:
+        raise DamagedFile(
+            f"{data} is damaged (truncated: {size:,} bytes, its lists need {lists.totsize:,}): "
+            "rebuild the index"
+        )
+    return index
+
+
+class ListsFile:
+    """``index.ivfdata`` held open while its lists are mapped, with the size the manifest recorded.
+
+    :meth:`check` compares the open file's size (``fstat``, no path lookup) with it: before the file is
+    mapped, and before every search, so a file truncated under a running service is refused with a
+    :class:`~isdretrieve.errors.DamagedFile` rather than read past its end (SIGBUS, the whole process).
+    """
+
+    def __init__(self, path: Path, expected: int) -> None:
+        self.path, self.expected = path, expected
+        self._fd = os.open(path, os.O_RDONLY)
+        try:
+            self.check()
+        except BaseException:
+            self.close()
+            raise
+
+    def check(self) -> None:
+        check_size(self.path, self.expected, os.fstat(self._fd).st_size)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def _write_index(index: faiss.Index, path: Path) -> None:
     with atomic_path(path) as tmp:
         faiss.write_index(index, str(tmp))
-
-
-def _state(out_dir: Path, settings: dict) -> Path:
-    """``ondisk.partial/`` holding a build with these ``settings``; one with other settings is removed."""
-    partial = out_dir / PARTIAL_DIR
-    found = partial / "build.json"
-    if partial.exists():
-        try:
-            same = json.loads(found.read_text()).get("settings") == settings
-        except (OSError, json.JSONDecodeError, AttributeError):
-            same = False
-        if not same:
-            shutil.rmtree(partial)
-    if not partial.exists():
-        partial.mkdir(parents=True)
-        _write_json(found, {"settings": settings})
-    return partial
-
-
-def _write_json(path: Path, data: dict) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def build_ondisk(
@@ -149,27 +168,27 @@ def build_ondisk(
     ``index.ivfdata`` into ``out_dir`` and returns (the index opened on disk, training rows, shards).
     """
     n = len(bank)
-    settings = {"factory": factory, "shard_rows": shard_rows, **settings}
-    partial = _state(out_dir, settings)
-    trained_path = partial / "trained.faiss"
-    if trained_path.is_file():
-        train_rows = int(json.loads((partial / "build.json").read_text()).get("train_rows", 0))
-        trained = faiss.read_index(str(trained_path))
+    partial = PartialBuild(out_dir, {"factory": factory, "shard_rows": shard_rows, **settings})
+    trained_path = partial.path("trained.faiss")
+    if partial.intact(trained_path.name):
+        train_rows = int(partial.state.get("train_rows", 0))
     else:
+        partial.discard_files()
         train_rows = train(index)
         _write_index(index, trained_path)
-        _write_json(partial / "build.json", {"settings": settings, "train_rows": train_rows})
-        trained = index
+        partial.record(trained_path.name, train_rows=train_rows)
+    trained = faiss.read_index(str(trained_path))
     bounds = [(start, min(start + shard_rows, n)) for start in range(0, n, shard_rows)]
-    shard_paths = [partial / f"shard-{s:05d}.faiss" for s in range(len(bounds))]
+    shard_paths = [partial.path(f"shard-{s:05d}.faiss") for s in range(len(bounds))]
     for s, ((start, stop), path) in enumerate(zip(bounds, shard_paths, strict=True)):
-        if path.is_file():
+        if partial.intact(path.name):
             continue
         progress(f"shard {s + 1}/{len(bounds)}: rows {start:,}..{stop:,}")
         shard = faiss.clone_index(trained)
         for first, x in read_blocks(start, stop):
             shard.add_with_ids(x, np.arange(first, first + len(x), dtype=np.int64))
         _write_index(shard, path)
+        partial.record(path.name)
         del shard
     progress(f"merging {len(bounds)} shards into {IVFDATA_FILE}")
     merged = faiss.read_index(str(trained_path))
@@ -183,6 +202,7 @@ def build_ondisk(
         fsync_path(tmp_data)
         _write_index(merged, out_dir / f".{IVFDATA_FILE}.index")
         del lists, merged
+        (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # unfinished from here until the new manifest
         os.replace(tmp_data, out_dir / IVFDATA_FILE)
         os.replace(out_dir / f".{IVFDATA_FILE}.index", out_dir / "index.faiss")
         fsync_path(out_dir)
@@ -190,7 +210,7 @@ def build_ondisk(
         tmp_data.unlink(missing_ok=True)
         (out_dir / f".{IVFDATA_FILE}.index").unlink(missing_ok=True)
         raise
-    shutil.rmtree(partial)
+    partial.remove()
     return read_ondisk(out_dir / "index.faiss"), train_rows, len(bounds)
 
 

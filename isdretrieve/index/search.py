@@ -16,15 +16,18 @@ from isdretrieve.files.manifest import (
     BACKEND_FAISS,
     BANK_FILE,
     INDEX_FILE,
+    IVFDATA_FILE,
     KIND_ONDISK,
     IndexManifest,
     check_bank_fingerprint,
+    check_files,
     read_manifest,
+    recorded_sizes,
 )
 from isdretrieve.index.backend import LabelFilter, VectorIndex
 from isdretrieve.index.exact import GPU_MAX_K, cuda_available, exact_search_torch
 from isdretrieve.index.faiss_ops import is_exact, read_index, search_selected, set_params, to_gpu
-from isdretrieve.index.ondisk import read_ondisk
+from isdretrieve.index.ondisk import ListsFile, read_ondisk
 
 if TYPE_CHECKING:
     import torch  # imported only on the CUDA paths
@@ -33,8 +36,16 @@ if TYPE_CHECKING:
 class SearchIndex(VectorIndex):
     """A FAISS index directory, opened for search: ``manifest``, ``bank``, ``search`` and ``recall``."""
 
-    def __init__(self, directory: Path, manifest: IndexManifest, index: faiss.Index, bank: FeatureBank):
+    def __init__(
+        self,
+        directory: Path,
+        manifest: IndexManifest,
+        index: faiss.Index,
+        bank: FeatureBank,
+        lists_file: ListsFile | None = None,
+    ):
         self.directory = directory
+        self._lists_file = lists_file  # on-disk lists: checked before every search
         self.manifest = manifest
         self.bank = bank
         self._index = index
@@ -47,15 +58,21 @@ class SearchIndex(VectorIndex):
 
     @classmethod
     def open(cls, index_dir: str | Path) -> SearchIndex:
-        """Open ``index_dir``; a bank whose fingerprint differs from the manifest's is a BankError."""
+        """Open ``index_dir``; a bank whose fingerprint differs from the manifest's is a BankError, a file
+        whose size is not the one the manifest recorded a DamagedFile (checked before anything is
+        read or memory-mapped)."""
         directory = Path(index_dir)
         manifest = read_manifest(directory)
         if manifest.backend != BACKEND_FAISS:
             raise IsdError(f"{directory} is a {manifest.backend} index: open it with open_index")
+        check_files(directory, manifest)
         bank = FeatureBank.open(directory / BANK_FILE)
+        lists_file = None
         try:
             check_bank_fingerprint(directory, manifest, bank.fingerprint)
+            check_files(directory, manifest, (BANK_FILE,))
             if manifest.kind == KIND_ONDISK:
+                lists_file = ListsFile(directory / IVFDATA_FILE, recorded_sizes(manifest)[IVFDATA_FILE])
                 index = read_ondisk(directory / INDEX_FILE)
             else:
                 index = read_index(directory / INDEX_FILE)
@@ -67,11 +84,16 @@ class SearchIndex(VectorIndex):
             set_params(index, manifest.params, gpu=False)
         except BaseException:
             bank.close()
+            if lists_file is not None:
+                lists_file.close()
             raise
-        return cls(directory, manifest, index, bank)
+        return cls(directory, manifest, index, bank, lists_file)
 
     def search_unit(self, x: np.ndarray, k: int, filter: LabelFilter | None) -> tuple[np.ndarray, np.ndarray]:
-        """FAISS search of unit queries; a filter goes through an ID selector on the CPU index."""
+        """FAISS search of unit queries; a filter goes through an ID selector on the CPU index. On-disk
+        lists are checked against their recorded size first (a truncated file is never read)."""
+        if self._lists_file is not None:
+            self._lists_file.check()
         if filter is not None:
             allowed = filter.rows(self.labels)
             return search_selected(self._index, x, k, allowed, self.manifest.params, self.bank)
@@ -104,3 +126,5 @@ class SearchIndex(VectorIndex):
     def close(self) -> None:
         self._cuda_features = None
         self.bank.close()
+        if self._lists_file is not None:
+            self._lists_file.close()

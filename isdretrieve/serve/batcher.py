@@ -7,6 +7,8 @@ No worker thread: each caller queues its images, then waits for the forward lock
 takes every queued batch (up to ``max_batch`` images, oldest first) and runs them as one forward, so
 a lone request encodes on its own thread at once, and requests that arrive while a forward runs are
 merged into the next one (their callers find their features ready when they get the lock).
+:meth:`EncodeBatcher.submit` and :meth:`EncodeBatcher.result` split that in two, for a caller on the
+event loop that yields between them so that requests already received join its forward.
 """
 
 from __future__ import annotations
@@ -55,9 +57,18 @@ class EncodeBatcher:
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """The features [B, D] of ``images``, encoded alone or with other callers' images; the encoder's
         error is raised in every caller whose images were in the failed forward."""
+        return self.result(self.submit(images))
+
+    def submit(self, images: torch.Tensor) -> _Job:
+        """Queue ``images`` for the next forward; :meth:`result` gives their features."""
         job = _Job(images)
         with self._queue_lock:
             self._queue.append(job)
+        return job
+
+    def result(self, job: _Job) -> torch.Tensor:
+        """The features of a submitted job: ready if another caller's forward took it, else this
+        caller runs the next forward (with every job queued by then)."""
         while not job.done:
             with self._forward_lock:
                 if not job.done:

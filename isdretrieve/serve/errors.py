@@ -1,4 +1,5 @@
-"""Every error as a JSON body ``{"error": "one line"}``: 4xx for bad input, 5xx otherwise."""
+"""Every error as a JSON body ``{"error": "one line"}``: 4xx for bad input, 5xx otherwise (503 for an index
+whose files are damaged)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from isdretrieve.errors import ImageTooLarge, IsdError, NotAnImage
+from isdretrieve.errors import DamagedFile, ImageTooLarge, IsdError, NotAnImage
 
 log = logging.getLogger("isdretrieve.serve")
 
@@ -43,6 +44,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(422, validation_message(exc))
 
     async def user_error(request: Request, exc: IsdError) -> JSONResponse:
+        if isinstance(exc, DamagedFile):  # an index file changed under the service: not bad input
+            log.error("damaged index file serving %s: %s", request.url.path, exc)
+            return error_response(503, str(exc))
         status = 413 if isinstance(exc, ImageTooLarge) else 415 if isinstance(exc, NotAnImage) else 400
         return error_response(status, str(exc))
 

@@ -33,14 +33,25 @@ class ServeSettings:
         return self.max_files * self.max_upload_bytes + (64 << 10)
 
 
+@dataclass(frozen=True)
+class DamagedIndex:
+    """An index directory that could not be opened because a file of it is damaged: ``error`` says which.
+    It is listed, and every request for it is answered 503 with that line, while the others serve."""
+
+    path: Path
+    error: str
+
+
 @dataclass
 class ServedIndex:
-    """One index as served: its name, retriever, encoder batcher (None without encoder.pt), pairs files."""
+    """One index as served: its name, retriever, encoder batcher (None without encoder.pt), pairs files;
+    ``damage`` (the error line) when its files are damaged, with no retriever."""
 
     name: str
     retriever: Retriever
     batcher: EncodeBatcher | None
     pairs_files: dict[str, Path]
+    damage: str = ""
     _pairs: dict[str, Pairs] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -54,14 +65,16 @@ class ServedIndex:
             return self._pairs[name]
 
 
-def served_index(name: str, request: Request) -> ServedIndex:
+async def served_index(name: str, request: Request) -> ServedIndex:
     """The index a route's ``{name}`` names (a FastAPI dependency); 404 for an unknown name."""
     served: dict[str, ServedIndex] = request.app.state.served
     if name not in served:
         raise HTTPException(404, f"unknown index {name!r}: serving {', '.join(sorted(served))}")
+    if served[name].damage:
+        raise HTTPException(503, f"index {name!r} is damaged: {served[name].damage}")
     return served[name]
 
 
-def settings_of(request: Request) -> ServeSettings:
+async def settings_of(request: Request) -> ServeSettings:
     """The service's settings (a FastAPI dependency)."""
     return request.app.state.settings

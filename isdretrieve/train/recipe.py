@@ -1,16 +1,30 @@
-"""Training recipes: a typed dataclass tree loaded from YAML (``isd-train RECIPE.yaml --set key=value``)."""
+"""Training recipes: a typed dataclass tree loaded from YAML (``isd-train RECIPE.yaml --set key=value``).
+
+Every number has its range in its type (``Annotated[int, Range(ge=1)]``, the aliases below), checked with
+a one-line error naming the key when the recipe is read or a :class:`Recipe` is built, before any work
+starts; every float must be finite.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from isdretrieve.data.augment import ViewConfig
 from isdretrieve.errors import RecipeError
-from isdretrieve.util.typed_config import apply_override, from_dict, load_yaml
+from isdretrieve.util.typed_config import Range, apply_override, check_ranges, from_dict, load_yaml
 
 ShuffleBN = bool | Literal["auto"]  # "auto": what the method's official code does
+Count = Annotated[int, Range(ge=1)]  # sizes, steps, epochs: 1 or more
+Optional0 = Annotated[int, Range(ge=0)]  # 0 turns the feature off (or keeps all)
+Seed = Annotated[int, Range(ge=0, le=2**63 - 1)]
+Positive = Annotated[float, Range(gt=0)]  # temperatures, learning rates
+NonNegative = Annotated[float, Range(ge=0)]
+Fraction = Annotated[float, Range(ge=0, le=1)]  # probabilities, EMA momenta
+Beta = Annotated[float, Range(ge=0, lt=1)]  # SGD momentum, Adam's betas
+Scale = Annotated[float, Range(gt=0, le=1)]  # crop scales (fractions of the image area)
+Ratio = Annotated[float, Range(gt=0)]
 
 
 @dataclass(frozen=True)
@@ -46,14 +60,14 @@ class IsdConfig:
     name: Literal["isd"] = "isd"
     variant: Literal["base", "mlp"] | None = None
     projection: bool | None = None
-    tau_teacher: float | None = None
-    tau_student: float | None = None
-    momentum: float | None = None
-    queue_size: int = 16384
+    tau_teacher: Positive | None = None
+    tau_student: Positive | None = None
+    momentum: Fraction | None = None
+    queue_size: Count = 16384
     teacher_view: Literal["strong", "weak"] | None = None
     student_view: Literal["strong", "weak"] | None = None
     shuffle_bn: ShuffleBN = "auto"
-    shuffle_groups: int = 4  # the official runs split batch 256 over 4 GPUs
+    shuffle_groups: Count = 4  # the official runs split batch 256 over 4 GPUs
 
     def __post_init__(self) -> None:
         if self.variant is None and self.projection:
@@ -65,7 +79,6 @@ class IsdConfig:
         for key in ("projection", "tau_teacher", "tau_student", "momentum", "teacher_view", "student_view"):
             if getattr(self, key) is None:
                 object.__setattr__(self, key, getattr(preset, key))
-        _check_shuffle(self.shuffle_groups)
 
     @property
     def preset_lr(self) -> float | None:
@@ -88,16 +101,13 @@ class MocoConfig:
 
     name: Literal["moco"] = "moco"
     head: Literal["official", "bn"] = "official"
-    tau: float = 0.2
-    momentum: float = 0.99
-    queue_size: int = 16384
-    proj_hidden: int | None = None
-    proj_dim: int = 128
+    tau: Positive = 0.2
+    momentum: Fraction = 0.99
+    queue_size: Count = 16384
+    proj_hidden: Count | None = None
+    proj_dim: Count = 128
     shuffle_bn: ShuffleBN = "auto"
-    shuffle_groups: int = 8  # the official runs split batch 256 over 8 GPUs
-
-    def __post_init__(self) -> None:
-        _check_shuffle(self.shuffle_groups)
+    shuffle_groups: Count = 8  # the official runs split batch 256 over 8 GPUs
 
     def hidden_dim(self, feature_dim: int) -> int:
         if self.proj_hidden is not None:
@@ -109,20 +119,15 @@ class MocoConfig:
         return True if self.shuffle_bn == "auto" else self.shuffle_bn
 
 
-def _check_shuffle(groups: int) -> None:
-    if groups < 1:
-        raise ValueError(f"shuffle_groups must be positive, got {groups}")
-
-
 @dataclass(frozen=True)
 class ByolConfig:
     """BYOL: predict the EMA target's projection; the loss is the paper's L + L̃ (the sum of both views'
     normalised MSE), the target momentum ramps to 1. No shuffle-BN: the official code has none."""
 
     name: Literal["byol"] = "byol"
-    momentum: float = 0.99
-    proj_hidden: int = 4096
-    proj_dim: int = 256
+    momentum: Fraction = 0.99
+    proj_hidden: Count = 4096
+    proj_dim: Count = 256
 
 
 @dataclass(frozen=True)
@@ -139,7 +144,7 @@ class SeppConfig:
     base: Literal["moco", "isd"] = "moco"
     pairs: str = ""
     partners: Literal["mined", "random"] = "mined"
-    partner_p: float = 1.0  # chance that an image with positives gets one in an epoch
+    partner_p: Fraction = 1.0  # chance that an image with positives gets one in an epoch
     mask_positives: bool = True  # drop a query's mined positives from its queue negatives (moco)
     moco: MocoConfig = field(default_factory=MocoConfig)
     isd: IsdConfig = field(default_factory=IsdConfig)
@@ -158,22 +163,16 @@ class DinoConfig:
     scales and the local side are the ``augment`` section's (``global_scale``, ``local_scale``,
     ``local_size``)."""
 
-    momentum: float = 0.996
-    head_hidden: int = 2048
-    bottleneck: int = 256
-    out_dim: int = 65536
-    tau_student: float = 0.1
-    tau_teacher: float = 0.04
-    center_momentum: float = 0.9
-    freeze_last_layer: int = 1  # epochs in which the head's last layer is not updated
+    momentum: Fraction = 0.996
+    head_hidden: Count = 2048
+    bottleneck: Count = 256
+    out_dim: Count = 65536
+    tau_student: Positive = 0.1
+    tau_teacher: Positive = 0.04
+    center_momentum: Fraction = 0.9
+    freeze_last_layer: Optional0 = 1  # epochs in which the head's last layer is not updated
     views: Literal["dino", "strong"] = "dino"
-    local_crops: int = 0
-
-    def __post_init__(self) -> None:
-        if self.freeze_last_layer < 0:
-            raise ValueError(f"freeze_last_layer must not be negative, got {self.freeze_last_layer}")
-        if self.local_crops < 0:
-            raise ValueError(f"local_crops must be >= 0, got {self.local_crops}")
+    local_crops: Optional0 = 0
 
 
 @dataclass(frozen=True)
@@ -187,18 +186,12 @@ class AdasimConfig:
     name: Literal["adasim"] = "adasim"
     base: Literal["byol", "dino"] = "byol"
     mode: Literal["adaptive", "naive", "plain"] = "adaptive"
-    k: int = 10
-    window: int = 50  # epochs averaged; bootstrapping starts after this many epochs
-    tau: float = 0.001
-    search_chunk: int = 65536  # memory rows per similarity matmul
+    k: Count = 10
+    window: Count = 50  # epochs averaged; bootstrapping starts after this many epochs
+    tau: Positive = 0.001
+    search_chunk: Count = 65536  # memory rows per similarity matmul
     byol: ByolConfig = field(default_factory=ByolConfig)
     dino: DinoConfig = field(default_factory=DinoConfig)
-
-    def __post_init__(self) -> None:
-        if self.k < 1 or self.window < 1 or self.search_chunk < 1:
-            raise ValueError("k, window and search_chunk must be positive")
-        if self.tau <= 0:
-            raise ValueError(f"tau must be positive, got {self.tau}")
 
 
 MethodConfig = IsdConfig | MocoConfig | ByolConfig | SeppConfig | AdasimConfig
@@ -216,12 +209,8 @@ class DataConfig:
     train: str = "digits"
     preset: Literal["digits", "cifar", "imagenet"] = "digits"
     in_memory: Literal["auto", "yes", "no"] = "auto"
-    workers: int = 4
-    shuffle_buffer: int = 4096  # wds: samples the shard stream's shuffle buffer holds
-
-    def __post_init__(self) -> None:
-        if self.shuffle_buffer < 1:
-            raise ValueError(f"shuffle_buffer must be positive, got {self.shuffle_buffer}")
+    workers: Optional0 = 4
+    shuffle_buffer: Count = 4096  # wds: samples the shard stream's shuffle buffer holds
 
 
 @dataclass(frozen=True)
@@ -232,14 +221,20 @@ class AugmentConfig:
     1), ``local_scale`` (0.05, 0.4) and the local crops' side ``local_size`` (96 / 16 / 8 px at the
     imagenet / cifar / digits presets). ``flip_p`` applies to every view."""
 
-    crop_scale: tuple[float, float] | None = None
-    flip_p: float | None = None
-    jitter_p: float | None = None
-    gray_p: float | None = None
-    blur_p: float | None = None
-    global_scale: tuple[float, float] | None = None
-    local_scale: tuple[float, float] | None = None
-    local_size: int | None = None
+    crop_scale: tuple[Scale, Scale] | None = None
+    flip_p: Fraction | None = None
+    jitter_p: Fraction | None = None
+    gray_p: Fraction | None = None
+    blur_p: Fraction | None = None
+    global_scale: tuple[Scale, Scale] | None = None
+    local_scale: tuple[Scale, Scale] | None = None
+    local_size: Count | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("crop_scale", "global_scale", "local_scale"):
+            low, high = getattr(self, key) or (0, 1)
+            if low > high:
+                raise RecipeError(f"augment.{key}: the low end must not exceed the high, got [{low}, {high}]")
 
     def apply(self, view: ViewConfig, strength: str) -> ViewConfig:
         changes: dict = {"flip_p": self.flip_p}
@@ -268,8 +263,8 @@ class ModelConfig:
 
     arch: str = "small_cnn"
     cifar_stem: bool = False
-    patch: int | None = None
-    depth: int | None = None
+    patch: Count | None = None
+    depth: Count | None = None
     init: str = ""
     init_from: Literal["student", "teacher"] = "student"
 
@@ -283,35 +278,25 @@ class OptimConfig:
     ``weight_decay: 0.04`` → ``weight_decay_end: 0.4``, ``no_decay_bias_and_norm: true``,
     ``clip_grad: 3.0`` (``per_param``), 10 warm-up epochs, lr 5e-4 × batch / 256."""
 
-    batch_size: int = 256
-    epochs: int = 100
-    max_steps: int | None = None  # stop after this many steps in total (a budget), None = all epochs
+    batch_size: Count = 256
+    epochs: Count = 100
+    max_steps: Count | None = None  # stop after this many steps in total (a budget), None = all epochs
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float | None = None  # None: the method variant's preset (ISD variant), else 0.05
-    momentum: float = 0.9  # sgd
-    betas: tuple[float, float] = (0.9, 0.999)  # adamw
-    weight_decay: float = 1e-4
-    weight_decay_end: float | None = None  # None: constant; else a cosine to this over the run
+    lr: Positive | None = None  # None: the method variant's preset (ISD variant), else 0.05
+    momentum: Beta = 0.9  # sgd
+    betas: tuple[Beta, Beta] = (0.9, 0.999)  # adamw
+    weight_decay: NonNegative = 1e-4
+    weight_decay_end: NonNegative | None = None  # None: constant; else a cosine to this over the run
     no_decay_bias_and_norm: bool = False  # no decay on a parameter named *.bias or 1-D (DINO's rule)
     schedule: Literal["cosine", "step", "constant"] = "cosine"
-    min_lr: float = 0.0  # where the cosine schedule ends
-    milestones: tuple[int, ...] = ()  # epochs, for the step schedule
-    gamma: float = 0.2
-    warmup_epochs: float = 0.0
-    clip_grad: float | None = None  # None: off; else the largest gradient L2 norm
+    min_lr: NonNegative = 0.0  # where the cosine schedule ends
+    milestones: tuple[Count, ...] = ()  # epochs, for the step schedule
+    gamma: Positive = 0.2
+    warmup_epochs: NonNegative = 0.0
+    clip_grad: Positive | None = None  # None: off; else the largest gradient L2 norm
     clip_grad_mode: Literal["per_param", "global"] = "per_param"  # each parameter's own norm (DINO's)
 
     def __post_init__(self) -> None:
-        for key in ("weight_decay", "weight_decay_end", "min_lr"):
-            value = getattr(self, key)
-            if value is not None and value < 0:
-                raise RecipeError(f"optim.{key}: must not be negative, got {value}")
-        if self.clip_grad is not None and self.clip_grad <= 0:
-            raise RecipeError(
-                f"optim.clip_grad: must be positive (or null for no clipping), got {self.clip_grad}"
-            )
-        if not all(0 <= b < 1 for b in self.betas):
-            raise RecipeError(f"optim.betas: each must be in [0, 1), got {list(self.betas)}")
         if self.min_lr > 0 and self.schedule != "cosine":
             raise RecipeError(
                 f"optim.min_lr: only the cosine schedule ends at min_lr, schedule is {self.schedule}"
@@ -320,28 +305,28 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    seed: int = 0
+    seed: Seed = 0
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: bool | None = None  # None: on for CUDA
     compile: bool = False  # torch.compile the student and teacher (and on CUDA the views' colour ops)
     sync_bn: bool = False
-    log_every: int = 20
-    checkpoint_every: int = 1
-    keep_checkpoints: int = 2
+    log_every: Count = 20  # steps between log lines
+    checkpoint_every: Count = 1  # epochs between checkpoints
+    keep_checkpoints: Optional0 = 2  # the newest checkpoints kept; 0 keeps them all
 
 
 @dataclass(frozen=True)
 class MonitorConfig:
     """Online weighted k-NN of the student backbone on a held-out split every ``every`` epochs."""
 
-    every: int = 1  # 0 turns it off
+    every: Optional0 = 1  # 0 turns it off
     train: str | None = None  # SPEC of the k-NN memory; default: data.train with split=train
     test: str | None = None  # SPEC of the queries; default: data.train with split=test
-    k: int = 20
-    temperature: float = 0.07
-    max_train: int | None = None  # use at most this many memory images (a fixed random subset)
-    max_test: int | None = None  # and at most this many queries
+    k: Count = 20
+    temperature: Positive = 0.07
+    max_train: Count | None = None  # use at most this many memory images (a fixed random subset)
+    max_test: Count | None = None  # and at most this many queries
 
 
 @dataclass(frozen=True)
@@ -355,18 +340,10 @@ class Recipe:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def __post_init__(self) -> None:
+        check_ranges(self)  # a recipe built in Python; from YAML every value was checked as it was read
         if self.optim.lr is None:
             lr = preset_lr(self.method)
             object.__setattr__(self, "optim", replace(self.optim, lr=DEFAULT_LR if lr is None else lr))
-        for key, value in (
-            ("optim.batch_size", self.optim.batch_size),
-            ("optim.epochs", self.optim.epochs),
-            ("monitor.k", self.monitor.k),
-        ):
-            if value <= 0:
-                raise RecipeError(f"{key}: must be positive, got {value}")
-        if self.optim.lr <= 0:
-            raise RecipeError(f"optim.lr: must be positive, got {self.optim.lr}")
         if self.optim.min_lr > self.optim.lr:
             raise RecipeError(
                 f"optim.min_lr: must not exceed optim.lr ({self.optim.lr}), got {self.optim.min_lr}"

@@ -178,7 +178,7 @@ async function start() {
   $("cls").addEventListener("change", browse);
   $("random").addEventListener("click", browse);
   await run("loading", async () => {
-    const indices = await api("/api/indices");
+    const indices = (await api("/api/indices")).filter((one) => !one.damaged);
     $("index").replaceChildren(...indices.map((one) => el("option", { value: one.name }, one.name)));
     if (indices.length) await chooseIndex(indices[0].name);
   });
