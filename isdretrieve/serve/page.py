@@ -1,5 +1,5 @@
 """The search page and its script and style, and the API docs (Swagger UI) with their assets, all served
-from installed packages (Swagger UI's from ``swagger-ui-bundle``, part of the ``serve`` extra): both
+from installed packages (Swagger UI's from ``fastapi-offline``, part of the ``serve`` extra): both
 render without any network access."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ DOCS_FILES = {
 SWAGGER_FILES = {
     "/docs/swagger-ui-bundle.js": ("swagger-ui-bundle.js", JS),
     "/docs/swagger-ui.css": ("swagger-ui.css", CSS),
-    "/docs/favicon.png": ("favicon-32x32.png", "image/png"),
+    "/docs/favicon.png": ("favicon.png", "image/png"),
 }
 
 
@@ -31,10 +31,8 @@ def static_file(name: str) -> bytes:
 
 
 def swagger_file(name: str) -> bytes:
-    """A file of Swagger UI as the ``swagger-ui-bundle`` package installs it."""
-    from swagger_ui_bundle import swagger_ui_path
-
-    return (swagger_ui_path / name).read_bytes()
+    """A file of Swagger UI (5.x, which reads OpenAPI 3.1) as the ``fastapi-offline`` package installs it."""
+    return resources.files("fastapi_offline").joinpath("static", name).read_bytes()
 
 
 def add_page(app: FastAPI, files: dict[str, tuple[str, str]] = PAGE_FILES, read=static_file) -> None:
