@@ -73,7 +73,7 @@ def mine(
     if approximate and not source.is_dir():
         raise click.UsageError("--approximate searches through an index: SOURCE must be an index directory")
     index = source if approximate else None
-    with _progress(not quiet) as advance:
+    with search_progress(not quiet) as advance:
         pairs = mine_pairs(
             bank_path, out, params, device=device, chunk_rows=chunk_rows, progress=advance, index=index
         )
@@ -113,7 +113,7 @@ def mine(
 
 
 @contextlib.contextmanager
-def _progress(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
+def search_progress(enabled: bool, label: str = "mining") -> Iterator[Callable[[int, int], None] | None]:
     """A rich bar over the rows searched so far; yields its ``update(done, total)``."""
     if not enabled:
         yield None
@@ -121,9 +121,9 @@ def _progress(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    columns = (TextColumn("mining"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, transient=True, console=Console(stderr=True)) as bar:
-        task = bar.add_task("mining", total=None)
+        task = bar.add_task(label, total=None)
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 

@@ -93,7 +93,7 @@ def _clip(draw: ImageDraw.ImageDraw, text: str, width: int, font: ImageFont.Imag
     return text + "…"
 
 
-def _inside(root: Path, name: str) -> Path:
+def inside_folder(root: Path, name: str) -> Path:
     """``root/name``, refused if it resolves outside ``root`` (e.g. through a symlink)."""
     path = root / name
     if not path.resolve().is_relative_to(root):
@@ -101,16 +101,16 @@ def _inside(root: Path, name: str) -> Path:
     return path
 
 
-def _save_png(image: Image.Image, path: Path) -> None:
+def save_png(image: Image.Image, path: Path) -> None:
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
 
 
-def _write_thumb(root: Path, name: str, picture: Image.Image | None) -> str:
+def write_thumb(root: Path, name: str, picture: Image.Image | None) -> str:
     """Save ``picture`` as ``root/name`` (the shared placeholder when it is None); returns the name used."""
     if picture is None:
         name, picture = MISSING, fit(None, THUMB)
-    _save_png(picture, _inside(root, name))
+    save_png(picture, inside_folder(root, name))
     return name
 
 
@@ -274,19 +274,19 @@ def write_report(
     for p, first in enumerate(range(0, len(results), per_page)):
         page = render_page(results[first : first + per_page], first, pictures, classes, k)
         name = f"page-{p + 1:03d}.png"
-        _save_png(page, _inside(root, name))
+        save_png(page, inside_folder(root, name))
         pages.append(name)
 
     thumbs: dict[tuple[str, int], str] = {}
     for number, result in enumerate(results):
         if result.query.row is None:
             picture = pictures.query(number, result.query)
-            thumbs[("query", number)] = _write_thumb(root, f"thumbs/q{number}.png", picture)
+            thumbs[("query", number)] = write_thumb(root, f"thumbs/q{number}.png", picture)
     for row, picture in pictures.rows.items():
-        thumbs[("row", row)] = _write_thumb(root, f"thumbs/r{row}.png", picture)
+        thumbs[("row", row)] = write_thumb(root, f"thumbs/r{row}.png", picture)
 
     document = render_html(results, thumbs, pages, classes, title)
-    with atomic_path(_inside(root, "index.html")) as tmp:
+    with atomic_path(inside_folder(root, "index.html")) as tmp:
         tmp.write_text(document, encoding="utf-8")
     return Report(
         root, root / "index.html", [root / name for name in pages], pictures.missing, pictures.source.problem
