@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Query, UploadFile
 from pydantic import BaseModel, Field
@@ -11,6 +11,9 @@ from starlette.exceptions import HTTPException
 from isdretrieve.data.uploads import decode_untrusted
 from isdretrieve.serve.payloads import hit_json
 from isdretrieve.serve.state import MAX_K, ServedIndex, ServeSettings, served_index, settings_of
+
+if TYPE_CHECKING:
+    import torch
 
 router = APIRouter()
 Index = Annotated[ServedIndex, Depends(served_index)]
@@ -22,13 +25,9 @@ class VectorQuery(BaseModel):
     vectors: list[list[float]] = Field(min_length=1, max_length=256, description="Feature vectors [Q, D].")
 
 
-@router.post("/api/indices/{name}/search/images", summary="Neighbours of uploaded images")
-def search_images(
-    one: Index,
-    settings: Settings,
-    files: Annotated[list[UploadFile], File(description="Image files.")],
-    k: K = 10,
-) -> dict[str, Any]:
+def encode_uploads(one: ServedIndex, settings: ServeSettings, files: list[UploadFile]) -> torch.Tensor:
+    """Uploaded images decoded under the service's limits (count, bytes, pixels) and embedded through
+    the index's batcher: unit float32 rows [Q, D]; 400 for an index without an encoder."""
     if one.batcher is None:
         raise HTTPException(400, f"index {one.name!r} has no encoder.pt: search it with feature vectors")
     if len(files) > settings.max_files:
@@ -38,7 +37,17 @@ def search_images(
         decode_untrusted(upload.file.read(cap + 1), max_bytes=cap, max_pixels=settings.max_pixels)
         for upload in files
     ]
-    features = one.batcher.encode(one.retriever.prepare(images))
+    return one.batcher.encode(one.retriever.prepare(images))
+
+
+@router.post("/api/indices/{name}/search/images", summary="Neighbours of uploaded images")
+def search_images(
+    one: Index,
+    settings: Settings,
+    files: Annotated[list[UploadFile], File(description="Image files.")],
+    k: K = 10,
+) -> dict[str, Any]:
+    features = encode_uploads(one, settings, files)
     results = one.retriever.search(features, k)
     return {
         "results": [
