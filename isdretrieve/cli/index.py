@@ -19,6 +19,8 @@ from isdretrieve.cli.common import (
     user_errors,
     verbose_option,
 )
+from isdretrieve.cli.convert import convert
+from isdretrieve.cli.dedup import dedup
 from isdretrieve.cli.mine import bank_file, mine
 from isdretrieve.cli.neighbours import neighbours
 from isdretrieve.cli.serve import serve
@@ -311,6 +313,8 @@ def recall(index_dir: Path, k: int, queries: int, seed: int, as_json: bool) -> N
 
 
 main.add_command(mine)
+main.add_command(dedup)
+main.add_command(convert)
 main.add_command(neighbours)
 main.add_command(serve)
 
