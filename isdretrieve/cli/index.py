@@ -206,10 +206,17 @@ def build(
     type=click.Choice(["h5", "npy", "parquet"]),
     default="h5",
     show_default=True,
-    help="h5: a bank.h5; npy: a folder of .npy files; parquet: one file.",
+    help="h5: a bank.h5; npy: img_emb/*.npy shards with metadata/*.parquet; parquet: one file.",
 )
 @click.option(
     "--out", required=True, type=click.Path(path_type=Path), help="bank.h5, npy folder or .parquet to write."
+)
+@click.option(
+    "--shard-rows",
+    type=POSITIVE,
+    default=1 << 20,
+    show_default=True,
+    help="With --format npy: rows a shard.",
 )
 @export_options
 @json_option
@@ -221,6 +228,7 @@ def export(
     source_bank: Path | None,
     fmt: str,
     out: Path,
+    shard_rows: int,
     as_json: bool,
     **options: object,
 ) -> None:
@@ -231,7 +239,7 @@ def export(
     if source_bank is not None:
         if checkpoint or data:
             raise click.UsageError("give either --bank, or --checkpoint with --data")
-        path = export_embeddings(bank_file(source_bank), out, fmt)
+        path = export_embeddings(bank_file(source_bank), out, fmt, shard_rows=shard_rows)
         click.echo(f"{path}: {fmt} written from {bank_file(source_bank)}")
         return
     if not (checkpoint and data):
@@ -241,7 +249,7 @@ def export(
     skipped = f", {result.skipped} unreadable images skipped" if result.skipped else ""
     text = f"{result.path}: {result.rows:,} rows, {result.images_per_s:,.0f} images/s{skipped}"
     if fmt != "h5":
-        text += f"\n{export_embeddings(h5_out, out, fmt)}: {fmt} written from {h5_out}"
+        text += f"\n{export_embeddings(h5_out, out, fmt, shard_rows=shard_rows)}: {fmt} written from {h5_out}"
     emit(result, as_json, text)
 
 

@@ -38,12 +38,12 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from isdretrieve.bank.embeddings_in import pyarrow_module
 from isdretrieve.errors import InvalidArgument, IsdError
 from isdretrieve.files.atomic import atomic_path
 from isdretrieve.files.bank import FeatureBank
 from isdretrieve.index.search import clamp_k
 from isdretrieve.mine.mining import DEFAULT_CHUNK_ROWS, open_index_over, search_candidates, search_name
+from isdretrieve.util.extras import pyarrow_module
 
 KEEP_RULES = ("first", "central")
 TABLE_FORMATS = ("csv", "parquet")
