@@ -169,14 +169,14 @@ def find_duplicates(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise IsdError(f"{out} is a file: dedup writes a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SUMMARY_FILE).unlink(missing_ok=True)  # unfinished until the new summary lands
     with FeatureBank.open(bank_path) as bank:
         if len(bank) < 2:
             raise IsdError(f"dedup needs at least 2 bank rows, the bank has {len(bank)}")
         k = clamp_k(k, len(bank) - 1)
         searcher = None if index is None else open_index_over(index, bank)
         try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / SUMMARY_FILE).unlink(missing_ok=True)  # unfinished until the new summary lands
             started = time.perf_counter()
             cand_rows, cand_sims = search_candidates(
                 bank,
