@@ -48,7 +48,14 @@ TABLE_HITS = 5  # neighbours shown per query in the terminal
     "map_rows",
     type=click.IntRange(min=0),
     default=0,
-    help="Add map.png: a 2-D map (UMAP, else t-SNE) of N bank rows coloured by class (0: none).",
+    help="Add map.png: a 2-D map of N bank rows coloured by class (0: none).",
+)
+@click.option(
+    "--map-method",
+    type=click.Choice(["auto", "umap", "tsne"]),
+    default="auto",
+    show_default=True,
+    help="auto: UMAP when umap-learn is installed, else PCA + t-SNE.",
 )
 @click.option(
     "--device",
@@ -69,6 +76,7 @@ def neighbours(
     out: Path,
     per_page: int,
     map_rows: int,
+    map_method: str,
     device: str,
     as_json: bool,
 ) -> None:
@@ -95,7 +103,7 @@ def neighbours(
             else [q for spec in specs for q in parse_query_spec(spec)]
         )
         results, report = neighbours_report(
-            retriever, queries, out, k=k, per_page=per_page, map_rows=map_rows
+            retriever, queries, out, k=k, per_page=per_page, map_rows=map_rows, map_method=map_method
         )
         classes = retriever.classes
     wrong = sum(h.label_differs is True for r in results for h in r.hits)
