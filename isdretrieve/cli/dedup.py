@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from isdretrieve.cli.common import CONTEXT, DEVICE, POSITIVE, emit, json_option, user_errors, verbose_option
-from isdretrieve.cli.mine import bank_file, search_progress
+from isdretrieve.cli.common import CONTEXT, POSITIVE, emit, json_option, user_errors, verbose_option
+from isdretrieve.cli.mine import bank_file, search_options, search_progress
 
 
 @click.command(context_settings=CONTEXT)
@@ -42,11 +42,7 @@ from isdretrieve.cli.mine import bank_file, search_progress
     show_default=True,
     help="Largest groups drawn in OUT/report/index.html (0: no report).",
 )
-@click.option("--device", type=DEVICE, default="auto", show_default=True)
-@click.option(
-    "--chunk-rows", type=POSITIVE, default=16384, show_default=True, help="Query rows searched at a time."
-)
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@search_options
 @json_option
 @verbose_option
 @user_errors

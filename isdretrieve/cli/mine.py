@@ -16,6 +16,24 @@ def bank_file(source: Path) -> Path:
     return source / "bank.h5" if source.is_dir() else source
 
 
+def search_options(command):
+    """``--device``, ``--chunk-rows`` and ``--quiet``: how a chunked top-k search over a bank runs."""
+    options = [
+        click.option("--device", type=DEVICE, default="auto", show_default=True),
+        click.option(
+            "--chunk-rows",
+            type=POSITIVE,
+            default=16384,
+            show_default=True,
+            help="Query rows searched at a time.",
+        ),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @click.command(context_settings=CONTEXT)
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option(
@@ -37,11 +55,7 @@ def bank_file(source: Path) -> Path:
     is_flag=True,
     help="Search through SOURCE's index (an index directory), not exactly; its recall is measured.",
 )
-@click.option("--device", type=DEVICE, default="auto", show_default=True)
-@click.option(
-    "--chunk-rows", type=POSITIVE, default=16384, show_default=True, help="Query rows searched at a time."
-)
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@search_options
 @json_option
 @verbose_option
 @user_errors

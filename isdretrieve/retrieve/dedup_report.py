@@ -2,7 +2,7 @@
 
 ``REPORT_DIR/index.html`` shows each group's kept row first (framed blue), then the rows it would drop
 with their cosine similarity to it and their class; pictures come from the bank's data SPEC, as in the
-neighbours report (:mod:`isdretrieve.retrieve.report`: same thumbnails, same escaping, no script).
+neighbours report (:mod:`isdretrieve.retrieve.report`: same thumbnails, style and escaping; no script).
 File names come from row numbers only; ``index.html`` is written last.
 """
 
@@ -19,17 +19,9 @@ from isdretrieve.files.atomic import atomic_path
 from isdretrieve.files.bank import FeatureBank
 from isdretrieve.retrieve.hits import class_name
 from isdretrieve.retrieve.pictures import THUMB, ImageSource, fit
-from isdretrieve.retrieve.report import inside_folder, write_thumb
+from isdretrieve.retrieve.report import REPORT_STYLE, inside_folder, write_thumb
 
 SHOWN_PER_GROUP = 24  # members drawn per group; the rest are counted
-_STYLE = """
-body { font: 13px sans-serif; margin: 16px; }
-table { border-collapse: separate; border-spacing: 6px; }
-td { vertical-align: top; width: 104px; font-size: 11px; overflow-wrap: anywhere; }
-td img { width: 96px; height: 96px; display: block; border: 3px solid #c8c8c8; }
-td.kept img { border-color: #1f6feb; }
-th { font-weight: normal; color: #666; vertical-align: top; text-align: left; }
-"""
 
 
 def _e(text: object) -> str:
@@ -71,7 +63,7 @@ def write_dedup_report(
             ]
             text = "<br>".join(_e(line) for line in caption)
             image = f'<img src="{_e(thumb)}" alt="{_e(paths[row])}" title="{_e(paths[row])}">'
-            cells.append(f'<td class="{"kept" if kept else "dup"}">{image}{text}</td>')
+            cells.append(f'<td class="{"query" if kept else "hit"}">{image}{text}</td>')
         more = len(rows) - SHOWN_PER_GROUP
         if more > 0:
             cells.append(f"<td>and {more:,} more</td>")
@@ -80,7 +72,7 @@ def write_dedup_report(
     document = (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">\n'
         f'<meta http-equiv="Content-Security-Policy" content="{policy}">\n'
-        f"<title>Near-duplicates: {_e(title)}</title>\n<style>{_STYLE}</style></head>\n<body>\n"
+        f"<title>Near-duplicates: {_e(title)}</title>\n<style>{REPORT_STYLE}</style></head>\n<body>\n"
         f"<h1>Near-duplicates: {_e(title)}</h1>\n<p>{_e(summary)}</p>\n"
         "<table>\n" + "\n".join(lines) + "\n</table>\n</body></html>\n"
     )

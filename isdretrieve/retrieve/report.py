@@ -59,7 +59,7 @@ select.addEventListener("change", apply);
 document.getElementById("filter").hidden = false;
 apply();
 """
-_STYLE = """
+REPORT_STYLE = """
 body { font: 13px sans-serif; margin: 16px; }
 table { border-collapse: separate; border-spacing: 6px; }
 td { vertical-align: top; width: 104px; font-size: 11px; overflow-wrap: anywhere; }
@@ -238,7 +238,7 @@ def render_html(
     return (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">\n'
         f'<meta http-equiv="Content-Security-Policy" content="{policy}">\n'
-        f"<title>Nearest neighbours: {_e(title)}</title>\n<style>{_STYLE}</style></head>\n<body>\n"
+        f"<title>Nearest neighbours: {_e(title)}</title>\n<style>{REPORT_STYLE}</style></head>\n<body>\n"
         f"<h1>Nearest neighbours: {_e(title)}</h1>\n<p>{_e(summary)}. PNG pages: {links}</p>\n"
         + (
             f'<figure><img id="map" src="{_e(map_name)}" alt="map of the bank" width="750">'
