@@ -10,7 +10,7 @@ unpickling anything (the form timm, open_clip and Hugging Face share weights in)
 
 Reading uses safetensors' own parser (a JSON header, then raw little-endian tensors) and ``json``: no
 pickle is involved, so a file cannot run code when it is loaded. A safetensors file without our header
-(another tool's) loads as a plain state dict.
+(another tool's) loads as a plain state dict; a JSON file of another format beside it is left alone.
 """
 
 from __future__ import annotations
@@ -68,12 +68,15 @@ def write_safetensors(state: dict[str, torch.Tensor], header: EncoderHeader, pat
     return weights.with_suffix(".json")
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def _read_config(path: Path, *, required: bool) -> dict[str, Any] | None:
+    """Our config at ``path``; another tool's JSON there is None unless ``required`` (then an error)."""
     try:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"cannot read encoder config {path}: {exc}") from None
     if not isinstance(config, dict) or config.get("format") != CONFIG_FORMAT:
+        if not required:
+            return None
         found = config.get("format") if isinstance(config, dict) else type(config).__name__
         raise CheckpointError(f"{path} is not an encoder config (format {found!r}, expected {CONFIG_FORMAT})")
     name = config.get("weights")
@@ -88,10 +91,10 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], Encoder
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    config = _read_config(path) if path.suffix.lower() == ".json" else None
-    weights = path.parent / config["weights"] if config else path
-    if config is None and weights.with_suffix(".json").is_file():
-        config = _read_config(weights.with_suffix(".json"))
+    given_config = path.suffix.lower() == ".json"
+    config_path = path if given_config else path.with_suffix(".json")
+    config = _read_config(config_path, required=given_config) if config_path.is_file() else None
+    weights = path.parent / config["weights"] if config and given_config else path
     if not weights.is_file():
         raise CheckpointError(f"checkpoint not found: {weights} (named by {path})")
     try:
@@ -107,7 +110,7 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], Encoder
         ) from None
     if config is not None:
         if config.get("weights_sha256") not in (None, _sha256(weights)):
-            raise CheckpointError(f"{weights.with_suffix('.json')} describes other weights than {weights}")
+            raise CheckpointError(f"{config_path} describes other weights than {weights}")
         return tensors, EncoderHeader.from_dict(config)
     if metadata.get("format") == CONFIG_FORMAT and "header" in metadata:
         try:

@@ -129,7 +129,16 @@ def draw_map(points: BankMap, path: str | Path, *, title: str = "", ringed: Sequ
     return Path(path)
 
 
-def map_png(bank_path: str | Path, path: str | Path, *, title: str = "", **options: object) -> Path:
-    """:func:`bank_map` then :func:`draw_map` (``ringed``: the rows of ``include``)."""
-    points = bank_map(bank_path, **options)  # type: ignore[arg-type]
-    return draw_map(points, path, title=title, ringed=list(options.get("include", ())))  # type: ignore[arg-type]
+def map_png(
+    bank_path: str | Path,
+    path: str | Path,
+    *,
+    title: str = "",
+    max_rows: int = MAX_ROWS,
+    seed: int = 0,
+    method: str = "auto",
+    include: Sequence[int] = (),
+) -> Path:
+    """:func:`bank_map` then :func:`draw_map` into the PNG ``path``, the rows of ``include`` ringed."""
+    points = bank_map(bank_path, max_rows=max_rows, seed=seed, method=method, include=include)
+    return draw_map(points, path, title=title, ringed=include)

@@ -22,6 +22,7 @@ from isdretrieve.serve.api_search import Index
 
 router = APIRouter()
 DEFAULT_ROWS, MAX_ROWS = 2000, 20000
+CACHED = 8  # pictures kept in memory; the oldest is dropped first
 _LOCK = threading.Lock()  # one layout at a time: they are CPU-bound
 Rows = Annotated[
     int, Query(ge=2, le=MAX_ROWS, description="Bank rows mapped (a sample when the bank is larger).")
@@ -40,7 +41,10 @@ def map_picture(one: Index, request: Request, rows: Rows = DEFAULT_ROWS) -> Resp
                 path = Path(folder) / "map.png"
                 map_png(one.retriever.index.bank.path, path, title=one.name, max_rows=rows)
                 cache[key] = path.read_bytes()
-    return Response(cache[key], media_type="image/png", headers={"cache-control": "no-cache"})
+            while len(cache) > CACHED:
+                cache.pop(next(iter(cache)))
+        picture = cache[key]
+    return Response(picture, media_type="image/png", headers={"cache-control": "no-cache"})
 
 
 @router.get("/api/indices/{name}/map", summary="A page with the map of the bank", response_class=HTMLResponse)
