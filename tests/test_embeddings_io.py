@@ -267,6 +267,13 @@ def test_parquet_without_pyarrow_is_one_line(tmp_path, monkeypatch):
         import_embeddings(tmp_path / "x.parquet", tmp_path / "bank.h5")
 
 
+def test_npy_export_without_pyarrow_is_one_line_and_writes_nothing(source_index, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    with pytest.raises(EmbeddingsError, match=r"pip install 'isdretrieve\[parquet\]'"):
+        export_embeddings(source_index / "bank.h5", tmp_path / "emb", "npy")
+    assert list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------------------------------- a bank of 5 images
 @pytest.fixture(scope="module")
 def five_images(tmp_path_factory, make_encoder):

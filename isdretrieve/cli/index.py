@@ -79,7 +79,8 @@ def export_kwargs(teacher: bool, quiet: bool, **options: object) -> dict[str, ob
 @click.option(
     "--embeddings",
     type=click.Path(exists=True, path_type=Path),
-    help="Embeddings made elsewhere: an npy folder or .npy, a .parquet, or an HDF5 file.",
+    help="Embeddings made elsewhere: a folder of npy shards (img_emb/ + metadata/, clip-retrieval's too), "
+    "a .npy, a .parquet, or an HDF5 file.",
 )
 @click.option("--key", help="With --embeddings: the HDF5 dataset or parquet column holding them.")
 @click.option(
