@@ -49,13 +49,15 @@ def map_picture(one: Index, request: Request, rows: Rows = DEFAULT_ROWS) -> Resp
 
 @router.get("/api/indices/{name}/map", summary="A page with the map of the bank", response_class=HTMLResponse)
 def map_page(one: Index, rows: Rows = DEFAULT_ROWS) -> HTMLResponse:
+    total = len(one.retriever.index)
+    shown = f"all {total:,} bank rows" if total <= rows else f"{rows:,} of {total:,} bank rows (a sample)"
     name = html.escape(one.name, quote=True)
     picture = f"/api/indices/{quote(one.name, safe='')}/map.png?rows={rows}"
     document = (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>Map of {name}</title></head>\n<body>\n<h1>Map of {name}</h1>\n"
-        f"<p>{len(one.retriever.index):,} bank rows; up to {rows:,} of them laid out in two dimensions, "
-        'coloured by class. <a href="/">Back to the search</a></p>\n'
+        f"<p>{shown} laid out in two dimensions, coloured by class. "
+        '<a href="/">Back to the search</a></p>\n'
         f'<img src="{html.escape(picture, quote=True)}" alt="map of the bank {name}" width="750">\n'
         "</body></html>\n"
     )
