@@ -43,6 +43,14 @@ def test_components_and_keep_rules():
         group_rows(8, a, b, "best")
 
 
+def test_a_bank_without_duplicates_keeps_every_row(digits_bank, tmp_path):
+    result = find_duplicates(digits_bank, tmp_path / "none", threshold=1.0, k=3)
+    assert result.summary["groups"] == 0 and result.summary["kept"] == result.summary["rows"]
+    assert len(read_csv(tmp_path / "none" / "keep.csv")) == result.summary["rows"]
+    assert read_csv(tmp_path / "none" / "drop.csv") == [] and read_csv(tmp_path / "none" / "groups.csv") == []
+    assert group_rows(3, np.zeros(0, np.int64), np.zeros(0, np.int64))[0].tolist() == [-1, -1, -1]
+
+
 def test_edges_are_symmetric_pairs_above_the_threshold():
     rows = np.array([[1, 2], [0, 2], [0, 1]])
     sims = np.array([[0.95, 0.5], [0.95, 0.91], [0.5, 0.91]], np.float32)

@@ -125,7 +125,7 @@ def group_rows(n: int, a: np.ndarray, b: np.ndarray, keep: str = "first") -> tup
         np.add.at(score, b, 1)
     rows = np.flatnonzero(group >= 0)
     rows = rows[np.lexsort((rows, -score[rows], group[rows]))]  # by group, best candidate first
-    starts = np.r_[True, group[rows][1:] != group[rows][:-1]]
+    starts = np.r_[True, group[rows][1:] != group[rows][:-1]] if len(rows) else np.zeros(0, bool)
     chosen = np.full(len(order), -1, np.int64)
     chosen[group[rows][starts]] = rows[starts]
     representative[rows] = chosen[group[rows]]
