@@ -147,6 +147,11 @@ def test_clip_retrieval_folder_is_imported(tmp_path):
     paths = [f"/photos/{i:05d}.jpg" for i in range(1100)]
     root = _clip_retrieval_folder(tmp_path / "clip", x, paths)
     (tmp_path / "labels.txt").write_text("".join(f"{i % 5}\n" for i in range(1100)))
+    from isdretrieve.bank.embedding_shards import read_shard_folder
+
+    rows, meta = read_shard_folder(root)
+    assert rows.shape == (1100, 16) and rows.dtype == np.float16 and meta["paths"] == paths
+    np.testing.assert_array_equal(rows[95:205], x[95:205].astype(np.float16))  # across a shard boundary
     for source in (root, root / "img_emb"):
         out = tmp_path / f"idx-{source.name}"
         args = ["--labels", tmp_path / "labels.txt", "--quiet"]

@@ -59,7 +59,7 @@ def is_shard_folder(folder: Path) -> bool:
 
 
 class ShardRows:
-    """The rows of several ``[n_i, D]`` npy shards as one array-like (``shape``, ``rows[a:b]``)."""
+    """The rows of several ``[n_i, D]`` npy shards as one array-like (``shape``, ``dtype``, ``rows[a:b]``)."""
 
     def __init__(self, shards: list[Path]) -> None:
         self.arrays = [_load(path) for path in shards]
@@ -72,6 +72,7 @@ class ShardRows:
                 )
         self.starts = np.cumsum([0] + [len(a) for a in self.arrays])
         self.shape = (int(self.starts[-1]), int(first.shape[1]))
+        self.dtype = np.result_type(*(a.dtype for a in self.arrays))
 
     def __getitem__(self, rows: slice) -> np.ndarray:
         start, stop, _ = rows.indices(self.shape[0])
