@@ -14,7 +14,7 @@ $(BIN)/isd-train: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)" "$(TORCHVISION)"
-	$(BIN)/pip install -q -e ".[cpu,serve,parquet,timm,milvus,dev]"
+	$(BIN)/pip install -q -e ".[cpu,serve,parquet,timm,milvus,map,dev]"
 	touch $@
 
 venv: $(BIN)/isd-train

@@ -13,6 +13,7 @@ from PIL import Image
 
 from isdretrieve.bank.arrays import write_bank
 from isdretrieve.bank.embeddings_in import import_embeddings
+from isdretrieve.bank.embeddings_out import export_embeddings
 from isdretrieve.cli.index import main as index_cli
 from isdretrieve.cli.knn import main as knn_cli
 from isdretrieve.data.open import open_dataset
@@ -67,20 +68,137 @@ def _same_bank_and_hits(a_dir, b_dir) -> None:
 
 
 def test_npy_round_trip(source_index, tmp_path):
+    """The npy export is the shard layout (embeddings alone in img_emb/, metadata as parquet beside) and
+    imports back into the same bank and hits."""
+    import pyarrow.parquet as pq
+
     out = tmp_path / "emb"
-    result = invoke(index_cli, "export", "--bank", source_index, "--format", "npy", "--out", out)
+    args = ["export", "--bank", source_index, "--format", "npy", "--shard-rows", 600, "--out", out]
+    result = invoke(index_cli, *args)
     assert result.exit_code == 0, result.output
-    names = {"features.npy", "rows.npy", "indices.npy", "labels.npy", "paths.txt", "meta.json"}
-    assert {p.name for p in out.iterdir()} == names
-    features = np.load(out / "features.npy")
-    assert features.shape == (1500, 24) and features.dtype == np.float32
-    assert np.array_equal(np.load(out / "rows.npy"), np.arange(1500))
+    assert {p.name for p in out.iterdir()} == {"img_emb", "metadata", "meta.json"}
+    shards = sorted(p.name for p in (out / "img_emb").iterdir())
+    assert shards == ["img_emb_0000.npy", "img_emb_0001.npy", "img_emb_0002.npy"]
+    assert sorted(p.name for p in (out / "metadata").iterdir()) == [
+        f"metadata_000{i}.parquet" for i in range(3)
+    ]
+    features = np.concatenate([np.load(out / "img_emb" / name) for name in shards])
+    with SearchIndex.open(source_index) as index:
+        np.testing.assert_array_equal(features, index.bank.features())
+        paths = index.bank.paths()
+    meta = pq.read_table(out / "metadata" / "metadata_0001.parquet").to_pydict()
+    assert meta["row"][:2] == [600, 601] and meta["image_path"][0] == paths[600]
     assert json.loads((out / "meta.json").read_text())["fingerprint"] == "enc-1"
     built = invoke(index_cli, "build", "--embeddings", out, "--out", tmp_path / "idx", "--quiet")
     assert built.exit_code == 0 and "Flat over 1,500 x 24" in built.output, built.output
     _same_bank_and_hits(source_index, tmp_path / "idx")
-    again = invoke(index_cli, "export", "--bank", source_index, "--format", "npy", "--out", out)
+    again = invoke(index_cli, *args)
     assert again.exit_code == 0 and not list(tmp_path.glob(".emb*"))  # replaced, no temporary left
+
+
+def test_embedding_reader_reads_the_npy_export(source_index, tmp_path):
+    """embedding-reader (what autofaiss reads through) takes img_emb/ as embeddings, metadata/ as parquet."""
+    embedding_reader = pytest.importorskip("embedding_reader")
+    out = tmp_path / "emb"
+    export_embeddings(source_index / "bank.h5", out, "npy", shard_rows=400)
+    reader = embedding_reader.EmbeddingReader(
+        str(out / "img_emb"),
+        file_format="parquet_npy",
+        metadata_folder=str(out / "metadata"),
+        meta_columns=["image_path", "label"],
+    )
+    assert (reader.count, reader.dimension) == (1500, 24)
+    batches = list(reader(batch_size=500, start=0, end=reader.count, show_progress=False))
+    embeddings = np.concatenate([emb for emb, _ in batches])
+    metadata = pd_concat([meta for _, meta in batches])
+    with SearchIndex.open(source_index) as index:
+        np.testing.assert_array_equal(embeddings, index.bank.features())
+        assert list(metadata["image_path"]) == index.bank.paths()
+        assert list(metadata["label"]) == index.bank.labels().tolist()
+
+
+def pd_concat(frames):
+    import pandas as pd
+
+    return pd.concat(frames, ignore_index=True)
+
+
+def _clip_retrieval_folder(root, x, paths):
+    """A folder as clip-retrieval's inference writes it: img_emb/img_emb_N.npy (float16 here) and
+    metadata/metadata_N.parquet with image_path (and no labels), N unpadded past 9 shards."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / "img_emb").mkdir(parents=True)
+    (root / "metadata").mkdir()
+    bounds = np.linspace(0, len(x), 12).astype(int)
+    for n, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        np.save(root / "img_emb" / f"img_emb_{n}.npy", x[lo:hi].astype(np.float16))
+        table = pa.table({"image_path": paths[lo:hi], "exif": ["{}"] * int(hi - lo)})
+        pq.write_table(table, root / "metadata" / f"metadata_{n}.parquet")
+    return root
+
+
+def test_clip_retrieval_folder_is_imported(tmp_path):
+    """clip-retrieval's output imports with its paths in order (shard 10 after shard 9), whether given
+    as the output folder or its img_emb folder; labels, when wanted, come from --labels."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1100, 16)).astype(np.float32)
+    paths = [f"/photos/{i:05d}.jpg" for i in range(1100)]
+    root = _clip_retrieval_folder(tmp_path / "clip", x, paths)
+    (tmp_path / "labels.txt").write_text("".join(f"{i % 5}\n" for i in range(1100)))
+    from isdretrieve.bank.embedding_shards import read_shard_folder
+
+    rows, meta = read_shard_folder(root)
+    assert rows.shape == (1100, 16) and rows.dtype == np.float16 and meta["paths"] == paths
+    np.testing.assert_array_equal(rows[95:205], x[95:205].astype(np.float16))  # across a shard boundary
+    for source in (root, root / "img_emb"):
+        out = tmp_path / f"idx-{source.name}"
+        args = ["--labels", tmp_path / "labels.txt", "--quiet"]
+        result = invoke(index_cli, "build", "--embeddings", source, "--out", out, *args)
+        assert result.exit_code == 0, result.output
+        with FeatureBank.open(out / "bank.h5") as bank:
+            assert bank.paths() == paths and bank.labels().tolist()[:6] == [0, 1, 2, 3, 4, 0]
+            expected = x.astype(np.float16).astype(np.float32)
+            expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+            np.testing.assert_allclose(bank.features(), expected, rtol=1e-6, atol=1e-7)
+            assert bank.fingerprint.startswith("sha256:")
+
+
+def test_old_npy_folder_still_imports(source_index, tmp_path):
+    """A folder in the npy layout of release 0.1.0 (features.npy, labels.npy, ..., meta.json)."""
+    out = tmp_path / "old"
+    out.mkdir()
+    with SearchIndex.open(source_index) as index:
+        bank = index.bank
+        np.save(out / "features.npy", bank.features())
+        np.save(out / "rows.npy", np.arange(len(bank)))
+        np.save(out / "indices.npy", bank.indices())
+        np.save(out / "labels.npy", bank.labels())
+        (out / "paths.txt").write_text("".join(f"{p}\n" for p in bank.paths()))
+        meta = {"fingerprint": bank.fingerprint, "data_spec": bank.data_spec, "classes": bank.classes}
+        (out / "meta.json").write_text(json.dumps(meta))
+    built = invoke(index_cli, "build", "--embeddings", out, "--out", tmp_path / "idx", "--quiet")
+    assert built.exit_code == 0, built.output
+    _same_bank_and_hits(source_index, tmp_path / "idx")
+
+
+@pytest.mark.parametrize("damage", ["fewer-metadata", "row-count", "widths"])
+def test_bad_shard_folders_are_one_line(tmp_path, damage):
+    x = np.random.default_rng(2).standard_normal((300, 8)).astype(np.float32)
+    root = _clip_retrieval_folder(tmp_path / "clip", x, [f"{i}.jpg" for i in range(300)])
+    if damage == "fewer-metadata":
+        (root / "metadata" / "metadata_10.parquet").unlink()
+        expected = "11 embedding shards but 10 metadata files"
+    elif damage == "row-count":
+        np.save(root / "img_emb" / "img_emb_3.npy", x[:5])
+        expected = "metadata_3.parquet has 28 rows, "
+    else:
+        np.save(root / "img_emb" / "img_emb_3.npy", np.ones((27, 9), np.float32))
+        expected = "shards must be 2-D arrays [N, D] of one D, got shape [27, 9]"
+    result = invoke(index_cli, "build", "--embeddings", root, "--out", tmp_path / "idx", "--quiet")
+    assert result.exit_code == 2 and expected in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "idx" / "bank.h5").exists()
 
 
 def test_parquet_round_trip(source_index, tmp_path):
@@ -152,6 +270,13 @@ def test_parquet_without_pyarrow_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "x.parquet").write_bytes(b"PAR1")
     with pytest.raises(EmbeddingsError, match=r"pip install 'isdretrieve\[parquet\]'"):
         import_embeddings(tmp_path / "x.parquet", tmp_path / "bank.h5")
+
+
+def test_npy_export_without_pyarrow_is_one_line_and_writes_nothing(source_index, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    with pytest.raises(EmbeddingsError, match=r"pip install 'isdretrieve\[parquet\]'"):
+        export_embeddings(source_index / "bank.h5", tmp_path / "emb", "npy")
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------- a bank of 5 images

@@ -2,8 +2,11 @@
 
 Formats (see ``indices/README.md``):
 
-- **npy**: a folder holding ``features.npy`` [N, D] (and optionally ``indices.npy``, ``labels.npy``,
-  ``paths.txt``, ``meta.json`` with the fingerprint, data spec and class names), or one ``.npy`` file.
+- **npy**: a folder of shards (``img_emb/*.npy`` with ``metadata/*.parquet``, as our npy export,
+  embedding-reader and clip-retrieval write it: :mod:`isdretrieve.bank.embedding_shards`); a folder
+  holding ``features.npy`` [N, D] (and optionally ``indices.npy``, ``labels.npy``, ``paths.txt``,
+  ``meta.json`` with the fingerprint, data spec and class names: the layout of release 0.1.0); or one
+  ``.npy`` file.
 - **parquet**: one file with an ``embedding`` list column (``--key`` names another) and optional ``row``,
   ``index``, ``label`` and ``path`` columns; our metadata in the schema's ``isdretrieve`` key. Needs the
   optional ``parquet`` extra (pyarrow).
@@ -24,6 +27,7 @@ import h5py
 import numpy as np
 
 from isdretrieve.bank.arrays import array_blocks, content_fingerprint, write_bank_blocks
+from isdretrieve.bank.embedding_shards import is_shard_folder, read_shard_folder
 from isdretrieve.bank.embeddings_checks import (
     check_import,
     column_labels,
@@ -34,16 +38,7 @@ from isdretrieve.bank.embeddings_checks import (
 from isdretrieve.errors import EmbeddingsError
 from isdretrieve.files.bank import BANK_FORMAT, FeatureBank
 from isdretrieve.files.h5 import attr_value
-
-
-def pyarrow_module() -> Any:
-    """pyarrow (with its parquet module), or an EmbeddingsError naming the extra to install."""
-    try:
-        import pyarrow
-        import pyarrow.parquet  # noqa: F401  (loads pyarrow.parquet as an attribute of pyarrow)
-    except ImportError:
-        raise EmbeddingsError("parquet needs pyarrow: pip install 'isdretrieve[parquet]'") from None
-    return pyarrow
+from isdretrieve.util.extras import pyarrow_module
 
 
 def read_labels(path: str | Path) -> np.ndarray:
@@ -131,6 +126,8 @@ def _load_npy(path: Path) -> np.ndarray:
 
 
 def _read_npy(source: Path, key: str | None) -> _Opened:
+    if is_shard_folder(source):
+        return _Opened(read_shard_folder(source))
     folder = source if source.is_dir() else None
     features_path = folder / "features.npy" if folder else source
     if not features_path.is_file():

@@ -1,9 +1,11 @@
 """A bank's embeddings written for other tools: an npy folder, a parquet file, or a copy of ``bank.h5``.
 
-- **npy**: a folder holding ``features.npy`` [N, D] float32 (L2-normalised), ``rows.npy`` [N] int64 (bank
-  row numbers 0..N-1, which are the index's ids), ``indices.npy`` [N] int64 (dataset index of each row),
-  ``labels.npy`` [N] int64 (-1: unlabelled), ``paths.txt`` (one image path a line) and ``meta.json``
-  (fingerprint, data spec, class names).
+- **npy**: the shard folder embedding-reader, autofaiss and clip-retrieval read
+  (:mod:`isdretrieve.bank.embedding_shards`): ``img_emb/img_emb_NNNN.npy`` [n, D] float32 (L2-normalised)
+  holding only embeddings, ``metadata/metadata_NNNN.parquet`` with the same rows' ``image_path``, ``row``
+  (bank row, the index's id), ``index`` (dataset index) and ``label`` (-1: unlabelled), and ``meta.json``
+  (fingerprint, data spec, class names). Shards of ``shard_rows`` rows (default 1,048,576). The metadata
+  needs pyarrow (the ``parquet`` extra).
 - **parquet**: one file with columns ``row`` int64, ``index`` int64, ``label`` int64, ``path`` string and
   ``embedding`` list<float32> (D values each); the bank's fingerprint, data spec and classes are in the
   schema's metadata. These are the fields of the bank's Milvus collection
@@ -23,18 +25,22 @@ from typing import Any
 
 import numpy as np
 
-from isdretrieve.bank.embeddings_in import pyarrow_module
+from isdretrieve.bank.embedding_shards import EMB_DIR, META_DIR, META_FILE, SHARDS_FORMAT, shard_name
 from isdretrieve.errors import EmbeddingsError
 from isdretrieve.files.atomic import atomic_path, fsync_path
 from isdretrieve.files.bank import FeatureBank
+from isdretrieve.util.extras import pyarrow_module
 
 FORMATS = ("h5", "npy", "parquet")
 ROW_GROUP_BYTES = 32 << 20  # Milvus's importer reads a row group at a time
-NPY_FILES = ("features.npy", "rows.npy", "indices.npy", "labels.npy", "paths.txt", "meta.json")
+SHARD_ROWS = 1 << 20
 
 
-def export_embeddings(bank_path: str | Path, out: str | Path, fmt: str) -> Path:
-    """Write the bank at ``bank_path`` as ``fmt`` ("npy": a folder, "parquet": one file, "h5": a copy)."""
+def export_embeddings(
+    bank_path: str | Path, out: str | Path, fmt: str, *, shard_rows: int = SHARD_ROWS
+) -> Path:
+    """Write the bank at ``bank_path`` as ``fmt`` ("npy": a shard folder of ``shard_rows`` rows a shard,
+    "parquet": one file, "h5": a copy)."""
     if fmt not in FORMATS:
         raise EmbeddingsError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     out = Path(out)
@@ -43,15 +49,17 @@ def export_embeddings(bank_path: str | Path, out: str | Path, fmt: str) -> Path:
             with atomic_path(out) as tmp:
                 shutil.copyfile(bank.path, tmp)
         elif fmt == "npy":
-            _write_npy(bank, out)
+            if shard_rows < 1:
+                raise EmbeddingsError(f"shard_rows must be positive, got {shard_rows}")
+            _write_npy(bank, out, shard_rows)
         else:
             _write_parquet(bank, out)
     return out
 
 
-def _meta(bank: FeatureBank) -> dict[str, Any]:
+def _meta(bank: FeatureBank, fmt: str = "isdretrieve.embeddings/1") -> dict[str, Any]:
     return {
-        "format": "isdretrieve.embeddings/1",
+        "format": fmt,
         "fingerprint": bank.fingerprint,
         "data_spec": bank.data_spec,
         "classes": bank.classes,
@@ -60,27 +68,44 @@ def _meta(bank: FeatureBank) -> dict[str, Any]:
     }
 
 
-def _write_npy(bank: FeatureBank, out: Path) -> None:
-    """The npy folder, built under a temporary name and renamed into place (an old one is replaced)."""
+def _write_npy(bank: FeatureBank, out: Path, shard_rows: int) -> None:
+    """The shard folder, built under a temporary name and renamed into place (an old one is replaced)."""
     if out.exists() and not out.is_dir():
         raise EmbeddingsError(f"{out} is a file: npy export writes a folder")
+    pa = pyarrow_module()  # checked before anything is written
     tmp = out.with_name(f".{out.name}.tmp-npy")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    (tmp / EMB_DIR).mkdir(parents=True)
+    (tmp / META_DIR).mkdir()
     try:
         n, dim = len(bank), bank.dim
-        features = np.lib.format.open_memmap(tmp / "features.npy", "w+", np.float32, (n, dim))
-        for start, x in bank.blocks():
-            features[start : start + len(x)] = x
-        features.flush()
-        del features
-        np.save(tmp / "rows.npy", np.arange(n, dtype=np.int64))
-        np.save(tmp / "indices.npy", bank.indices().astype(np.int64))
-        np.save(tmp / "labels.npy", bank.labels().astype(np.int64))
-        (tmp / "paths.txt").write_text("".join(f"{p}\n" for p in bank.paths()))
-        (tmp / "meta.json").write_text(json.dumps(_meta(bank), indent=2) + "\n")
-        for name in NPY_FILES:
-            fsync_path(tmp / name)
+        shards = max(1, -(-n // shard_rows))
+        indices, labels, paths = bank.indices(), bank.labels(), bank.paths()
+        written = []
+        for number, start in enumerate(range(0, n, shard_rows)):
+            stop = min(start + shard_rows, n)
+            npy = tmp / EMB_DIR / shard_name(EMB_DIR, number, shards, ".npy")
+            rows = np.lib.format.open_memmap(npy, "w+", np.float32, (stop - start, dim))
+            for first, x in bank.blocks(start, stop):
+                rows[first - start : first - start + len(x)] = x
+            rows.flush()
+            del rows
+            table = pa.table(
+                {
+                    "image_path": pa.array(paths[start:stop], pa.string()),
+                    "row": pa.array(np.arange(start, stop, dtype=np.int64)),
+                    "index": pa.array(indices[start:stop].astype(np.int64)),
+                    "label": pa.array(labels[start:stop].astype(np.int64)),
+                }
+            )
+            parquet = tmp / META_DIR / shard_name(META_DIR, number, shards, ".parquet")
+            pa.parquet.write_table(table, parquet)
+            written += [npy, parquet]
+        (tmp / META_FILE).write_text(
+            json.dumps(_meta(bank, SHARDS_FORMAT) | {"shards": shards}, indent=2) + "\n"
+        )
+        for path in [*written, tmp / META_FILE, tmp / EMB_DIR, tmp / META_DIR]:
+            fsync_path(path)
         old = out.with_name(f".{out.name}.old-npy")
         if out.exists():
             out.replace(old)

@@ -19,6 +19,8 @@ from isdretrieve.cli.common import (
     user_errors,
     verbose_option,
 )
+from isdretrieve.cli.convert import convert
+from isdretrieve.cli.dedup import dedup
 from isdretrieve.cli.mine import bank_file, mine
 from isdretrieve.cli.neighbours import neighbours
 from isdretrieve.cli.serve import serve
@@ -147,7 +149,8 @@ def milvus_target(out: Path, uri: str | None, collection: str | None, token_env:
 @click.option(
     "--embeddings",
     type=click.Path(exists=True, path_type=Path),
-    help="Embeddings made elsewhere: an npy folder or .npy, a .parquet, or an HDF5 file.",
+    help="Embeddings made elsewhere: a folder of npy shards (img_emb/ + metadata/, clip-retrieval's too), "
+    "a .npy, a .parquet, or an HDF5 file.",
 )
 @click.option("--key", help="With --embeddings: the HDF5 dataset or parquet column holding them.")
 @click.option(
@@ -332,10 +335,17 @@ def attach(
     type=click.Choice(["h5", "npy", "parquet"]),
     default="h5",
     show_default=True,
-    help="h5: a bank.h5; npy: a folder of .npy files; parquet: one file.",
+    help="h5: a bank.h5; npy: img_emb/*.npy shards with metadata/*.parquet; parquet: one file.",
 )
 @click.option(
     "--out", required=True, type=click.Path(path_type=Path), help="bank.h5, npy folder or .parquet to write."
+)
+@click.option(
+    "--shard-rows",
+    type=POSITIVE,
+    default=1 << 20,
+    show_default=True,
+    help="With --format npy: rows a shard.",
 )
 @export_options
 @json_option
@@ -347,6 +357,7 @@ def export(
     source_bank: Path | None,
     fmt: str,
     out: Path,
+    shard_rows: int,
     as_json: bool,
     **options: object,
 ) -> None:
@@ -357,7 +368,7 @@ def export(
     if source_bank is not None:
         if checkpoint or data:
             raise click.UsageError("give either --bank, or --checkpoint with --data")
-        path = export_embeddings(bank_file(source_bank), out, fmt)
+        path = export_embeddings(bank_file(source_bank), out, fmt, shard_rows=shard_rows)
         click.echo(f"{path}: {fmt} written from {bank_file(source_bank)}")
         return
     if not (checkpoint and data):
@@ -367,7 +378,7 @@ def export(
     skipped = f", {result.skipped} unreadable images skipped" if result.skipped else ""
     text = f"{result.path}: {result.rows:,} rows, {result.images_per_s:,.0f} images/s{skipped}"
     if fmt != "h5":
-        text += f"\n{export_embeddings(h5_out, out, fmt)}: {fmt} written from {h5_out}"
+        text += f"\n{export_embeddings(h5_out, out, fmt, shard_rows=shard_rows)}: {fmt} written from {h5_out}"
     emit(result, as_json, text)
 
 
@@ -441,6 +452,8 @@ def recall(index_dir: Path, k: int, queries: int, seed: int, as_json: bool) -> N
 
 
 main.add_command(mine)
+main.add_command(dedup)
+main.add_command(convert)
 main.add_command(neighbours)
 main.add_command(serve)
 

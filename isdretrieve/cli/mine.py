@@ -16,6 +16,24 @@ def bank_file(source: Path) -> Path:
     return source / "bank.h5" if source.is_dir() else source
 
 
+def search_options(command):
+    """``--device``, ``--chunk-rows`` and ``--quiet``: how a chunked top-k search over a bank runs."""
+    options = [
+        click.option("--device", type=DEVICE, default="auto", show_default=True),
+        click.option(
+            "--chunk-rows",
+            type=POSITIVE,
+            default=16384,
+            show_default=True,
+            help="Query rows searched at a time.",
+        ),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @click.command(context_settings=CONTEXT)
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option(
@@ -37,11 +55,7 @@ def bank_file(source: Path) -> Path:
     is_flag=True,
     help="Search through SOURCE's index (an index directory), not exactly; its recall is measured.",
 )
-@click.option("--device", type=DEVICE, default="auto", show_default=True)
-@click.option(
-    "--chunk-rows", type=POSITIVE, default=16384, show_default=True, help="Query rows searched at a time."
-)
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@search_options
 @json_option
 @verbose_option
 @user_errors
@@ -73,7 +87,7 @@ def mine(
     if approximate and not source.is_dir():
         raise click.UsageError("--approximate searches through an index: SOURCE must be an index directory")
     index = source if approximate else None
-    with _progress(not quiet) as advance:
+    with search_progress(not quiet) as advance:
         pairs = mine_pairs(
             bank_path, out, params, device=device, chunk_rows=chunk_rows, progress=advance, index=index
         )
@@ -113,7 +127,7 @@ def mine(
 
 
 @contextlib.contextmanager
-def _progress(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
+def search_progress(enabled: bool, label: str = "mining") -> Iterator[Callable[[int, int], None] | None]:
     """A rich bar over the rows searched so far; yields its ``update(done, total)``."""
     if not enabled:
         yield None
@@ -121,9 +135,9 @@ def _progress(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    columns = (TextColumn("mining"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, transient=True, console=Console(stderr=True)) as bar:
-        task = bar.add_task("mining", total=None)
+        task = bar.add_task(label, total=None)
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 

@@ -44,6 +44,20 @@ TABLE_HITS = 5  # neighbours shown per query in the terminal
 )
 @click.option("--per-page", type=POSITIVE, default=8, show_default=True, help="Queries per PNG page.")
 @click.option(
+    "--map",
+    "map_rows",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Add map.png: a 2-D map of N bank rows coloured by class (0: none).",
+)
+@click.option(
+    "--map-method",
+    type=click.Choice(["auto", "umap", "tsne"]),
+    default="auto",
+    show_default=True,
+    help="auto: UMAP when umap-learn is installed, else PCA + t-SNE.",
+)
+@click.option(
     "--device",
     type=click.Choice(["auto", "cpu", "cuda"]),
     default="auto",
@@ -61,6 +75,8 @@ def neighbours(
     k: int,
     out: Path,
     per_page: int,
+    map_rows: int,
+    map_method: str,
     device: str,
     as_json: bool,
 ) -> None:
@@ -86,7 +102,9 @@ def neighbours(
             if sample is not None
             else [q for spec in specs for q in parse_query_spec(spec)]
         )
-        results, report = neighbours_report(retriever, queries, out, k=k, per_page=per_page)
+        results, report = neighbours_report(
+            retriever, queries, out, k=k, per_page=per_page, map_rows=map_rows, map_method=map_method
+        )
         classes = retriever.classes
     wrong = sum(h.label_differs is True for r in results for h in r.hits)
     known = sum(h.label_differs is not None for r in results for h in r.hits)
@@ -99,6 +117,7 @@ def neighbours(
         "labelled_neighbours": known,
         "other_class_neighbours": wrong,
         "missing_images": report.missing,
+        "map": report.directory / "map.png" if map_rows else None,
         "results": [
             {
                 "query": r.query.source,

@@ -127,7 +127,7 @@ def search_candidates(
     n = len(bank)
     if k >= n:
         raise IsdError(f"k must be smaller than the number of bank rows ({n}), got {k}")
-    expect = {"fingerprint": bank.fingerprint, "bank_rows": n, "k": k, "search": _search_name(index)}
+    expect = {"fingerprint": bank.fingerprint, "bank_rows": n, "k": k, "search": search_name(index)}
     search = _searcher(bank, device) if index is None else _index_searcher(bank, index, device)
     with _open_partial(partial, expect, n, k, chunk_rows) as f, names_file(partial):
         done, chunk_rows = int(f.attrs["rows_done"]), int(f.attrs["chunk_rows"])
@@ -147,7 +147,8 @@ def search_candidates(
         return f["rows"][...], f["similarities"][...]
 
 
-def _search_name(index: VectorIndex | None) -> str:
+def search_name(index: VectorIndex | None) -> str:
+    """How candidates are searched: "exact", or "approximate:FACTORY:PARAMS" through ``index``."""
     if index is None:
         return "exact"
     where = "" if index.backend == "faiss" else f"{index.backend}/"  # FAISS names as before
@@ -180,7 +181,8 @@ def candidate_recall(bank: FeatureBank, cand_rows: np.ndarray, seed: int = 0) ->
     return recall_at_k(cand_rows[rows], truth), len(rows)
 
 
-def _open_index(index_dir: str | Path, bank: FeatureBank) -> VectorIndex:
+def open_index_over(index_dir: str | Path, bank: FeatureBank) -> VectorIndex:
+    """The index at ``index_dir``, refused (BankError) unless it was built over ``bank``."""
     index = open_index(index_dir)
     if index.manifest.bank_fingerprint != bank.fingerprint or len(index) != len(bank):
         index.close()
@@ -216,10 +218,10 @@ def mine_pairs(
         k = clamp_k(params.k, len(bank) - 1)
         if k != params.k:
             params = replace(params, k=k)
-        searcher = None if index is None else _open_index(index, bank)
+        searcher = None if index is None else open_index_over(index, bank)
         try:
             if out.exists():
-                return _existing(out, bank.fingerprint, params, _search_name(searcher).split(":")[0])
+                return _existing(out, bank.fingerprint, params, search_name(searcher).split(":")[0])
             started = time.perf_counter()
             cand_rows, cand_sims = search_candidates(
                 bank,

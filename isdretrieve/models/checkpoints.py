@@ -23,6 +23,7 @@ from isdretrieve.errors import CheckpointError
 from isdretrieve.files.atomic import atomic_path
 from isdretrieve.files.encoder_header import IMAGENET_MEAN, IMAGENET_STD, EncoderHeader
 from isdretrieve.models.backbones import ARCHS, build_backbone, is_timm, is_vit
+from isdretrieve.models.safetensors_file import is_safetensors_path, read_safetensors, write_safetensors
 from isdretrieve.models.timm_backbone import classifier_prefixes, timm_patch
 from isdretrieve.models.vit import is_timm_vit_state, timm_to_torchvision, vit_shape
 
@@ -99,13 +100,47 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def export_encoder(backbone: nn.Module, header: EncoderHeader, path: str | Path) -> None:
-    """Atomically write ``{"format", "header", "state_dict"}`` (torchvision keys, no ``fc.*``) to ``path``."""
+def _encoder_state(backbone: nn.Module, header: EncoderHeader) -> dict[str, torch.Tensor]:
+    """The backbone's tensors as an encoder file holds them: on CPU, torchvision keys, no ``fc.*``."""
     dim = getattr(backbone, "feature_dim", header.feature_dim)
     if dim != header.feature_dim:
         raise ValueError(f"header.feature_dim={header.feature_dim} but the backbone produces {dim}")
-    state = {k: v.detach().cpu() for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
+    return {k: v.detach().cpu() for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
+
+
+def export_encoder(backbone: nn.Module, header: EncoderHeader, path: str | Path) -> None:
+    """Atomically write ``{"format", "header", "state_dict"}`` (torchvision keys, no ``fc.*``) to ``path``."""
+    state = _encoder_state(backbone, header)
     atomic_save({"format": ENCODER_FORMAT, "header": header.to_dict(), "state_dict": state}, path)
+
+
+def export_safetensors(backbone: nn.Module, header: EncoderHeader, path: str | Path) -> Path:
+    """Write the same weights as :func:`export_encoder` to ``path`` (``encoder.safetensors``) and its
+    config beside it (``encoder.json``); returns the config's path."""
+    return write_safetensors(_encoder_state(backbone, header), header, path)
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[key], sb[key]) for key in sa)
+
+
+def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, which: str = "student") -> Path:
+    """The ``which`` backbone of any checkpoint :func:`load_backbone` reads, written as
+    ``out_dir/encoder.safetensors`` + ``encoder.json`` with its header and provenance; a pair already
+    there is kept if it holds the same weights, else refused. Returns the weights' path."""
+    backbone, header = load_backbone(checkpoint, which=which)
+    target = Path(out_dir) / "encoder.safetensors"
+    if target.exists() or target.with_suffix(".json").exists():
+        try:
+            same = _same_weights(load_backbone(target)[0], backbone)
+        except CheckpointError:
+            same = False
+        if not same:
+            raise CheckpointError(f"{target} holds another encoder: delete it or choose another --out")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    export_safetensors(backbone, header, target)
+    return target
 
 
 # --------------------------------------------------------------------------------- state extraction
@@ -270,7 +305,7 @@ def _check_fit(model: nn.Module, state: dict[str, torch.Tensor], path: Path, wha
 
 def _read_state(path: Path, which: str) -> tuple[dict, dict[str, torch.Tensor], EncoderHeader | None]:
     """The file's object, its student/teacher backbone state and our header (None in foreign files)."""
-    obj = safe_load(path)
+    obj = _safetensors_object(path) if is_safetensors_path(path) else safe_load(path)
     try:
         state = extract_backbone_state(obj, which=which)
         fmt = obj.get("format")
@@ -279,6 +314,15 @@ def _read_state(path: Path, which: str) -> tuple[dict, dict[str, torch.Tensor], 
     except CheckpointError as exc:
         raise CheckpointError(f"checkpoint {path}: {exc}") from exc
     return obj, state, header
+
+
+def _safetensors_object(path: Path) -> dict:
+    """A safetensors encoder as the object an ``encoder.pt`` unpickles to (a plain state dict when the
+    file has no header of ours); nothing is unpickled."""
+    tensors, header = read_safetensors(path)
+    if header is None:
+        return tensors
+    return {"format": ENCODER_FORMAT, "header": header.to_dict(), "state_dict": tensors}
 
 
 def _names_for(arch: str | None, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

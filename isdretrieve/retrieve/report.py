@@ -2,8 +2,10 @@
 
 ``REPORT_DIR`` receives ``page-001.png`` ... (``per_page`` queries a page: the query tile, then its
 neighbours with score and class; wrong-label neighbours framed red, the query framed blue),
-``thumbs/*.png`` and ``index.html`` (every query, a filter by query class that needs JavaScript, all rows
-shown without it; ``index.html#cls=LABEL`` opens it filtered). File names come from counters and row
+``thumbs/*.png``, ``map.png`` when asked for (a 2-D map of the bank coloured by class, the queries'
+rows and neighbours ringed: :mod:`isdretrieve.retrieve.map`) and ``index.html`` (every query, a filter
+by query class that needs JavaScript, all rows shown without it; ``index.html#cls=LABEL`` opens it
+filtered). File names come from counters and row
 numbers only, never from user data; every text in the HTML is escaped, and a Content-Security-Policy
 lets only the report's own script run. Each file is written atomically and ``index.html`` last, so an
 interrupted report has no ``index.html``.
@@ -24,6 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 from isdretrieve.errors import IsdError
 from isdretrieve.files.atomic import atomic_path
 from isdretrieve.retrieve.hits import class_name
+from isdretrieve.retrieve.map import map_png
 from isdretrieve.retrieve.pictures import THUMB, ImageSource, fit, load_font
 from isdretrieve.retrieve.queries import NeighbourQuery, NeighbourResult
 
@@ -56,7 +59,7 @@ select.addEventListener("change", apply);
 document.getElementById("filter").hidden = false;
 apply();
 """
-_STYLE = """
+REPORT_STYLE = """
 body { font: 13px sans-serif; margin: 16px; }
 table { border-collapse: separate; border-spacing: 6px; }
 td { vertical-align: top; width: 104px; font-size: 11px; overflow-wrap: anywhere; }
@@ -93,7 +96,7 @@ def _clip(draw: ImageDraw.ImageDraw, text: str, width: int, font: ImageFont.Imag
     return text + "…"
 
 
-def _inside(root: Path, name: str) -> Path:
+def inside_folder(root: Path, name: str) -> Path:
     """``root/name``, refused if it resolves outside ``root`` (e.g. through a symlink)."""
     path = root / name
     if not path.resolve().is_relative_to(root):
@@ -101,16 +104,16 @@ def _inside(root: Path, name: str) -> Path:
     return path
 
 
-def _save_png(image: Image.Image, path: Path) -> None:
+def save_png(image: Image.Image, path: Path) -> None:
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
 
 
-def _write_thumb(root: Path, name: str, picture: Image.Image | None) -> str:
+def write_thumb(root: Path, name: str, picture: Image.Image | None) -> str:
     """Save ``picture`` as ``root/name`` (the shared placeholder when it is None); returns the name used."""
     if picture is None:
         name, picture = MISSING, fit(None, THUMB)
-    _save_png(picture, _inside(root, name))
+    save_png(picture, inside_folder(root, name))
     return name
 
 
@@ -200,8 +203,10 @@ def render_html(
     pages: list[str],
     classes: Sequence[str],
     title: str,
+    map_name: str = "",
 ) -> str:
-    """``index.html``: every query and its neighbours, a class filter, links to the PNG pages."""
+    """``index.html``: every query and its neighbours, a class filter, links to the PNG pages (and the
+    bank's map, when ``map_name`` names it)."""
     k = max((len(r.hits) for r in results), default=0)
     counts: dict[int, int] = {}
     for result in results:
@@ -233,9 +238,16 @@ def render_html(
     return (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">\n'
         f'<meta http-equiv="Content-Security-Policy" content="{policy}">\n'
-        f"<title>Nearest neighbours: {_e(title)}</title>\n<style>{_STYLE}</style></head>\n<body>\n"
+        f"<title>Nearest neighbours: {_e(title)}</title>\n<style>{REPORT_STYLE}</style></head>\n<body>\n"
         f"<h1>Nearest neighbours: {_e(title)}</h1>\n<p>{_e(summary)}. PNG pages: {links}</p>\n"
-        '<p id="filter" hidden><label>Query class <select id="cls">'
+        + (
+            f'<figure><img id="map" src="{_e(map_name)}" alt="map of the bank" width="750">'
+            "<figcaption>The bank, coloured by class; the queries' rows and neighbours ringed."
+            "</figcaption></figure>\n"
+            if map_name
+            else ""
+        )
+        + '<p id="filter" hidden><label>Query class <select id="cls">'
         f'<option value="all">all ({len(results)})</option>{options}</select></label> '
         '<span id="shown"></span></p>\n'
         "<table>\n" + "\n".join(lines) + "\n</table>\n"
@@ -252,10 +264,12 @@ def write_report(
     images: ImageSource | None = None,
     per_page: int = 8,
     title: str = "",
+    map_name: str = "",
 ) -> Report:
     """Write PNG pages, thumbnails and ``index.html`` (last) for ``results`` into ``out_dir``.
 
-    ``classes`` name the labels; ``images`` finds the pictures (default: files and PIL images only).
+    ``classes`` name the labels; ``images`` finds the pictures (default: files and PIL images only);
+    ``map_name``: a map already written into ``out_dir``, shown in ``index.html``.
     """
     if per_page < 1:
         raise IsdError(f"per_page must be at least 1, got {per_page}")
@@ -274,19 +288,19 @@ def write_report(
     for p, first in enumerate(range(0, len(results), per_page)):
         page = render_page(results[first : first + per_page], first, pictures, classes, k)
         name = f"page-{p + 1:03d}.png"
-        _save_png(page, _inside(root, name))
+        save_png(page, inside_folder(root, name))
         pages.append(name)
 
     thumbs: dict[tuple[str, int], str] = {}
     for number, result in enumerate(results):
         if result.query.row is None:
             picture = pictures.query(number, result.query)
-            thumbs[("query", number)] = _write_thumb(root, f"thumbs/q{number}.png", picture)
+            thumbs[("query", number)] = write_thumb(root, f"thumbs/q{number}.png", picture)
     for row, picture in pictures.rows.items():
-        thumbs[("row", row)] = _write_thumb(root, f"thumbs/r{row}.png", picture)
+        thumbs[("row", row)] = write_thumb(root, f"thumbs/r{row}.png", picture)
 
-    document = render_html(results, thumbs, pages, classes, title)
-    with atomic_path(_inside(root, "index.html")) as tmp:
+    document = render_html(results, thumbs, pages, classes, title, map_name)
+    with atomic_path(inside_folder(root, "index.html")) as tmp:
         tmp.write_text(document, encoding="utf-8")
     return Report(
         root, root / "index.html", [root / name for name in pages], pictures.missing, pictures.source.problem
@@ -294,11 +308,34 @@ def write_report(
 
 
 def neighbours_report(
-    retriever: Retriever, queries: Sequence[QueryItem], out_dir: str | Path, *, k: int = 10, per_page: int = 8
+    retriever: Retriever,
+    queries: Sequence[QueryItem],
+    out_dir: str | Path,
+    *,
+    k: int = 10,
+    per_page: int = 8,
+    map_rows: int = 0,
+    map_method: str = "auto",
 ) -> tuple[list[NeighbourResult], Report]:
     """The k nearest bank rows of ``queries`` in ``retriever``'s index, written as a report to ``out_dir``
-    (pictures from the bank's data SPEC); returns the results and what was written."""
+    (pictures from the bank's data SPEC); with ``map_rows`` > 0 also ``map.png``, a map of that many bank
+    rows (plus every query row and neighbour, ringed). Returns the results and what was written."""
     results = retriever.neighbours(queries, k)
+    map_name = ""
+    if map_rows > 0:
+        shown = {r.query.row for r in results if r.query.row is not None} | {
+            h.row for r in results for h in r.hits
+        }
+        out = Path(out_dir)
+        if out.exists() and not out.is_dir():
+            raise IsdError(f"report folder {out} is a file")
+        out.mkdir(parents=True, exist_ok=True)
+        title = retriever.index_dir.name
+        bank = retriever.index.bank.path
+        map_png(
+            bank, out / "map.png", title=title, max_rows=map_rows, method=map_method, include=sorted(shown)
+        )
+        map_name = "map.png"
     report = write_report(
         results,
         out_dir,
@@ -306,5 +343,6 @@ def neighbours_report(
         images=ImageSource(retriever.index.bank.data_spec),
         per_page=per_page,
         title=str(retriever.index_dir),
+        map_name=map_name,
     )
     return results, report

@@ -8,13 +8,14 @@
     r.search_vectors([[0.1] * r.dim], k=5)                 # feature vectors, checked against the bank's D
     r.search(["query.jpg"], k=5, labels=[3, 5])             # only hits of these classes
     r.row(17), r.row_image(17)                              # a bank row's label and path; its picture
+    r.embed(["query.jpg"])                                  # unit float32 rows [Q, D] of images
 
-Images are embedded with the index's own encoder (``encoder.pt`` in the index directory, checked against
-the bank's fingerprint) through :class:`~isdretrieve.encoder.FrozenEncoder`, as the bank was. Searching
-with vectors needs only FAISS and NumPy: torch is imported when the first image is embedded. The index is
-whatever backend built the directory (FAISS, or a Milvus collection): the Retriever uses only the one
-index interface (:class:`~isdretrieve.index.backend.VectorIndex`), and the directory's bank for labels,
-paths and pictures.
+Images are embedded with the index's own encoder (``encoder.pt``, or ``encoder.safetensors`` with its
+``encoder.json``, in the index directory, checked against the bank's fingerprint) through
+:class:`~isdretrieve.encoder.FrozenEncoder`, as the bank was. Searching with vectors needs only FAISS and
+NumPy: torch is imported when the first image is embedded. The index is whatever backend built the
+directory (FAISS, or a Milvus collection): the Retriever uses only the one index interface
+(:class:`~isdretrieve.index.backend.VectorIndex`), and the directory's bank for labels, paths and pictures.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ if TYPE_CHECKING:  # torch and the encoder are imported when images are embedded
 
     from isdretrieve.encoder import FrozenEncoder, Queries
 
-ENCODER_FILE = "encoder.pt"
+ENCODER_FILES = ("encoder.pt", "encoder.safetensors")  # the first one present is used
 Labels = int | Sequence[int] | None  # a class filter: one label, several, or none
 
 
@@ -86,19 +87,24 @@ class Retriever:
         return class_name(label, self.classes)
 
     @property
+    def encoder_path(self) -> Path | None:
+        """The index directory's ``encoder.pt`` (else its ``encoder.safetensors``), None without either."""
+        return next((p for p in (self.index_dir / name for name in ENCODER_FILES) if p.is_file()), None)
+
+    @property
     def has_encoder(self) -> bool:
-        """Whether the index directory holds an ``encoder.pt`` to embed images with."""
-        return (self.index_dir / ENCODER_FILE).is_file()
+        """Whether the index directory holds an encoder to embed images with."""
+        return self.encoder_path is not None
 
     @property
     def encoder(self) -> FrozenEncoder:
-        """The index's encoder (``encoder.pt``), loaded on first use and checked against the bank."""
+        """The index's encoder (:attr:`encoder_path`), loaded on first use and checked against the bank."""
         with self._lock:
             if self._encoder is None:
                 from isdretrieve.encoder import FrozenEncoder
 
-                path = self.index_dir / ENCODER_FILE
-                if not path.is_file():
+                path = self.encoder_path
+                if path is None:
                     raise BankError(
                         f"{self.index_dir} has no encoder.pt: search it with feature vectors instead"
                     )
@@ -118,6 +124,11 @@ class Retriever:
         """L2-normalised float32 features [Q, D] (on CPU) of images: paths, PIL images or an image batch."""
         encoder = self.encoder
         return encoder.embed(encoder.prepare(images))
+
+    def embed(self, images: Queries) -> np.ndarray:
+        """The embeddings of images (paths, PIL images or an image batch): unit float32 rows [Q, D], as the
+        bank's rows were made (the index's own encoder)."""
+        return np.ascontiguousarray(self.encode(images).numpy(), dtype=np.float32)
 
     def search(self, queries: Queries, k: int = 10, labels: Labels = None) -> list[list[Hit]]:
         """The k nearest bank rows of each query (images, or feature vectors [Q, D] / [D]); with

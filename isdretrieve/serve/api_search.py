@@ -77,14 +77,9 @@ def _decoded(one: ServedIndex, settings: ServeSettings, data: bytes) -> torch.Te
     return one.retriever.prepare([image])
 
 
-@router.post("/api/indices/{name}/search/images", summary="Neighbours of uploaded images")
-def search_images(
-    one: Index,
-    settings: Settings,
-    files: Annotated[list[UploadFile], File(description="Image files.")],
-    k: K = 10,
-    label: Labels = None,
-) -> Response:
+def encode_uploads(one: ServedIndex, settings: ServeSettings, files: list[UploadFile]) -> torch.Tensor:
+    """Uploaded images decoded under the service's limits (count, bytes, pixels) and embedded through
+    the index's batcher: unit float32 rows [Q, D]; 400 for an index without an encoder."""
     if one.batcher is None:
         raise HTTPException(400, f"index {one.name!r} has no encoder.pt: search it with feature vectors")
     if len(files) > settings.max_files:
@@ -94,7 +89,18 @@ def search_images(
         decode_untrusted(upload.file.read(cap + 1), max_bytes=cap, max_pixels=settings.max_pixels)
         for upload in files
     ]
-    features = one.batcher.encode(one.retriever.prepare(images))
+    return one.batcher.encode(one.retriever.prepare(images))
+
+
+@router.post("/api/indices/{name}/search/images", summary="Neighbours of uploaded images")
+def search_images(
+    one: Index,
+    settings: Settings,
+    files: Annotated[list[UploadFile], File(description="Image files.")],
+    k: K = 10,
+    label: Labels = None,
+) -> Response:
+    features = encode_uploads(one, settings, files)
     results = one.retriever.search(features, k, label)
     return json_response(
         {

@@ -25,7 +25,7 @@ from PIL import Image
 from isdretrieve.errors import BankError, IsdError
 from isdretrieve.files.pairs import find_pairs
 from isdretrieve.retrieve.retriever import Retriever
-from isdretrieve.serve import api_indices, api_pairs, api_rows, api_search
+from isdretrieve.serve import api_embed, api_indices, api_map, api_pairs, api_rows, api_search
 from isdretrieve.serve.batcher import EncodeBatcher
 from isdretrieve.serve.errors import install_error_handlers
 from isdretrieve.serve.page import add_docs, add_page
@@ -97,6 +97,6 @@ def create_app(
     install_error_handlers(app)
     add_page(app)
     add_docs(app)
-    for routes in (api_indices, api_search, api_rows, api_pairs):
+    for routes in (api_indices, api_search, api_rows, api_pairs, api_embed, api_map):
         app.include_router(routes.router)
     return Guard(app, token=settings.token, max_body=settings.max_body)

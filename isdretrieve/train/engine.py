@@ -27,7 +27,7 @@ from isdretrieve.encoder import FrozenEncoder
 from isdretrieve.errors import CheckpointError, Interrupted, RecipeError, TrainingDiverged
 from isdretrieve.files.encoder_header import EncoderHeader
 from isdretrieve.models.backbones import build_backbone, is_timm, is_vit
-from isdretrieve.models.checkpoints import export_encoder, load_init
+from isdretrieve.models.checkpoints import export_encoder, export_safetensors, load_init
 from isdretrieve.models.timm_backbone import timm_patch
 from isdretrieve.train import distributed
 from isdretrieve.train.batches import BatchSource, StepBatch, epoch_generator
@@ -484,6 +484,9 @@ class Trainer:
         if self.dist.is_main:
             encoder = self.out_dir / "encoder.pt"
             export_encoder(self.method.feature_backbone, self.encoder_header(), encoder)
+            export_safetensors(
+                self.method.feature_backbone, self.encoder_header(), encoder.with_suffix(".safetensors")
+            )
             self._write_curves()
             self.log.info(f"done: {self.step} steps, {self.epoch} epochs; encoder written to {encoder}")
         distributed.barrier()

@@ -137,6 +137,7 @@ function browse() {
 
 async function chooseIndex(name) {
   page.index = name;
+  $("map-link").href = indexPath("/map");
   $("results").replaceChildren();
   await run("opening the index", async () => {
     page.info = await api(indexPath(""));
