@@ -41,7 +41,7 @@ from scipy.sparse.csgraph import connected_components
 from isdretrieve.errors import InvalidArgument, IsdError
 from isdretrieve.files.atomic import atomic_path
 from isdretrieve.files.bank import FeatureBank
-from isdretrieve.index.search import clamp_k
+from isdretrieve.index.backend import clamp_k
 from isdretrieve.mine.mining import DEFAULT_CHUNK_ROWS, open_index_over, search_candidates, search_name
 from isdretrieve.util.extras import pyarrow_module
 
