@@ -52,6 +52,9 @@ class IndexManifest:
     shards: int = 0  # shards the on-disk lists were filled in
     recall_protocol: str = ""  # how recall was measured (RECALL_PROTOCOL); "" in manifests before it
     notes: list[str] = field(default_factory=list)  # e.g. k lowered for a bank smaller than k
+    estimated_bytes: int = 0  # memory the index was expected to take (0: not estimated)
+    plan: dict[str, Any] = field(default_factory=dict)  # auto's trials on a sample: seconds, sample_rows,
+    # trials (factory, estimated_bytes, status, sample_params, sample_recall, sample_qps, predicted_qps ...)
     format: str = INDEX_FORMAT
     metric: str = METRIC
     bank_file: str = BANK_FILE

@@ -1,0 +1,70 @@
+"""The tuning loop: raise an index's search knob (``nprobe`` for IVF, ``efSearch`` for HNSW) until a
+measured recall reaches a target. Building an index and planning one (:mod:`isdretrieve.index.planner`)
+both tune through it; the recall itself is measured by :mod:`isdretrieve.index.recall`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import faiss
+
+from isdretrieve.index.faiss_ops import search_knob, set_params
+
+
+@dataclass
+class Tuned:
+    """The search parameters chosen, the recall measured with them, and every (value, recall) tried."""
+
+    params: dict[str, int] = field(default_factory=dict)
+    recall: float = 1.0
+    reached: bool = True
+    trace: list[tuple[int, float]] = field(default_factory=list)
+
+
+def raise_knob(
+    index: faiss.Index,
+    recall: Callable[[], float],
+    target: float,
+    *,
+    gpu_index: faiss.Index | None = None,
+    max_value: int | None = None,
+    report: Callable[[str, int, float], None] | None = None,
+) -> Tuned:
+    """Set the knob of ``index`` to 1, 2, 3, 4, 6, 8, 12, ... (efSearch 16, 24, 32, 48, ... 2048) until
+    ``recall()`` >= ``target``: the powers of two of :func:`search_knob` and 1.5x each between them.
+
+    ``recall()`` measures the index as it is set now. The values go on ``index`` and on ``gpu_index`` (its
+    GPU copy) alike; ``max_value`` caps them (a GPU's nprobe limit). An index without a knob is measured
+    once. If no value reaches the target the largest stays set and ``reached`` is False.
+    """
+    knob = search_knob(index)
+    if knob is None:
+        measured = recall()
+        return Tuned({}, measured, measured >= target, [])
+    name, values = knob
+    values = [v for v in finer(values) if max_value is None or v <= max_value]
+    tuned = Tuned(reached=False)
+    for value in values:
+        tuned.params = {name: value}
+        set_params(index, tuned.params, gpu=False)
+        if gpu_index is not None:
+            set_params(gpu_index, tuned.params, gpu=True)
+        tuned.recall = recall()
+        tuned.trace.append((value, tuned.recall))
+        if report is not None:
+            report(name, value, tuned.recall)
+        if tuned.recall >= target:
+            tuned.reached = True
+            break
+    return tuned
+
+
+def finer(values: list[int]) -> list[int]:
+    """``values`` (increasing) with 1.5x the lower of each pair that doubles inserted between them."""
+    out: list[int] = []
+    for low, high in zip(values, values[1:], strict=False):
+        out.append(low)
+        if high == 2 * low and low >= 2:
+            out.append(low * 3 // 2)
+    return out + values[-1:]
