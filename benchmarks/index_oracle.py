@@ -8,9 +8,10 @@ against the written index's size. Queries/s: the same 1,000 held-out queries sea
 for the top 10, the least of 5 runs, one FAISS thread, per CPU second of the process (``qps``: with one
 thread the same as wall time on an idle machine, and on a shared one free of the other jobs' share of
 the cores; ``qps_wall`` is wall time). The ``auto`` row is ``build_index(factory="auto")``
-with the same settings: its time is planning + building + tuning. At the end auto's index and the
-grid's fastest are timed again, alternately, 5 times each (the ratio quoted is the median of the pairs),
-because one machine's speed drifts during a long run.
+with the same settings: its time is planning + building + tuning. At the end every index that reached
+the target, auto's too, is timed again in 5 rounds, each round all of them in turn, and each index's
+figure is its median over the rounds: a shared machine's speed drifts during a long run, and the rounds
+put every index through the same drift. The grid's best and auto's ratio to it come from these medians.
 
 Rows are written to ``runs/oracle/NAME-rows.json`` as they finish, so a rerun continues; the result goes
 to ``benchmarks/results/index_oracle_NAME.json``. The banks: ``benchmarks/oracle_banks.py``.
@@ -54,15 +55,14 @@ HNSW_DEGREES = (8, 16, 32, 48, 64)
 
 def grid(n: int, dim: int) -> list[str]:
     """The factories tried: Flat; HNSW of 5 degrees over raw and SQ8 vectors; IVF with 64 ... 4,096 lists
-    (at least 39 rows a list) over Flat and SQ8 codes, the largest list count over PQ codes of dim/2 and
-    dim/4 bytes (a PQ trains for minutes on a CPU), and from 512 lists with an HNSW coarse quantizer; all
-    in the grammar of ``isdretrieve.index.plan``."""
+    (at least 39 rows a list) over Flat and SQ8 codes, and from 512 lists with an HNSW coarse quantizer;
+    all in the grammar of ``isdretrieve.index.plan``. No PQ: ``auto`` only tries it when no SQ8 code fits
+    (not the case at the budgets measured), and FAISS takes minutes of CPU to train one here."""
     factories = ["Flat"]
     factories += [f"HNSW{m}{code}" for code in ("", ",SQ8") for m in HNSW_DEGREES]
     lists = [2**i for i in range(6, 13) if 2**i * MIN_POINTS_PER_CENTROID <= n]
     for code in ("Flat", "SQ8"):
         factories += [f"IVF{c},{code}" for c in lists]
-    factories += [f"IVF{lists[-1]},PQ{dim // m}" for m in (2, 4)]  # slow to train: one list count
     factories += [f"IVF{c}_HNSW32,SQ8" for c in lists if c >= 512]
     return factories
 
@@ -80,6 +80,10 @@ def search_seconds(index: faiss.Index, queries: np.ndarray) -> tuple[float, floa
     return min(cpu), min(wall)
 
 
+def built_dir(work: Path, factory: str) -> Path:
+    return work / factory.replace(",", "-")
+
+
 def open_built(directory: Path, manifest: IndexManifest) -> faiss.Index:
     index = faiss.read_index(str(directory / INDEX_FILE))
     set_params(index, manifest.params, gpu=False)
@@ -95,7 +99,7 @@ def measure(bank: Path, factory: str, budget: int, work: Path, queries: np.ndarr
         row["estimated_bytes"] = estimate_bytes(factory, n, dim)
         if row["estimated_bytes"] > budget:
             return row | {"status": "over budget"}
-    directory = work / factory.replace(",", "-")
+    directory = built_dir(work, factory)
     shutil.rmtree(directory, ignore_errors=True)
     started = time.perf_counter()
     manifest = build_index(
@@ -135,41 +139,44 @@ def run_rows(name: str, bank: Path, budget: int, queries: np.ndarray) -> list[di
         if factory in done["rows"]:
             continue
         print(f"{name}: {factory} ...", flush=True)
-        row = measure(bank, factory, budget, work, queries)
-        keep = work / "auto" if factory == "auto" else None
-        for directory in work.iterdir() if work.exists() else ():
-            if directory != keep and directory.name != "best":
-                shutil.rmtree(directory)
-        done["rows"][factory] = row
+        done["rows"][factory] = row = measure(bank, factory, budget, work, queries)
         state.write_text(json.dumps(done, indent=1))
         print(f"  {json.dumps({k: v for k, v in row.items() if k != 'plan'})}", flush=True)
     return [done["rows"][f] for f in factories]
 
 
-def rematch(bank: Path, best: str, budget: int, queries: np.ndarray, name: str) -> dict[str, Any]:
-    """Rebuild the grid's fastest, then time it and auto's index alternately ROUNDS times each."""
-    work = OUT / f"{name}-indices"
-    best_dir = work / "best"
-    shutil.rmtree(best_dir, ignore_errors=True)
-    best_manifest = build_index(
-        bank, best_dir, factory=best, memory_budget=budget, recall_target=TARGET, k=K, queries=QUERIES
-    )
-    auto_manifest = IndexManifest.from_json((work / "auto" / "manifest.json").read_text())
-    indices = {"auto": open_built(work / "auto", auto_manifest), "best": open_built(best_dir, best_manifest)}
-    qps: dict[str, list[float]] = {"auto": [], "best": []}
+def rematch(name: str, bank: Path, rows: list[dict[str, Any]], budget: int, queries: np.ndarray) -> dict:
+    """Time auto's index and every grid index that reached the target again, in ROUNDS rounds, each
+    round all of them one after the other; an index whose directory is gone is rebuilt (the builds are
+    seeded: the same index). Each index's figure is its median over the rounds."""
+    work, indices = OUT / f"{name}-indices", {}
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        directory = built_dir(work, row["factory"])
+        if not (directory / "manifest.json").is_file():
+            print(f"{name}: rebuilding {row['factory']} for the rematch", flush=True)
+            build_index(bank, directory, factory=row["factory"], memory_budget=budget, k=K, queries=QUERIES)
+        manifest = IndexManifest.from_json((directory / "manifest.json").read_text())
+        if manifest.params != row["params"]:
+            raise SystemExit(
+                f"{directory} has {manifest.params}, its row {row['params']}: remove it and rerun"
+            )
+        indices[row["factory"]] = open_built(directory, manifest)
+    qps: dict[str, list[float]] = {factory: [] for factory in indices}
     for _ in range(ROUNDS):
-        for key, index in indices.items():
-            qps[key].append(round(len(queries) / search_seconds(index, queries)[0], 1))
-    ratios = [a / b for a, b in zip(qps["auto"], qps["best"], strict=True)]
+        for factory, index in indices.items():
+            qps[factory].append(round(len(queries) / search_seconds(index, queries)[0], 1))
+    median = {factory: statistics.median(values) for factory, values in qps.items()}
+    best = max((f for f in median if f != "auto"), key=median.get)
+    per_round = [qps["auto"][r] / max(v[r] for f, v in qps.items() if f != "auto") for r in range(ROUNDS)]
     return {
-        "auto_factory": auto_manifest.factory,
-        "auto_params": auto_manifest.params,
+        "qps_by_round": qps,
+        "qps_median": median,
         "best_factory": best,
-        "best_params": best_manifest.params,
-        "auto_qps": qps["auto"],
-        "best_qps": qps["best"],
-        "ratio_median": round(statistics.median(ratios), 3),
-        "ratios": [round(r, 3) for r in ratios],
+        "auto_factory": rows[-1]["chosen"],
+        "auto_over_best": round(median["auto"] / median[best], 3),
+        "auto_over_fastest_of_each_round": [round(r, 3) for r in per_round],
     }
 
 
@@ -186,6 +193,8 @@ def predictions(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             {
                 "factory": trial["factory"],
                 "sample_params": trial["sample_params"],
+                "predicted_params": trial["predicted_params"],
+                "nprobe_exponent": trial.get("nprobe_exponent", 0.0),
                 "full_params": full["params"],
                 "predicted_qps": trial["predicted_qps"],
                 "measured_qps": full["qps"],
@@ -211,16 +220,16 @@ def main() -> None:
         n, dim, spec, encoder = len(opened), opened.dim, opened.data_spec, opened.encoder
         queries = heldout_queries(opened, QUERIES, SEED)[1]
     rows = run_rows(args.name, bank, budget, queries)
-    fitting = [row for row in rows[:-1] if row["status"] == "ok"]
-    best = max(fitting, key=lambda row: row["qps"])
+    timed = rematch(args.name, bank, rows, budget, queries)
+    best = next(row for row in rows if row["factory"] == timed["best_factory"])
     auto = rows[-1]
-    grid_seconds = sum(row.get("total_seconds", 0) for row in rows[:-1])
     result = {
         "protocol": (
             f"held-out recall@{K} >= {TARGET} on {QUERIES} bank rows (seed {SEED}), each index tuned by "
             f"build_index's loop; queries/s = {QUERIES} queries as one batch, top {K}, least of {REPEATS} "
             "runs, 1 FAISS thread, per CPU second of the process (qps_wall: per wall second); "
-            "fits = estimated memory <= budget (and the written index too)"
+            f"then {ROUNDS} rounds timing every index in turn, each index's median over the rounds "
+            "(rematch); fits = estimated memory <= budget (and the written index too)"
         ),
         "bank": {
             "name": args.name,
@@ -233,20 +242,25 @@ def main() -> None:
         "memory_budget_bytes": budget,
         "memory_budget": f"{mib(budget)} ({budget / (n * dim * 4):.2f}x the raw float32 vectors)",
         "rows": rows,
-        "grid_best": {"factory": best["factory"], "qps": best["qps"], "params": best["params"]},
+        "rematch": timed,
+        "grid_best": {
+            "factory": best["factory"],
+            "params": best["params"],
+            "qps": timed["qps_median"][best["factory"]],
+            "total_seconds": best["total_seconds"],
+        },
         "auto": {
             "factory": auto["chosen"],
-            "qps": auto["qps"],
+            "params": auto["params"],
             "recall": auto["recall"],
+            "qps": timed["qps_median"]["auto"],
             "plan_seconds": auto["plan"].get("seconds", 0.0),
             "build_seconds": auto["build_seconds"],
             "tune_seconds": auto["tune_seconds"],
             "total_seconds": auto["total_seconds"],
         },
-        "qps_ratio_in_sweep": round(auto["qps"] / best["qps"], 3),
-        "rematch": rematch(bank, best["factory"], budget, queries, args.name),
-        "grid_total_seconds": round(grid_seconds, 1),
-        "grid_best_total_seconds": best["total_seconds"],
+        "auto_over_grid_best_qps": timed["auto_over_best"],
+        "grid_total_seconds": round(sum(row.get("total_seconds", 0) for row in rows[:-1]), 1),
         "predictions": predictions(rows),
         "machine_at_start": machine_at_start,
         "total_seconds": round(time.perf_counter() - begun, 1),

@@ -20,9 +20,9 @@ from isdretrieve.index.build import build_index
 from isdretrieve.index.exact import exact_search, exact_search_torch
 from isdretrieve.index.faiss_ops import make_index
 from isdretrieve.index.plan import choose_index, estimate_bytes, ivf_lists
-from isdretrieve.index.planner import Trial, candidates, pick_trial, plan_index
+from isdretrieve.index.planner import Trial, candidates, one_faiss_thread, pick_trial, plan_index
 from isdretrieve.index.search import SearchIndex
-from isdretrieve.index.tuning import finer
+from isdretrieve.index.tuning import crossing, finer
 from isdretrieve.models.backbones import build_backbone
 
 MiB, GiB = 2**20, 2**30
@@ -54,10 +54,8 @@ def digits_views() -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture
 def faiss_one_thread():
     """One FAISS thread: on a busy 2-core machine two threads spin at each other's barriers."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+    with one_faiss_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -276,6 +274,7 @@ def test_candidates_fit_the_budget():
         "IVF256,SQ8",  # IVF Flat (61 MiB of vectors alone) and Flat do not fit; c0 = 1024
         "IVF512,SQ8",
         "IVF1024,SQ8",  # 2048 lists would hold fewer than 39 rows each
+        "HNSW8,SQ8",
         "HNSW16,SQ8",
         "HNSW32,SQ8",
     ]
@@ -313,11 +312,12 @@ def test_plan_measures_candidates_on_a_sample(tmp_path, digits_views, faiss_one_
         assert t.sample_recall >= 0.95 if t.status == "ok" else t.sample_recall < 0.95
         assert t.estimated_bytes <= 20 * MiB and t.seconds > 0
     ivf = trials["IVF512,SQ8"]  # 512 lists on 26,940 rows: 95 on the sample, as many rows a list
-    assert ivf.sample_factory == "IVF95,SQ8" and ivf.predicted_params == ivf.sample_params
+    assert ivf.sample_factory == "IVF95,SQ8" and 0 <= ivf.nprobe_exponent <= 1
+    assert ivf.predicted_params["nprobe"] <= ivf.sample_params["nprobe"] * 26_940 / 5_000 * 1.5
     hnsw = trials["HNSW16,SQ8"]
     assert hnsw.predicted_qps < hnsw.sample_qps  # a deeper graph on the full bank
     assert measured.plan.factory == pick_trial(measured.trials).factory
-    assert measured.plan.reason.startswith("fastest of 5 indices within the 20 MiB budget")
+    assert measured.plan.reason.startswith("fastest of 6 indices within the 20 MiB budget")
 
     with bank_module.FeatureBank.open(bank) as opened:  # no time for any trial: the rule decides
         hurried = plan_index(opened, memory_budget=20 * MiB, sample=5_000, queries=300, seconds=0)
@@ -352,6 +352,10 @@ def test_auto_builds_the_planned_index_and_records_the_trials(tmp_path, digits_v
 def test_tuning_steps_between_powers_of_two():
     assert finer([1, 2, 4, 8, 16, 24]) == [1, 2, 3, 4, 6, 8, 12, 16, 24]
     assert finer([16, 32, 64]) == [16, 24, 32, 48, 64] and finer([1]) == [1]
+    trace = [(4, 0.90), (6, 0.94), (8, 0.98)]  # recall 0.96 lies halfway from 6 to 8 in log(nprobe)
+    assert crossing(trace, 0.96) == pytest.approx(np.sqrt(6 * 8)) and crossing(trace, 0.5) == 4
+    with pytest.raises(ValueError):
+        crossing(trace, 0.99)
 
 
 def test_auto_goes_on_disk_when_no_index_in_ram_reaches_the_target(

@@ -44,7 +44,7 @@ class IndexManifest:
     tune_seconds: float  # ground truth + parameter search
     index_bytes: int  # size of index.faiss
     gpu: bool  # searched on a GPU when built (GPU FAISS, or torch for Flat)
-    reason: str = ""  # why this factory (choose_index's reason, or "given")
+    reason: str = ""  # why this factory (auto's plan, or "given")
     train_rows: int = 0
     kind: str = KIND_RAM  # "ram", or "ondisk": lists memory-mapped from index.ivfdata
     memory_budget: int | None = None  # the RAM budget given to the build, in bytes (None: default)

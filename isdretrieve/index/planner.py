@@ -1,7 +1,7 @@
 """The measured ``auto`` plan: try the indices that fit the memory budget on a sample of the bank and keep
 the one that answers queries fastest at the recall target.
 
-1. **Candidates** (:func:`candidates`): ``Flat``; ``HNSW{M}`` and ``HNSW{M},SQ8`` for M in 16, 32;
+1. **Candidates** (:func:`candidates`): ``Flat``; ``HNSW{M}`` and ``HNSW{M},SQ8`` for M in 8, 16, 32;
    ``IVF{c},Flat`` and ``IVF{c},SQ8`` for c in c0/4, c0/2, c0, 2·c0 (c0 from :func:`ivf_lists`, each
    with at least 39 bank rows per list), with an HNSW coarse quantizer (``IVF{c}_HNSW32,SQ8``) from
    8,192 lists; ``IVF{c0},PQ{m}`` only when no SQ8 or Flat code fits. Each is kept if its memory over the
@@ -10,15 +10,18 @@ the one that answers queries fastest at the recall target.
    filled with the sample; an IVF with c·S/n lists, so that its lists hold as many rows as on the full
    bank), tuned by the build's own loop (:func:`~isdretrieve.index.tuning.raise_knob`) to recall@k on
    held-out sample rows (:mod:`~isdretrieve.index.recall`), and timed at one FAISS thread on those
-   queries (the least CPU time of three batches). A candidate whose knob cannot reach the target is dropped.
+   queries (the least CPU time of three batches). A candidate whose knob cannot reach the target is
+   dropped.
 3. **Extrapolation** from S to n rows, as queries/s:
 
    - Flat scans every row: time x n/S.
    - HNSW's search path grows with the graph's depth, log n: time x ln n / ln S (and efSearch with it).
-   - IVF: with as many rows per list as on the full bank, the sample has the same neighbourhood per
-     list, so nprobe carries over and the lists scanned cost the same; the coarse search over c instead
-     of c·S/n centroids grows with the centroid count (with the graph depth for an HNSW quantizer).
-     The two parts are timed apart on the sample.
+   - IVF: the nprobe that reaches the target grows as (n/S)^a at a fixed number of rows a list; a is
+     measured by tuning the same index on a quarter of the sample with a quarter of the lists (each
+     nprobe interpolated between the values tried; a = 0 means nprobe carries over, a = 1 that it grows
+     as the list count). The predicted nprobe, rounded up to a value the tuning loop tries, scales the
+     time of scanning the lists; the coarse search (timed apart) scales with the centroid count (with
+     its log for an HNSW quantizer).
 
 4. **Choice**: the highest predicted queries/s. Flat is exact and needs no tuning, so it is kept unless
    an approximate index is predicted at least 1.25x faster. Trials stop starting after
@@ -59,14 +62,14 @@ from isdretrieve.index.plan import (
     ondisk_plan,
 )
 from isdretrieve.index.recall import heldout_recall, heldout_search, sample_rows
-from isdretrieve.index.tuning import raise_knob
+from isdretrieve.index.tuning import Tuned, crossing, finer, raise_knob
 
 PLAN_SECONDS = 120.0  # no trial starts after this many seconds of planning
 SAMPLE_ROWS = 20_000
 MIN_PLAN_ROWS = 10_000
 PLAN_QUERIES = 500
 FLAT_MARGIN = 1.25
-HNSW_DEGREES = (16, 32)
+HNSW_DEGREES = (8, 16, 32)
 HNSW_QUANTIZER_LISTS = 8_192  # from this many lists the coarse search goes through an HNSW graph
 TIMING_RUNS = 3
 
@@ -96,12 +99,13 @@ class Trial:
     sample_qps: float = 0.0
     predicted_qps: float = 0.0
     predicted_params: dict[str, int] = field(default_factory=dict)
+    nprobe_exponent: float = 0.0  # IVF: a in nprobe ~ rows^a, measured on the sample and a quarter of it
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         record = asdict(self)
-        for name in ("sample_recall", "sample_qps", "predicted_qps", "seconds"):
-            record[name] = round(record[name], 4 if name == "sample_recall" else 1)
+        for name in ("sample_recall", "nprobe_exponent", "sample_qps", "predicted_qps", "seconds"):
+            record[name] = round(record[name], {"sample_recall": 4, "nprobe_exponent": 3}.get(name, 1))
         return record
 
 
@@ -195,63 +199,105 @@ def plan_index(
 
 
 def _draw(bank: FeatureBank, size: int, queries: int, k: int, seed: int) -> _Sample:
-    """``size`` bank rows (seed + 2), ``queries`` of them as held-out queries (seed), and their truth."""
+    """``size`` bank rows (seed + 2) and ``queries`` of them as held-out queries (seed), with their truth."""
     x = np.ascontiguousarray(bank.take(sample_rows(len(bank), size, seed + 2)))
-    query_rows = sample_rows(len(x), min(queries, len(x)), seed)
+    return _with_truth(x, sample_rows(len(x), min(queries, len(x)), seed), k)
+
+
+def _with_truth(x: np.ndarray, query_rows: np.ndarray, k: int) -> _Sample:
+    """The sample ``x`` with its rows ``query_rows`` as queries and their exact top-k other rows."""
     xq, k = x[query_rows], min(k, len(x) - 1)
     exact = faiss.IndexFlatIP(x.shape[1])
     exact.add(x)
-    truth = heldout_search(exact.search, xq, query_rows, k)[1]
-    return _Sample(x, query_rows, xq, truth, k)
+    return _Sample(x, query_rows, xq, heldout_search(exact.search, xq, query_rows, k)[1], k)
 
 
 def _trial(candidate: Candidate, drawn: _Sample, n: int, target: float) -> Trial:
     """Build ``candidate``'s sample index, tune it to ``target`` and predict its full-bank speed."""
     started = time.perf_counter()
     trial = Trial(candidate.factory, candidate.estimated_bytes, candidate.sample_factory)
-    index = make_index(candidate.sample_factory, drawn.x.shape[1])
-    index.train(drawn.x)
-    index.add(drawn.x)
-    tuned = raise_knob(
-        index, lambda: heldout_recall(index.search, drawn.queries, drawn.query_rows, drawn.truth), target
-    )
+    index, tuned = _tuned(candidate.sample_factory, drawn, target)
     trial.sample_params, trial.sample_recall = tuned.params, tuned.recall
     trial.status = "ok" if tuned.reached else "below target"
     if tuned.reached:
         total = _search_seconds(lambda: index.search(drawn.queries, drawn.k))
-        coarse = _coarse_seconds(index, drawn, tuned.params)
         trial.sample_qps = len(drawn.queries) / total
-        predicted, trial.predicted_params = _extrapolate(
-            candidate, tuned.params, total, coarse, n, len(drawn.x)
-        )
+        if candidate.kind == "ivf":
+            trial.nprobe_exponent = _nprobe_exponent(candidate, drawn, target, tuned.trace)
+            coarse = _coarse_seconds(index, drawn, tuned.params["nprobe"])
+            nprobe = crossing(tuned.trace, target) * (n / len(drawn.x)) ** trial.nprobe_exponent
+            predicted = _extrapolate_ivf(candidate, trial, (total, coarse), nprobe, n, len(drawn.x))
+        else:
+            predicted = _extrapolate(candidate, trial, total, n, len(drawn.x))
         trial.predicted_qps = len(drawn.queries) / predicted
     trial.seconds = time.perf_counter() - started
     return trial
 
 
-def _coarse_seconds(index: faiss.Index, drawn: _Sample, params: dict[str, int]) -> float:
-    """Seconds the IVF coarse search takes for the queries at the tuned nprobe (0 for other indices)."""
-    if "nprobe" not in params:
-        return 0.0
+def _tuned(factory: str, drawn: _Sample, target: float) -> tuple[faiss.Index, Tuned]:
+    """``factory`` trained on and filled with the sample's rows, tuned to ``target`` on its queries."""
+    index = make_index(factory, drawn.x.shape[1])
+    index.train(drawn.x)
+    index.add(drawn.x)
+    recall = lambda: heldout_recall(index.search, drawn.queries, drawn.query_rows, drawn.truth)  # noqa: E731
+    return index, raise_knob(index, recall, target)
+
+
+def _nprobe_exponent(candidate: Candidate, drawn: _Sample, target: float, trace: list) -> float:
+    """a in nprobe ~ rows^a at a fixed number of rows a list: the nprobe reaching ``target`` on the
+    sample against that on a quarter of it (with a quarter of the lists), each interpolated between the
+    values tried; clamped to 0..1 (1: nprobe grows as the list count, if the quarter fails)."""
+    part = _part(drawn, len(drawn.x) // 4)
+    lists = max(1, round(candidate.sample_lists * len(part.x) / len(drawn.x)))
+    factory = candidate.sample_factory.replace(f"IVF{candidate.sample_lists}", f"IVF{lists}", 1)
+    tuned = _tuned(factory, part, target)[1]
+    if not tuned.reached:
+        return 1.0
+    ratio = crossing(trace, target) / crossing(tuned.trace, target)
+    return min(1.0, max(0.0, math.log(ratio) / math.log(len(drawn.x) / len(part.x))))
+
+
+def _part(drawn: _Sample, size: int) -> _Sample:
+    """``size`` rows of the sample: its queries and others (every other row first), with their truth."""
+    others = np.setdiff1d(np.arange(len(drawn.x)), drawn.query_rows)
+    rows = np.sort(np.concatenate([drawn.query_rows, others[: max(0, size - len(drawn.query_rows))]]))
+    x = np.ascontiguousarray(drawn.x[rows])
+    return _with_truth(x, np.searchsorted(rows, drawn.query_rows), drawn.k)
+
+
+def _coarse_seconds(index: faiss.Index, drawn: _Sample, nprobe: int) -> float:
+    """Seconds the IVF coarse search takes for the queries at ``nprobe``."""
     quantizer = faiss.extract_index_ivf(index).quantizer
-    return _search_seconds(lambda: quantizer.search(drawn.queries, params["nprobe"]))
+    return _search_seconds(lambda: quantizer.search(drawn.queries, nprobe))
 
 
-def _extrapolate(
-    candidate: Candidate, params: dict[str, int], total: float, coarse: float, n: int, s: int
-) -> tuple[float, dict[str, int]]:
-    """Predicted seconds for the queries on the full bank, and the search parameters expected there."""
+def _extrapolate(candidate: Candidate, trial: Trial, total: float, n: int, s: int) -> float:
+    """Predicted seconds of Flat or HNSW for the queries on the full bank (and its efSearch, in ``trial``)."""
     if candidate.kind == "flat":
-        return total * n / s, {}
-    if candidate.kind == "hnsw":
-        depth = math.log(n) / math.log(s) if s > 1 else 1.0
-        return total * depth, {"efSearch": math.ceil(params["efSearch"] * depth)}
+        return total * n / s
+    depth = math.log(n) / math.log(s) if s > 1 else 1.0
+    trial.predicted_params = {"efSearch": math.ceil(trial.sample_params["efSearch"] * depth)}
+    return total * depth
+
+
+def _extrapolate_ivf(
+    candidate: Candidate, trial: Trial, seconds: tuple[float, float], wanted: float, n: int, s: int
+) -> float:
+    """Predicted seconds of an IVF for the queries on the full bank, and its nprobe (in ``trial``).
+
+    ``seconds`` are the sample's (total, coarse search) at the tuned nprobe; ``wanted`` the nprobe the
+    full bank needs, rounded up here to a value the tuning loop tries. Scanning grows with nprobe and the
+    rows a list, the coarse search with the centroids."""
+    total, coarse = seconds
+    values = finer(sorted({min(2**i, candidate.lists) for i in range(candidate.lists.bit_length() + 1)}))
+    nprobe = next((v for v in values if v >= wanted - 1e-9), values[-1])
+    trial.predicted_params = {"nprobe": nprobe}
     if "_HNSW" in candidate.factory:
         centroids = math.log(candidate.lists) / math.log(max(2, candidate.sample_lists))
     else:
         centroids = candidate.lists / candidate.sample_lists
-    scan = (n / candidate.lists) / (s / candidate.sample_lists)  # rows per list, full over sample
-    return coarse * centroids + (total - coarse) * scan, dict(params)
+    rows_a_list = (n / candidate.lists) / (s / candidate.sample_lists)
+    return coarse * centroids + (total - coarse) * rows_a_list * nprobe / trial.sample_params["nprobe"]
 
 
 def pick_trial(trials: list[Trial]) -> Trial | None:
@@ -306,7 +352,7 @@ def _search_seconds(search: Callable[[], Any]) -> float:
 
     CPU time rather than wall time: with one thread they agree on an idle machine, and on a busy one
     only the CPU time is free of the other jobs' share of the cores."""
-    with _one_thread():
+    with one_faiss_thread():
         runs = []
         for _ in range(TIMING_RUNS):
             started = time.process_time()
@@ -316,7 +362,8 @@ def _search_seconds(search: Callable[[], Any]) -> float:
 
 
 @contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
+def one_faiss_thread() -> Iterator[None]:
+    """FAISS on one OpenMP thread inside the block, as many as before after it."""
     before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:

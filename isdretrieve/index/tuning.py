@@ -4,6 +4,7 @@ both tune through it; the recall itself is measured by :mod:`isdretrieve.index.r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -68,3 +69,16 @@ def finer(values: list[int]) -> list[int]:
         if high == 2 * low and low >= 2:
             out.append(low * 3 // 2)
     return out + values[-1:]
+
+
+def crossing(trace: list[tuple[int, float]], target: float) -> float:
+    """The knob value at which recall reaches ``target``, interpolated in log(value) between the last
+    value of ``trace`` below it and the first at or above it (the first value if that one reaches it)."""
+    for i, (value, recall) in enumerate(trace):
+        if recall >= target:
+            if i == 0:
+                return float(value)
+            low, low_recall = trace[i - 1]
+            step = (target - low_recall) / max(recall - low_recall, 1e-9)
+            return math.exp(math.log(low) + step * (math.log(value) - math.log(low)))
+    raise ValueError(f"recall never reaches {target} in {trace}")
