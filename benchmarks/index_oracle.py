@@ -13,8 +13,9 @@ the target, auto's too, is timed again in 5 rounds, each round all of them in tu
 figure is its median over the rounds: a shared machine's speed drifts during a long run, and the rounds
 put every index through the same drift. The grid's best and auto's ratio to it come from these medians.
 
-Rows are written to ``runs/oracle/NAME-rows.json`` as they finish, so a rerun continues; the result goes
-to ``benchmarks/results/index_oracle_NAME.json``. The banks: ``benchmarks/oracle_banks.py``.
+Rows are written to ``runs/oracle/NAME-BUDGET-rows.json`` as they finish, so a rerun continues; the
+result goes to ``benchmarks/results/index_oracle_NAME-BUDGET.json`` (BUDGET in MiB, e.g. ``40MiB``).
+The banks: ``benchmarks/oracle_banks.py``.
 
     python benchmarks/index_oracle.py cifar60k-smallcnn --budget 40MB
     python benchmarks/index_oracle.py cifar50k-resnet18 --budget 40MB
@@ -42,9 +43,10 @@ from _harness import REPO, machine_info, write_result  # noqa: E402
 from oracle_banks import BANKS, OUT  # noqa: E402
 
 from isdretrieve.files.bank import FeatureBank
-from isdretrieve.files.manifest import INDEX_FILE, IndexManifest
+from isdretrieve.files.manifest import INDEX_FILE, KIND_ONDISK, IndexManifest
 from isdretrieve.index.build import build_index
 from isdretrieve.index.faiss_ops import set_params
+from isdretrieve.index.ondisk import read_ondisk
 from isdretrieve.index.plan import MIN_POINTS_PER_CENTROID, estimate_bytes, mib
 from isdretrieve.index.recall import heldout_queries
 from isdretrieve.util.sizes import parse_size
@@ -85,7 +87,11 @@ def built_dir(work: Path, factory: str) -> Path:
 
 
 def open_built(directory: Path, manifest: IndexManifest) -> faiss.Index:
-    index = faiss.read_index(str(directory / INDEX_FILE))
+    """The FAISS index of a built directory (lists memory-mapped for kind "ondisk"), params set."""
+    if manifest.kind == KIND_ONDISK:
+        index = read_ondisk(directory / INDEX_FILE)
+    else:
+        index = faiss.read_index(str(directory / INDEX_FILE))
     set_params(index, manifest.params, gpu=False)
     return index
 
@@ -110,6 +116,7 @@ def measure(bank: Path, factory: str, budget: int, work: Path, queries: np.ndarr
     row |= {
         "status": "ok" if manifest.recall >= TARGET else "below target",
         "chosen": manifest.factory,
+        "kind": manifest.kind,
         "params": manifest.params,
         "recall": manifest.recall,
         "qps": round(len(queries) / cpu, 1),
@@ -126,15 +133,20 @@ def measure(bank: Path, factory: str, budget: int, work: Path, queries: np.ndarr
     return row
 
 
+def run_name(name: str, budget: int) -> str:
+    """``NAME-40MiB``: the bank and the budget, naming the run's state, indices and result."""
+    return f"{name}-{budget / 2**20:g}MiB"
+
+
 def run_rows(name: str, bank: Path, budget: int, queries: np.ndarray) -> list[dict[str, Any]]:
-    """Every grid row and the auto row, continuing from ``runs/oracle/NAME-rows.json``."""
+    """Every grid row and the auto row, continuing from ``runs/oracle/NAME-BUDGET-rows.json``."""
     with FeatureBank.open(bank) as opened:
         factories = [*grid(len(opened), opened.dim), "auto"]
-    state = OUT / f"{name}-rows.json"
+    state = OUT / f"{run_name(name, budget)}-rows.json"
     done = json.loads(state.read_text()) if state.is_file() else {}
     if done.get("budget") != budget:
         done = {"budget": budget, "rows": {}}
-    work = OUT / f"{name}-indices"
+    work = OUT / f"{run_name(name, budget)}-indices"
     for factory in factories:
         if factory in done["rows"]:
             continue
@@ -149,9 +161,9 @@ def rematch(name: str, bank: Path, rows: list[dict[str, Any]], budget: int, quer
     """Time auto's index and every grid index that reached the target again, in ROUNDS rounds, each
     round all of them one after the other; an index whose directory is gone is rebuilt (the builds are
     seeded: the same index). Each index's figure is its median over the rounds."""
-    work, indices = OUT / f"{name}-indices", {}
+    work, indices = OUT / f"{run_name(name, budget)}-indices", {}
     for row in rows:
-        if row["status"] != "ok":
+        if row["status"] != "ok" and row["factory"] != "auto":
             continue
         directory = built_dir(work, row["factory"])
         if not (directory / "manifest.json").is_file():
@@ -168,7 +180,9 @@ def rematch(name: str, bank: Path, rows: list[dict[str, Any]], budget: int, quer
         for factory, index in indices.items():
             qps[factory].append(round(len(queries) / search_seconds(index, queries)[0], 1))
     median = {factory: statistics.median(values) for factory, values in qps.items()}
-    best = max((f for f in median if f != "auto"), key=median.get)
+    best = max((f for f in median if f != "auto"), key=median.get, default=None)
+    if best is None:
+        return {"qps_by_round": qps, "qps_median": median, "best_factory": None, "auto_over_best": None}
     per_round = [qps["auto"][r] / max(v[r] for f, v in qps.items() if f != "auto") for r in range(ROUNDS)]
     return {
         "qps_by_round": qps,
@@ -180,15 +194,16 @@ def rematch(name: str, bank: Path, rows: list[dict[str, Any]], budget: int, quer
     }
 
 
-def predictions(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """auto's sample predictions next to what the grid measured for the same factory on the whole bank."""
-    auto = rows[-1]
+def predictions(rows: list[dict[str, Any]], qps_median: dict[str, float]) -> list[dict[str, Any]]:
+    """auto's sample predictions next to what the same factory measured on the whole bank (the grid's
+    row, queries/s from the rematch)."""
     measured = {row["factory"]: row for row in rows[:-1] if row.get("status") == "ok"}
     out = []
-    for trial in auto.get("plan", {}).get("trials", []):
+    for trial in rows[-1].get("plan", {}).get("trials", []):
         full = measured.get(trial["factory"])
         if trial["status"] != "ok" or full is None:
             continue
+        qps = qps_median[trial["factory"]]
         out.append(
             {
                 "factory": trial["factory"],
@@ -197,8 +212,8 @@ def predictions(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "nprobe_exponent": trial.get("nprobe_exponent", 0.0),
                 "full_params": full["params"],
                 "predicted_qps": trial["predicted_qps"],
-                "measured_qps": full["qps"],
-                "predicted_over_measured": round(trial["predicted_qps"] / full["qps"], 3),
+                "measured_qps": qps,
+                "predicted_over_measured": round(trial["predicted_qps"] / qps, 3),
             }
         )
     return out
@@ -221,7 +236,7 @@ def main() -> None:
         queries = heldout_queries(opened, QUERIES, SEED)[1]
     rows = run_rows(args.name, bank, budget, queries)
     timed = rematch(args.name, bank, rows, budget, queries)
-    best = next(row for row in rows if row["factory"] == timed["best_factory"])
+    best = next((row for row in rows if row["factory"] == timed["best_factory"]), None)
     auto = rows[-1]
     result = {
         "protocol": (
@@ -243,14 +258,19 @@ def main() -> None:
         "memory_budget": f"{mib(budget)} ({budget / (n * dim * 4):.2f}x the raw float32 vectors)",
         "rows": rows,
         "rematch": timed,
-        "grid_best": {
+        "grid_best": None
+        if best is None
+        else {
             "factory": best["factory"],
             "params": best["params"],
             "qps": timed["qps_median"][best["factory"]],
             "total_seconds": best["total_seconds"],
         },
+        "grid_note": "" if best else f"no index of the grid reaches recall@{K} >= {TARGET} within the budget",
         "auto": {
             "factory": auto["chosen"],
+            "kind": auto.get("kind", "ram"),
+            "reason": auto["reason"],
             "params": auto["params"],
             "recall": auto["recall"],
             "qps": timed["qps_median"]["auto"],
@@ -261,11 +281,11 @@ def main() -> None:
         },
         "auto_over_grid_best_qps": timed["auto_over_best"],
         "grid_total_seconds": round(sum(row.get("total_seconds", 0) for row in rows[:-1]), 1),
-        "predictions": predictions(rows),
+        "predictions": predictions(rows, timed["qps_median"]),
         "machine_at_start": machine_at_start,
         "total_seconds": round(time.perf_counter() - begun, 1),
     }
-    print(write_result(f"index_oracle_{args.name}", result))
+    print(write_result(f"index_oracle_{run_name(args.name, budget)}", result))
 
 
 if __name__ == "__main__":

@@ -371,3 +371,19 @@ def test_auto_goes_on_disk_when_no_index_in_ram_reaches_the_target(
     assert (manifest.kind, manifest.factory) == ("ondisk", "IVF256,SQ8")
     assert manifest.reason.startswith("no candidate reached recall@10 >= 0.95 on a 10,000-row sample")
     assert manifest.estimated_bytes <= 260_000 and manifest.recall >= 0.95
+
+
+def test_auto_keeps_raw_vectors_on_disk_when_8_bits_are_too_coarse(
+    tmp_path, digits_views_8px, faiss_one_thread
+):
+    """Rows nearly parallel (the digits pixels + 20, mean cosine 0.997, as random-init networks' features
+    are): no SQ8 code reaches recall@10 0.95, and the raw vectors do not fit 2 MiB in RAM, so the lists
+    go on disk with Flat codes, which do."""
+    rows = digits_views_8px[:10_000] + 20
+    bank = write_bank(tmp_path / "parallel.h5", rows, labels=None, fingerprint="px8+20")
+    manifest = build_index(bank, tmp_path / "auto", memory_budget=2 * MiB, queries=300)
+    assert {t["status"] for t in manifest.plan["trials"]} == {"below target"}
+    assert {t["factory"].split(",")[1] for t in manifest.plan["trials"]} == {"SQ8"}
+    assert (manifest.kind, manifest.factory) == ("ondisk", "IVF256,Flat")
+    assert "SQ8 codes miss it too" in manifest.reason and manifest.recall >= 0.95
+    assert manifest.ivfdata_bytes >= 10_000 * 64 * 4 and manifest.estimated_bytes <= 2 * MiB

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 
 from isdretrieve.errors import IsdError
-from isdretrieve.index.ondisk import ondisk_factory, resident_bytes
+from isdretrieve.index.ondisk import ONDISK_CODE, resident_bytes
 
 FLAT_MAX_ROWS = 1_000_000  # above this, exact search costs too much per query on a CPU
 HNSW_MAX_ROWS = 2_000_000  # above this, building an HNSW graph on a CPU takes too long
@@ -151,14 +151,14 @@ def choose_index(n: int, dim: int, *, memory_budget: int | None = None) -> Index
     return plan
 
 
-def ondisk_plan(n: int, dim: int, budget: int, why: str) -> IndexPlan | None:
-    """The on-disk ``IVF{c},SQ8`` for ``n`` x ``dim`` vectors if its resident part fits ``budget``, else
-    None; ``why`` (why nothing in RAM will do) starts its reason."""
+def ondisk_plan(n: int, dim: int, budget: int, why: str, code: str = ONDISK_CODE) -> IndexPlan | None:
+    """The on-disk ``IVF{c},SQ8`` (or ``code``: Flat) for ``n`` x ``dim`` vectors if its resident part fits
+    ``budget``, else None; ``why`` (why nothing in RAM will do) starts its reason."""
     lists = ivf_lists(n)
-    resident, factory = resident_bytes(lists, dim), ondisk_factory(lists)
+    resident, factory = resident_bytes(lists, dim), f"IVF{lists},{code}"
     if resident > budget:
         return None
-    disk = n * (dim + 8)
+    disk = n * ((4 * dim if code == "Flat" else dim) + 8)
     reason = (
         f"{why}: {factory} on disk, {mib(disk)} of lists memory-mapped, {mib(resident)} resident, "
         f"within the {mib(budget)} budget"

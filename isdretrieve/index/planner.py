@@ -32,8 +32,8 @@ one its manifest records, next to the trials. Banks under 10,000 rows are not sa
 (exact search over so few rows is as fast as anything), else the rule of
 :func:`~isdretrieve.index.plan.choose_index`, which also decides when nothing fits in RAM (on disk). When
 no candidate reaches the target (say only a short PQ code fits), the lists go on disk as well: an
-``IVF{c},SQ8`` whose centroids and list directory fit the budget
-(:func:`~isdretrieve.index.plan.ondisk_plan`).
+``IVF{c},SQ8`` whose centroids and list directory fit the budget, or ``IVF{c},Flat`` when SQ8 codes miss
+the target on the sample too (:func:`~isdretrieve.index.plan.ondisk_plan`).
 """
 
 from __future__ import annotations
@@ -194,7 +194,14 @@ def plan_index(
         trials.append(_trial(candidate, drawn, n, recall_target))
         if say is not None:
             say(_describe(trials[-1]))
-    plan = _choose(trials, rule, (n, dim), memory_budget, len(drawn.x), drawn.k, recall_target)
+    best, ran = pick_trial(trials), [t for t in trials if t.status != "skipped"]
+    if best is not None:
+        plan = _fastest(best, trials, n, memory_budget, len(drawn.x), drawn.k, recall_target)
+    elif ran:
+        plan = _on_disk_instead(ran, drawn, (n, dim), memory_budget, recall_target) or rule
+    else:
+        why = "the planning time ran out before any trial"
+        plan = IndexPlan(rule.factory, f"{why}; by rule: {rule.reason}", rule.estimated_bytes)
     return MeasuredPlan(plan, trials, len(drawn.x), time.perf_counter() - started)
 
 
@@ -312,20 +319,10 @@ def pick_trial(trials: list[Trial]) -> Trial | None:
     return ranked[0]
 
 
-def _choose(
-    trials: list[Trial], rule: IndexPlan, shape: tuple[int, int], budget: int, s: int, k: int, target: float
+def _fastest(
+    best: Trial, trials: list[Trial], n: int, budget: int, s: int, k: int, target: float
 ) -> IndexPlan:
-    """The plan of :func:`pick_trial`'s trial, with the others in the reason; else on disk or the rule's."""
-    (n, dim), best = shape, pick_trial(trials)
-    if best is None:
-        why = "the planning time ran out before any trial"
-        if any(t.status != "skipped" for t in trials):
-            tried = ", ".join(t.factory for t in trials if t.status != "skipped")
-            why = f"no candidate reached recall@{k} >= {target} on a {s:,}-row sample (tried {tried})"
-            plan = ondisk_plan(n, dim, budget, why)
-            if plan is not None:
-                return plan
-        return IndexPlan(rule.factory, f"{why}; by rule: {rule.reason}", rule.estimated_bytes)
+    """The plan of ``best``, the others' predictions in its reason."""
     others = ", ".join(
         f"{t.factory} {t.predicted_qps:,.0f}" for t in trials if t.status == "ok" and t is not best
     )
@@ -335,6 +332,25 @@ def _choose(
         f"{best.predicted_qps:,.0f} queries/s predicted" + (f" (others: {others})" if others else "")
     )
     return IndexPlan(best.factory, reason, best.estimated_bytes)
+
+
+def _on_disk_instead(
+    ran: list[Trial], drawn: _Sample, shape: tuple[int, int], budget: int, target: float
+) -> IndexPlan | None:
+    """When no candidate reaches the target: an IVF with its lists on disk, SQ8 codes if they reach the
+    target on the sample (tried now unless an IVF SQ8 candidate already missed it), else Flat codes."""
+    (n, dim), s = shape, len(drawn.x)
+    code = "Flat"
+    if not any(t.factory.startswith("IVF") and t.factory.endswith(",SQ8") for t in ran):
+        lists = max(1, round(ivf_lists(n) * s / n))
+        code = "SQ8" if _tuned(f"IVF{lists},SQ8", drawn, target)[1].reached else "Flat"
+    why = (
+        f"no candidate reached recall@{drawn.k} >= {target} on a {s:,}-row sample "
+        f"(tried {', '.join(t.factory for t in ran)}"
+        + ("; SQ8 codes miss it too" if code == "Flat" else "")
+        + ")"
+    )
+    return ondisk_plan(n, dim, budget, why, code)
 
 
 def _describe(trial: Trial) -> str:
