@@ -22,7 +22,7 @@ from isdretrieve.index.faiss_ops import make_index
 from isdretrieve.index.plan import choose_index, estimate_bytes, ivf_lists
 from isdretrieve.index.planner import Trial, candidates, one_faiss_thread, pick_trial, plan_index
 from isdretrieve.index.search import SearchIndex
-from isdretrieve.index.tuning import crossing, finer
+from isdretrieve.index.tuning import crossing, finer, raise_knob
 from isdretrieve.models.backbones import build_backbone
 
 MiB, GiB = 2**20, 2**30
@@ -387,3 +387,15 @@ def test_auto_keeps_raw_vectors_on_disk_when_8_bits_are_too_coarse(
     assert (manifest.kind, manifest.factory) == ("ondisk", "IVF256,Flat")
     assert "SQ8 codes miss it too" in manifest.reason and manifest.recall >= 0.95
     assert manifest.ivfdata_bytes >= 10_000 * 64 * 4 and manifest.estimated_bytes <= 2 * MiB
+
+
+def test_tuning_gives_up_when_recall_flattens(digits_cnn):
+    """The planner's trials stop a sweep whose last gain, repeated for the values left, falls short."""
+    features = digits_cnn[0]
+    index = make_index("IVF16,Flat", features.shape[1])  # nprobe 1, 2, 3, 4, 6, 8, 12, 16
+    index.train(features)
+    index.add(features)
+    for give_up, stops_at in ((True, 4), (False, 16)):
+        recalls = iter([0.5, 0.7, 0.8, 0.82, 0.825, 0.826, 0.9, 0.99])
+        tuned = raise_knob(index, lambda recalls=recalls: next(recalls), 0.95, give_up=give_up)
+        assert tuned.params == {"nprobe": stops_at} and tuned.reached is not give_up

@@ -11,7 +11,8 @@ the one that answers queries fastest at the recall target.
    bank), tuned by the build's own loop (:func:`~isdretrieve.index.tuning.raise_knob`) to recall@k on
    held-out sample rows (:mod:`~isdretrieve.index.recall`), and timed at one FAISS thread on those
    queries (the least CPU time of three batches). A candidate whose knob cannot reach the target is
-   dropped.
+   dropped (its sweep stops once the recall it gains a step, repeated for the values left, would fall
+   short).
 3. **Extrapolation** from S to n rows, as queries/s:
 
    - Flat scans every row: time x n/S.
@@ -247,7 +248,7 @@ def _tuned(factory: str, drawn: _Sample, target: float) -> tuple[faiss.Index, Tu
     index.train(drawn.x)
     index.add(drawn.x)
     recall = lambda: heldout_recall(index.search, drawn.queries, drawn.query_rows, drawn.truth)  # noqa: E731
-    return index, raise_knob(index, recall, target)
+    return index, raise_knob(index, recall, target, give_up=True)
 
 
 def _nprobe_exponent(candidate: Candidate, drawn: _Sample, target: float, trace: list) -> float:

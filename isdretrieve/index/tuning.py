@@ -31,13 +31,16 @@ def raise_knob(
     gpu_index: faiss.Index | None = None,
     max_value: int | None = None,
     report: Callable[[str, int, float], None] | None = None,
+    give_up: bool = False,
 ) -> Tuned:
     """Set the knob of ``index`` to 1, 2, 3, 4, 6, 8, 12, ... (efSearch 16, 24, 32, 48, ... 2048) until
     ``recall()`` >= ``target``: the powers of two of :func:`search_knob` and 1.5x each between them.
 
     ``recall()`` measures the index as it is set now. The values go on ``index`` and on ``gpu_index`` (its
     GPU copy) alike; ``max_value`` caps them (a GPU's nprobe limit). An index without a knob is measured
-    once. If no value reaches the target the largest stays set and ``reached`` is False.
+    once. If no value reaches the target the largest stays set and ``reached`` is False. With
+    ``give_up`` the loop stops early once the last step's gain in recall, repeated for every value left,
+    would still fall short of the target (recall flattens as the knob grows).
     """
     knob = search_knob(index)
     if knob is None:
@@ -58,6 +61,10 @@ def raise_knob(
         if tuned.recall >= target:
             tuned.reached = True
             break
+        if give_up and len(tuned.trace) > 1:
+            gain, left = tuned.recall - tuned.trace[-2][1], len(values) - len(tuned.trace)
+            if tuned.recall + gain * left < target:
+                break
     return tuned
 
 
