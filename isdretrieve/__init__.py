@@ -53,6 +53,8 @@ _FACE: dict[str, str] = {
     "export_embeddings": "isdretrieve.bank.embeddings_out",
     "build_index": "isdretrieve.index.build",
     "choose_index": "isdretrieve.index.plan",
+    "estimate_bytes": "isdretrieve.index.plan",
+    "plan_index": "isdretrieve.index.planner",
     "exact_search": "isdretrieve.index.exact",
     "SearchIndex": "isdretrieve.index.search",
     "VectorIndex": "isdretrieve.index.backend",

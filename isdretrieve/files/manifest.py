@@ -50,7 +50,7 @@ class IndexManifest:
     tune_seconds: float  # ground truth + parameter search
     index_bytes: int  # size of index.faiss
     gpu: bool  # searched on a GPU when built (GPU FAISS, or torch for Flat)
-    reason: str = ""  # why this factory (choose_index's reason, or "given")
+    reason: str = ""  # why this factory (auto's plan, or "given")
     train_rows: int = 0
     kind: str = KIND_RAM  # "ram", or "ondisk": lists memory-mapped from index.ivfdata
     memory_budget: int | None = None  # the RAM budget given to the build, in bytes (None: default)
@@ -61,6 +61,9 @@ class IndexManifest:
     backend: str = BACKEND_FAISS  # "faiss": index.faiss here; "milvus": a collection (``milvus``)
     milvus: dict[str, Any] = field(default_factory=dict)  # uri (no secrets), collection, index type...
     file_bytes: dict[str, int] = field(default_factory=dict)  # size of each file at build; {} before it
+    estimated_bytes: int = 0  # memory the index was expected to take (0: not estimated)
+    plan: dict[str, Any] = field(default_factory=dict)  # auto's trials on a sample: seconds, sample_rows,
+    # trials (factory, estimated_bytes, status, sample_params, sample_recall, sample_qps, predicted_qps ...)
     format: str = INDEX_FORMAT
     metric: str = METRIC
     bank_file: str = BANK_FILE

@@ -38,10 +38,12 @@ from isdretrieve.files.manifest import (
     file_sizes,
 )
 from isdretrieve.index.exact import GPU_MAX_K, bank_exact_search, cuda_available
-from isdretrieve.index.faiss_ops import faiss_message, is_exact, make_index, search_knob, set_params, to_gpu
+from isdretrieve.index.faiss_ops import faiss_message, is_exact, make_index, search_knob, to_gpu
 from isdretrieve.index.ondisk import IVFDATA_FILE, build_ondisk, shard_rows_for
-from isdretrieve.index.plan import choose_index, default_memory_budget
+from isdretrieve.index.plan import choose_index, default_memory_budget, estimate_bytes
+from isdretrieve.index.planner import plan_index
 from isdretrieve.index.recall import heldout_queries, heldout_recall, heldout_search, sample_rows
+from isdretrieve.index.tuning import raise_knob
 
 if TYPE_CHECKING:
     from isdretrieve.index.milvus.connect import MilvusTarget
@@ -49,12 +51,15 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class _Choice:
-    """The index to build: its factory, why, whether its lists go on disk, and the memory budget."""
+    """The index to build: its factory, why, whether its lists go on disk, the memory budget, the memory
+    the index should take, and for ``auto`` the trials that chose it."""
 
     factory: str
     reason: str
     on_disk: bool
     budget: int
+    estimated_bytes: int = 0
+    plan: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -92,9 +97,10 @@ def build_index(
 ) -> IndexManifest:
     """Build, tune and save an index over ``bank`` (a bank.h5 path, or an [N, D] array) into ``out_dir``.
 
-    ``factory`` is "auto" (:func:`~isdretrieve.index.plan.choose_index` under ``memory_budget``) or any
-    FAISS factory string; ``on_disk`` (or an on-disk plan of "auto") keeps an IVF's lists in
-    ``index.ivfdata``, filled in shards of ``shard_rows`` rows (default: what half the budget holds).
+    ``factory`` is "auto" (the fastest index at ``recall_target`` under ``memory_budget``, measured on a
+    sample of the bank by :func:`~isdretrieve.index.planner.plan_index`) or any FAISS factory string;
+    ``on_disk`` (or an on-disk plan of "auto") keeps an IVF's lists in ``index.ivfdata``, filled in shards
+    of ``shard_rows`` rows (default: what half the budget holds).
     Untrained indices are trained on ``train_size`` rows sampled with ``seed``. Tuning measures held-out
     recall@k on ``queries`` bank rows against exact search and raises nprobe/efSearch until
     ``recall_target`` is met; Flat is exact (recall 1.0). A bank with fewer rows than ``k`` (+1 for the
@@ -125,7 +131,8 @@ def build_index(
                 memory_budget=memory_budget, queries=queries, seed=seed, progress=progress,
             )  # fmt: skip
         with FeatureBank.open(bank_path) as opened:
-            choice = _choose(opened, factory, memory_budget, on_disk, progress)
+            planning = dict(recall_target=recall_target, k=k, seed=seed)
+            choice = _choose(opened, factory, memory_budget, on_disk, progress, planning)
             index = make_index(choice.factory, opened.dim)
             outcome = _Outcome(recall_k=_recall_k(index, choice, len(opened), k))
             if outcome.recall_k < k:
@@ -168,16 +175,41 @@ def _check_backend(backend: str, milvus: MilvusTarget | None, faiss_only: bool) 
 
 
 def _choose(
-    bank: FeatureBank, factory: str, memory_budget: int | None, on_disk: bool, progress: bool
+    bank: FeatureBank,
+    factory: str,
+    memory_budget: int | None,
+    on_disk: bool,
+    progress: bool,
+    planning: dict,
 ) -> _Choice:
-    """The factory asked for, or the auto plan for this bank under the budget."""
+    """The factory asked for, or for "auto" the index :func:`plan_index` measures fastest under the budget
+    (the rule of :func:`choose_index` when the lists are asked to go on disk).
+
+    ``planning`` holds the build's recall_target, k and seed."""
     budget = default_memory_budget() if memory_budget is None else int(memory_budget)
     if factory != "auto":
-        return _Choice(factory, "given", on_disk, budget)
-    plan = choose_index(len(bank), bank.dim, memory_budget=budget)
-    choice = _Choice(plan.factory, plan.reason, on_disk or plan.on_disk, budget)
+        return _Choice(factory, "given", on_disk, budget, _estimate(factory, len(bank), bank.dim, on_disk))
+    if on_disk:
+        plan, record = choose_index(len(bank), bank.dim, memory_budget=budget), {}
+    else:
+        measured = plan_index(bank, memory_budget=budget, say=lambda m: _say(progress, m), **planning)
+        plan = measured.plan
+        record = {
+            "seconds": round(measured.seconds, 3),
+            "sample_rows": measured.sample_rows,
+            "trials": [trial.as_dict() for trial in measured.trials],
+        }
+    choice = _Choice(plan.factory, plan.reason, on_disk or plan.on_disk, budget, plan.estimated_bytes, record)
     _say(progress, f"auto: {choice.factory}{' on disk' if choice.on_disk else ''} ({choice.reason})")
     return choice
+
+
+def _estimate(factory: str, n: int, dim: int, on_disk: bool) -> int:
+    """The memory ``factory`` should take over the bank (0: not a factory ``auto`` produces, or on disk)."""
+    try:
+        return 0 if on_disk else estimate_bytes(factory, n, dim)
+    except ValueError:
+        return 0
 
 
 def _recall_k(index: faiss.Index, choice: _Choice, n: int, k: int) -> int:
@@ -282,25 +314,19 @@ def _tune(
     truth = heldout_search(lambda q, kk: bank_exact_search(bank, q, kk), xq, query_rows, k)[1]
     searcher = index if gpu_index is None else gpu_index
     outcome.recall_queries = len(xq)
-    knob = search_knob(index)
-    if knob is None:
-        outcome.recall = heldout_recall(searcher.search, xq, query_rows, truth)
-    else:
-        name, values = knob
-        if gpu_index is not None:
-            values = [v for v in values if v <= GPU_MAX_K]
-        for value in values:
-            outcome.params = {name: value}
-            set_params(index, outcome.params, gpu=False)
-            if gpu_index is not None:
-                set_params(gpu_index, outcome.params, gpu=True)
-            outcome.recall = heldout_recall(searcher.search, xq, query_rows, truth)
-            _say(progress, f"{name}={value}: recall@{k} = {outcome.recall:.4f}")
-            if outcome.recall >= target:
-                break
-        else:
-            message = f"{name}={value} reaches only recall@{k} = {outcome.recall:.4f} < {target}"
-            warnings.warn(message, stacklevel=3)
+    tuned = raise_knob(
+        index,
+        lambda: heldout_recall(searcher.search, xq, query_rows, truth),
+        target,
+        gpu_index=gpu_index,
+        max_value=GPU_MAX_K if gpu_index is not None else None,
+        report=lambda name, value, recall: _say(progress, f"{name}={value}: recall@{k} = {recall:.4f}"),
+    )
+    outcome.params, outcome.recall = tuned.params, tuned.recall
+    if not tuned.reached:
+        setting = ", ".join(f"{name}={value}" for name, value in tuned.params.items()) or "the index"
+        message = f"{setting} reaches only recall@{k} = {tuned.recall:.4f} < {target}"
+        warnings.warn(message, stacklevel=3)
     outcome.tune_seconds = time.perf_counter() - started
 
 
@@ -348,6 +374,8 @@ def _save(
         recall_protocol="exact" if is_exact(index) else RECALL_PROTOCOL,
         notes=outcome.notes,
         file_bytes=file_sizes(out_dir, BACKEND_FAISS, KIND_ONDISK if choice.on_disk else KIND_RAM),
+        estimated_bytes=choice.estimated_bytes,
+        plan=choice.plan,
     )
     with atomic_path(out_dir / MANIFEST_FILE) as tmp:
         tmp.write_text(manifest.to_json())

@@ -1,13 +1,25 @@
-"""The ``auto`` index: which FAISS index fits a bank of n x dim vectors within a memory budget, and why."""
+"""The ``auto`` index's rule and memory arithmetic: which FAISS index fits a bank of n x dim vectors within
+a memory budget, and how many bytes an index of each kind takes.
+
+The factory strings ``auto`` produces (here and in :mod:`isdretrieve.index.planner`), with the search
+parameter each is tuned by:
+
+- ``Flat``: exact, no parameter;
+- ``HNSW{M}`` and ``HNSW{M},SQ8``: a graph of degree M over raw or 8-bit vectors, ``efSearch``;
+- ``IVF{c},Flat``, ``IVF{c},SQ8`` and ``IVF{c},PQ{m}``: c inverted lists of raw vectors, 8-bit vectors or
+  m-byte product codes, ``nprobe``;
+- ``IVF{c}_HNSW{M},SQ8``: the same with an HNSW graph over the c centroids, ``nprobe``.
+"""
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 
 from isdretrieve.errors import IsdError
-from isdretrieve.index.ondisk import ondisk_factory, resident_bytes
+from isdretrieve.index.ondisk import ONDISK_CODE, resident_bytes
 
 FLAT_MAX_ROWS = 1_000_000  # above this, exact search costs too much per query on a CPU
 HNSW_MAX_ROWS = 2_000_000  # above this, building an HNSW graph on a CPU takes too long
@@ -43,6 +55,46 @@ def ivf_lists(n: int) -> int:
     return min(lists, enough_points)
 
 
+_FACTORY = re.compile(
+    r"^(?:(?P<flat>Flat)|HNSW(?P<m>\d+)(?P<hnsw_sq8>,SQ8)?"
+    r"|IVF(?P<lists>\d+)(?:_HNSW(?P<qm>\d+))?,(?P<code>Flat|SQ8|PQ(?P<pq>\d+)))$"
+)
+
+
+def hnsw_graph_bytes(n: int, m: int) -> int:
+    """Bytes of an HNSW graph of degree ``m`` over ``n`` vectors, without the vectors.
+
+    Level 0 keeps 2·m int32 links per vector; a vector reaches each level above with probability 1/m and
+    keeps m links there (m/(m-1) links expected in all); each vector also has its level (int32) and an
+    offset into the links (int64).
+    """
+    return round(n * (4 * (2 * m + m / (m - 1)) + 4 + 8))
+
+
+def estimate_bytes(factory: str, n: int, dim: int) -> int:
+    """Memory of an index ``factory`` (the grammar in this module's docstring) over ``n`` x ``dim`` vectors.
+
+    Codes (4·dim bytes for Flat, dim for SQ8, m for PQm) + 8-byte ids in inverted lists + the coarse
+    quantizer (c·dim floats, plus its graph) + HNSW links + trained tables (SQ8 ranges, PQ centroids).
+    It matches the size of the written index within a fraction of a percent
+    (``tests/test_index.py::test_estimate_matches_written_index``); FAISS lists grown by repeated adds
+    may hold spare capacity while building, and an index read from its file does not.
+    """
+    match = _FACTORY.match(factory)
+    if match is None:
+        raise ValueError(f"no memory estimate for factory {factory!r}")
+    if match["flat"]:
+        return n * dim * 4
+    if match["m"]:
+        sq8 = bool(match["hnsw_sq8"])
+        return n * (dim if sq8 else 4 * dim) + (8 * dim if sq8 else 0) + hnsw_graph_bytes(n, int(match["m"]))
+    lists, code = int(match["lists"]), match["code"]
+    quantizer = lists * dim * 4 + (hnsw_graph_bytes(lists, int(match["qm"])) if match["qm"] else 0)
+    per_vector = {"Flat": 4 * dim, "SQ8": dim}.get(code) or int(match["pq"])
+    tables = 8 * dim if code == "SQ8" else 256 * dim * 4 if match["pq"] else 0
+    return quantizer + n * (per_vector + 8) + lists * 8 + tables
+
+
 def mib(nbytes: int) -> str:
     return f"{nbytes / 2**20:,.0f} MiB"
 
@@ -54,7 +106,7 @@ def choose_index(n: int, dim: int, *, memory_budget: int | None = None) -> Index
 
     1. ``Flat`` (exact) when ``n`` <= 1M and the raw vectors (n·dim·4 bytes) fit. At this scale exact
        search is one matrix product per query batch and needs neither training nor tuning.
-    2. ``HNSW32`` when ``n`` <= 2M and vectors plus graph links (about n·(4·dim + 256) bytes) fit: the
+    2. ``HNSW32`` when ``n`` <= 2M and vectors plus graph links (about n·(4·dim + 272) bytes) fit: the
        fastest queries at high recall on a CPU, but slow to build beyond a couple of million vectors.
     3. ``IVF{c},Flat`` when the raw vectors plus 8-byte ids in inverted lists fit (only possible above 1M
        rows, where Flat is ruled out by speed rather than memory): recall limited only by ``nprobe``.
@@ -80,24 +132,35 @@ def choose_index(n: int, dim: int, *, memory_budget: int | None = None) -> Index
         if n > FLAT_MAX_ROWS
         else f"Flat needs {mib(flat)}, over the {mib(budget)} budget"
     )
-    hnsw = n * (4 * dim + 2 * HNSW_M * 4)
+    hnsw = estimate_bytes(f"HNSW{HNSW_M}", n, dim)
     if n <= HNSW_MAX_ROWS and hnsw <= budget:
         return IndexPlan(f"HNSW{HNSW_M}", f"{why_not_flat}; HNSW{HNSW_M} needs {mib(hnsw)}, {within}", hnsw)
     lists = ivf_lists(n)
-    centroids = lists * dim * 4
-    candidates = [("Flat", 4 * dim), ("SQ8", dim)]
-    candidates += [(f"PQ{m}", m) for m in range(dim // 2, 0, -1) if dim % m == 0]
-    for code, code_bytes in candidates:
-        need = n * (code_bytes + 8) + centroids + (256 * dim * 4 if code.startswith("PQ") else 0)
+    codes = ["Flat", "SQ8", *(f"PQ{m}" for m in range(dim // 2, 0, -1) if dim % m == 0)]
+    for code in codes:
+        factory = f"IVF{lists},{code}"
+        need = estimate_bytes(factory, n, dim)
         if need <= budget:
-            factory = f"IVF{lists},{code}"
             return IndexPlan(factory, f"{why_not_flat}; {factory} needs {mib(need)}, {within}", need)
-    resident, factory = resident_bytes(lists, dim), ondisk_factory(lists)
-    if resident <= budget:
-        disk = n * (dim + 8)
-        reason = (
-            f"{why_not_flat}; no in-RAM index fits (IVF{lists},PQ1 needs {mib(n * 9 + centroids)}): "
-            f"{factory} on disk, {mib(disk)} of lists memory-mapped, {mib(resident)} resident, {within}"
-        )
-        return IndexPlan(factory, reason, resident, on_disk=True, disk_bytes=disk)
-    raise IsdError(f"no index of {n:,} x {dim} vectors fits a memory budget of {mib(budget)}")
+    smallest = estimate_bytes(f"IVF{lists},PQ1", n, dim)
+    plan = ondisk_plan(
+        n, dim, budget, f"{why_not_flat}; no in-RAM index fits (IVF{lists},PQ1 needs {mib(smallest)})"
+    )
+    if plan is None:
+        raise IsdError(f"no index of {n:,} x {dim} vectors fits a memory budget of {mib(budget)}")
+    return plan
+
+
+def ondisk_plan(n: int, dim: int, budget: int, why: str, code: str = ONDISK_CODE) -> IndexPlan | None:
+    """The on-disk ``IVF{c},SQ8`` (or ``code``: Flat) for ``n`` x ``dim`` vectors if its resident part fits
+    ``budget``, else None; ``why`` (why nothing in RAM will do) starts its reason."""
+    lists = ivf_lists(n)
+    resident, factory = resident_bytes(lists, dim), f"IVF{lists},{code}"
+    if resident > budget:
+        return None
+    disk = n * ((4 * dim if code == "Flat" else dim) + 8)
+    reason = (
+        f"{why}: {factory} on disk, {mib(disk)} of lists memory-mapped, {mib(resident)} resident, "
+        f"within the {mib(budget)} budget"
+    )
+    return IndexPlan(factory, reason, resident, on_disk=True, disk_bytes=disk)
