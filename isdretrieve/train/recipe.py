@@ -165,7 +165,7 @@ class DinoConfig:
     ``tau_teacher`` over ``warmup_tau_teacher_epochs`` epochs, then stays (DINO's
     ``teacher_temp_schedule``; null start = ``tau_teacher``, no warm-up). ``teacher_update``:
     ``after_step`` (DINO's and AdaSim's order: the EMA right after the optimiser's step, with that
-    step's momentum) or ``next_step`` (this project's order before release 0.2: at the start of the next
+    step's momentum) or ``next_step`` (this project's order in release 0.1.0: at the start of the next
     step, with the next step's momentum; the final teacher misses the last update)."""
 
     momentum: float = 0.996
