@@ -277,9 +277,10 @@ def test_bad_init_files_are_one_line(dino_file, tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------- other input sizes (multi-crop)
 def test_vit_takes_other_sizes_and_is_torchvisions_at_its_own(monkeypatch) -> None:
-    """At its image size our ViT is torchvision's forward bit for bit; at 24 px (6 x 6 patches) it is
-    timm's ``dynamic_img_size`` forward on the same DINO-layout weights, with timm's position-embedding
-    resize made DINO's (plain bicubic: timm's default antialiased bicubic is another kernel); 8 px runs."""
+    """At its image size our ViT is torchvision's forward bit for bit; at 24 px (6 x 6 patches), with
+    ``pos_interpolation: resize``, it is timm's ``dynamic_img_size`` forward on the same DINO-layout
+    weights, timm's position-embedding resize made plain bicubic (its default antialiased bicubic is
+    another kernel); 8 px runs. (DINO's own interpolation is pinned in test_dino_official.py.)"""
     import functools
 
     import timm.models.vision_transformer as timm_vit
@@ -296,7 +297,9 @@ def test_vit_takes_other_sizes_and_is_torchvisions_at_its_own(monkeypatch) -> No
     dynamic.load_state_dict(source.state_dict())
     resample = functools.partial(timm_vit.resample_abs_pos_embed, antialias=False)
     monkeypatch.setattr(timm_vit, "resample_abs_pos_embed", resample)
-    ours = build_backbone("vit_tiny", image_size=DINO_SIZE, patch_size=DINO_PATCH, depth=2).eval()
+    ours = build_backbone(
+        "vit_tiny", image_size=DINO_SIZE, patch_size=DINO_PATCH, depth=2, pos_interpolation="resize"
+    ).eval()
     ours.load_state_dict(timm_to_torchvision(source.state_dict()))
     assert ours.state_dict().keys() == build_backbone("vit_tiny", image_size=16, depth=2).state_dict().keys()
     x = torch.randn(3, 3, 24, 24, generator=torch.Generator().manual_seed(0))
@@ -314,11 +317,14 @@ def test_resize_pos_embedding_keeps_the_class_entry() -> None:
     from isdretrieve.models.vit import resize_pos_embedding
 
     pos = torch.randn(1, 1 + 16, 8, generator=torch.Generator().manual_seed(1))
-    assert resize_pos_embedding(pos, (4, 4)) is pos
-    small = resize_pos_embedding(pos, (2, 3))
-    assert small.shape == (1, 1 + 6, 8) and torch.equal(small[:, 0], pos[:, 0])
-    flat = torch.cat([pos[:, :1], torch.full((1, 16, 8), 0.25)], dim=1)
-    torch.testing.assert_close(resize_pos_embedding(flat, (2, 2))[:, 1:], torch.full((1, 4, 8), 0.25))
+    for mode in ("dino", "resize"):
+        assert resize_pos_embedding(pos, (4, 4), mode) is pos
+        small = resize_pos_embedding(pos, (2, 3), mode)
+        assert small.shape == (1, 1 + 6, 8) and torch.equal(small[:, 0], pos[:, 0])
+        flat = torch.cat([pos[:, :1], torch.full((1, 16, 8), 0.25)], dim=1)
+        torch.testing.assert_close(
+            resize_pos_embedding(flat, (2, 2), mode)[:, 1:], torch.full((1, 4, 8), 0.25)
+        )
 
 
 def test_timm_vit_takes_other_sizes_only_when_built_dynamic() -> None:

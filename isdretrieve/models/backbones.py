@@ -99,6 +99,9 @@ def build_backbone(
     patch_size: int | None = None,
     depth: int | None = None,
     dynamic_size: bool = False,
+    vit_init: str = "dino",
+    drop_path: float = 0.0,
+    pos_interpolation: str = "dino",
 ) -> nn.Module:
     """Build a randomly initialised backbone whose forward returns [B, model.feature_dim].
 
@@ -107,12 +110,21 @@ def build_backbone(
     (square) with ``patch_size`` (ViTs: None = 16 from 64 px up, else 4); ``depth`` sets a ViT's number
     of blocks (None = 12). Convolutional models ignore the three. Our ViTs take other multiples of the
     patch too; ``dynamic_size`` asks the same of ``timm:`` ViTs (timm's ``dynamic_img_size``).
+    ``vit_init``, ``drop_path`` and ``pos_interpolation`` shape our ViTs only (``build_vit``).
     """
     _check_arch(arch)
     if arch == "small_cnn":
         return SmallCNN()
     if is_vit(arch):
-        return build_vit(arch, image_size=image_size, patch_size=patch_size, depth=depth)
+        return build_vit(
+            arch,
+            image_size=image_size,
+            patch_size=patch_size,
+            depth=depth,
+            init=vit_init,
+            drop_path=drop_path,
+            pos_interpolation=pos_interpolation,
+        )
     if is_timm(arch):
         return build_timm(arch, image_size=image_size, patch_size=patch_size, dynamic_size=dynamic_size)
     tv = import_torchvision()

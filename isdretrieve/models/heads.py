@@ -47,29 +47,46 @@ class L2Norm(nn.Module):
 
 
 class NormalizedLinear(nn.Module):
-    """Linear map without bias whose weight rows are unit vectors: a weight-normalised layer with its
-    gain fixed at 1 (DINO's last layer, ``norm_last_layer=True``)."""
+    """DINO's last layer: a weight-normalised linear map without bias, w_i = g_i · v_i / ‖v_i‖ per output
+    row. With ``norm_last_layer`` (DINO's default) the gain g is fixed at 1 and is no parameter; without
+    it g is a parameter ``weight_g`` [out, 1] starting at 1, as DINO's ``weight_g`` (2-D, so weight
+    decay applies to it, as in DINO's parameter groups)."""
 
-    def __init__(self, in_dim: int, out_dim: int) -> None:
+    def __init__(self, in_dim: int, out_dim: int, norm_last_layer: bool = True) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_dim, in_dim))
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Linear's default
+        self.weight_g = None if norm_last_layer else nn.Parameter(torch.ones(out_dim, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, F.normalize(self.weight, dim=1))
+        weight = F.normalize(self.weight, dim=1)
+        return F.linear(x, weight if self.weight_g is None else self.weight_g * weight)
 
 
-def dino_head(in_dim: int, hidden_dim: int, bottleneck_dim: int, out_dim: int) -> nn.Sequential:
-    """DINO head: Linear-GELU-Linear-GELU-Linear to the bottleneck, L2 norm, unit-row linear."""
-    head = nn.Sequential(
-        nn.Linear(in_dim, hidden_dim),
-        nn.GELU(),
-        nn.Linear(hidden_dim, hidden_dim),
-        nn.GELU(),
-        nn.Linear(hidden_dim, bottleneck_dim),
-        L2Norm(),
-        NormalizedLinear(bottleneck_dim, out_dim),
-    )
+def dino_head(
+    in_dim: int,
+    hidden_dim: int,
+    bottleneck_dim: int,
+    out_dim: int,
+    *,
+    layers: int = 3,
+    batch_norm: bool = False,
+    norm_last_layer: bool = True,
+) -> nn.Sequential:
+    """DINO's head (``DINOHead``): an MLP of ``layers`` Linear layers to the bottleneck (GELU between
+    them, each hidden Linear followed by BatchNorm1d when ``batch_norm``; one layer: a single Linear),
+    then L2 norm and the weight-normalised last layer (:class:`NormalizedLinear`). The defaults are
+    DINO's: 3 layers, no BN, ``norm_last_layer``."""
+    if layers < 1:
+        raise ValueError(f"a DINO head needs at least one layer, got {layers}")
+    widths = [in_dim, *[hidden_dim] * (layers - 1), bottleneck_dim]
+    mlp: list[nn.Module] = []
+    for k in range(layers):
+        mlp.append(nn.Linear(widths[k], widths[k + 1]))
+        if k < layers - 1:
+            mlp.extend([nn.BatchNorm1d(hidden_dim)] if batch_norm else [])
+            mlp.append(nn.GELU())
+    head = nn.Sequential(*mlp, L2Norm(), NormalizedLinear(bottleneck_dim, out_dim, norm_last_layer))
     for layer in head:
         if isinstance(layer, nn.Linear):  # the official initialisation
             nn.init.trunc_normal_(layer.weight, std=0.02)

@@ -12,9 +12,13 @@ LayerNorm eps 1e-6. Features are the CLS token after the final LayerNorm, as DIN
 
 Other input sizes (DINO's local crops): torchvision's class accepts only its own image size, so ours
 runs torchvision's forward at that size and, at any other multiple of the patch, the same steps with
-the position embedding's patch grid resized bicubically to the input's grid (:func:`resize_pos_embedding`,
-as DINO does for its local crops); the class token's entry is kept. Parameters and keys are
-torchvision's.
+the position embedding's patch grid interpolated bicubically to the input's grid
+(:func:`resize_pos_embedding`: DINO's scale factor (grid + 0.1) / G by default); the class token's entry
+is kept. Parameters and keys are torchvision's.
+
+DINO's training options (``build_vit``'s ``init``, ``drop_path``, ``pos_interpolation``): the official
+initialisation (:func:`dino_init_`), stochastic depth (:class:`DropPath`, rates rising linearly over
+the blocks from 0 to ``drop_path``, active in train mode only) and the position-embedding interpolation.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from isdretrieve.util.torchvision import import_torchvision
 VIT_WIDTHS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}  # arch: (width, heads)
 VIT_DEPTH = 12
 MLP_RATIO = 4
+VIT_INITS = ("dino", "torchvision")  # DINO's trunc-normal 0.02 init, or torchvision's own
+POS_INTERPOLATIONS = ("dino", "resize")  # DINO's (grid + 0.1) / G scale factor, or resize to the grid
 
 
 def default_patch(image_size: int) -> int:
@@ -40,9 +46,20 @@ def default_patch(image_size: int) -> int:
 
 
 def build_vit(
-    arch: str, *, image_size: int, patch_size: int | None = None, depth: int | None = None
+    arch: str,
+    *,
+    image_size: int,
+    patch_size: int | None = None,
+    depth: int | None = None,
+    drop_path: float = 0.0,
+    init: str = "dino",
+    pos_interpolation: str = "dino",
 ) -> nn.Module:
-    """A random-init ViT whose forward returns the final-norm CLS token [B, width]."""
+    """A random-init ViT whose forward returns the final-norm CLS token [B, width].
+
+    ``init``: ``dino`` (DINO's :func:`dino_init_`) or ``torchvision`` (torchvision's own). ``drop_path``:
+    DINO's stochastic depth rate of the last block (0 = none). ``pos_interpolation``: how the position
+    embedding meets another grid, ``dino`` or ``resize`` (:func:`resize_pos_embedding`)."""
     width, heads = VIT_WIDTHS[arch]
     patch = patch_size or default_patch(image_size)
     if patch < 1 or image_size % patch:
@@ -50,6 +67,10 @@ def build_vit(
     depth = depth or VIT_DEPTH
     if depth < 1:
         raise ValueError(f"{arch}: depth must be positive, got {depth}")
+    if init not in VIT_INITS or pos_interpolation not in POS_INTERPOLATIONS:
+        raise ValueError(f"{arch}: unknown init {init!r} or position interpolation {pos_interpolation!r}")
+    if not 0 <= drop_path < 1:
+        raise ValueError(f"{arch}: drop_path must be in [0, 1), got {drop_path}")
     model = _vit_class()(
         image_size=image_size,
         patch_size=patch,
@@ -60,22 +81,99 @@ def build_vit(
     )
     model.heads = nn.Identity()
     model.feature_dim = width
+    model.pos_interpolation = pos_interpolation
+    model.drop_paths = nn.ModuleList(DropPath(rate) for rate in drop_path_rates(drop_path, depth))
+    if init == "dino":
+        dino_init_(model)
     return model
 
 
-def resize_pos_embedding(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+def dino_init_(vit: nn.Module) -> None:
+    """DINO's initialisation of a ViT (``VisionTransformer._init_weights``): every Linear weight, the
+    qkv projection (torchvision's ``in_proj_weight``), the class token and the position embedding
+    from a normal of std 0.02 truncated at ±2; Linear and qkv biases 0; LayerNorms 1 / 0. DINO's patch
+    embedding is a plain ``nn.Conv2d`` that its init skips, so ours gets PyTorch's default conv init."""
+    nn.init.trunc_normal_(vit.encoder.pos_embedding, std=0.02)
+    nn.init.trunc_normal_(vit.class_token, std=0.02)
+    vit.conv_proj.reset_parameters()
+    for module in vit.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.MultiheadAttention):
+            nn.init.trunc_normal_(module.in_proj_weight, std=0.02)
+            nn.init.zeros_(module.in_proj_bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """DINO's stochastic depth decay rule: block i of ``depth`` drops its paths with probability
+    ``linspace(0, rate, depth)[i]``."""
+    return [x.item() for x in torch.linspace(0, rate, depth)]
+
+
+class DropPath(nn.Module):
+    """DINO's stochastic depth of a residual branch: in train mode each sample's branch is dropped
+    with probability ``p`` and kept ones are scaled by 1 / (1 − p); the identity in eval mode or at
+    p = 0. The mask is floor(1 − p + U[0, 1)) from the global random stream, as in DINO."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0 or not self.training:
+            return x
+        keep = 1 - self.p
+        mask = (
+            keep + torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device)
+        ).floor_()
+        return x.div(keep) * mask
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def disable_drop_path(module: nn.Module) -> None:
+    """Stochastic depth off in every ViT inside ``module`` (DINO's teacher is built without it)."""
+    for child in module.modules():
+        if isinstance(child, DropPath):
+            child.p = 0.0
+
+
+def resize_pos_embedding(pos: torch.Tensor, grid: tuple[int, int], mode: str = "dino") -> torch.Tensor:
     """A ViT position embedding [1, 1 + G*G, D] (class token first, then a square G x G patch grid) for a
-    ``grid`` (h, w) of patches: the patch part resized bicubically (align_corners False, no antialias,
-    as DINO resizes it; timm's ``dynamic_img_size`` antialiases, a different cubic kernel), the class
-    token's entry as it is. Returned unchanged when the grid is G x G already."""
+    ``grid`` (h, w) of patches: the patch part interpolated bicubically (align_corners False, no
+    antialias), the class token's entry as it is. Returned unchanged when the grid is G x G already.
+
+    ``mode: dino`` is DINO's ``interpolate_pos_encoding``: the scale factor (h + 0.1) / G, (w + 0.1) / G,
+    so output row i samples the source at (i + 0.5) · G / (h + 0.1) − 0.5. ``mode: resize`` resizes to
+    the grid (scale h / G; timm's ``dynamic_img_size`` without its antialiasing)."""
     side = math.isqrt(pos.shape[1] - 1)
     if tuple(grid) == (side, side):
         return pos
     cls, patches = pos[:, :1], pos[:, 1:]
-    patches = patches.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-    patches = F.interpolate(patches.float(), size=tuple(grid), mode="bicubic", align_corners=False)
+    patches = patches.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+    if mode == "dino":
+        scale = ((grid[0] + 0.1) / side, (grid[1] + 0.1) / side)
+        patches = F.interpolate(patches, scale_factor=scale, mode="bicubic", align_corners=False)
+    else:
+        patches = F.interpolate(patches, size=tuple(grid), mode="bicubic", align_corners=False)
+    if tuple(patches.shape[-2:]) != tuple(grid):  # pragma: no cover - the + 0.1 keeps floor() exact
+        raise ValueError(f"position embedding interpolated to {tuple(patches.shape[-2:])}, not {grid}")
     patches = patches.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
     return torch.cat([cls, patches], dim=1)
+
+
+def _block_forward(block: nn.Module, x: torch.Tensor, drop: DropPath) -> torch.Tensor:
+    """torchvision's ``EncoderBlock.forward`` with DINO's drop path on both residual branches."""
+    y = block.ln_1(x)
+    y, _ = block.self_attention(y, y, y, need_weights=False)
+    x = x + drop(block.dropout(y))
+    return x + drop(block.mlp(block.ln_2(x)))
 
 
 @functools.cache
@@ -85,22 +183,30 @@ def _vit_class() -> type[nn.Module]:
     tv = import_torchvision()
 
     class VisionTransformer(tv.models.VisionTransformer):
+        pos_interpolation = "dino"
+        drop_paths: nn.ModuleList
+
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             height, width = x.shape[-2:]
-            if height == width == self.image_size:
+            dropping = self.training and any(drop.p > 0 for drop in self.drop_paths)
+            if height == width == self.image_size and not dropping:
                 return super().forward(x)  # torchvision's own forward, bit for bit
             p = self.patch_size
             if height % p or width % p:
                 raise ValueError(f"input {height}x{width} is not a multiple of the ViT patch size {p}")
             n = x.shape[0]
-            x = self.conv_proj(x)  # torchvision's steps, the position embedding resized
+            x = self.conv_proj(x)  # torchvision's steps, the position embedding interpolated
             grid = (x.shape[-2], x.shape[-1])
             x = x.reshape(n, self.hidden_dim, grid[0] * grid[1]).permute(0, 2, 1)
             x = torch.cat([self.class_token.expand(n, -1, -1), x], dim=1)
             encoder = self.encoder
-            x = x + resize_pos_embedding(encoder.pos_embedding, grid)
-            x = encoder.ln(encoder.layers(encoder.dropout(x)))
-            return self.heads(x[:, 0])
+            x = encoder.dropout(x + resize_pos_embedding(encoder.pos_embedding, grid, self.pos_interpolation))
+            if dropping:
+                for block, drop in zip(encoder.layers, self.drop_paths, strict=True):
+                    x = _block_forward(block, x, drop)
+            else:
+                x = encoder.layers(x)
+            return self.heads(encoder.ln(x)[:, 0])
 
     return VisionTransformer
 

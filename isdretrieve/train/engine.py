@@ -147,6 +147,9 @@ class Trainer:
                 patch_size=m.patch,
                 depth=m.depth,
                 dynamic_size=local_crops(self.recipe.method) > 0,
+                vit_init=m.vit_init,
+                drop_path=m.drop_path,
+                pos_interpolation=m.pos_interpolation,
             )
         except ValueError as exc:
             raise RecipeError(f"model.arch: {exc}") from None
@@ -352,8 +355,8 @@ class Trainer:
 
     def optimize(self, batch: Batch, want_grad_norm: bool = False) -> tuple[Any, float | None]:
         """One optimisation step on ``batch``: forward (method), backward, the method's frozen
-        parameters' gradients dropped, clipping, the optimiser's step. ``grad_norm`` (when wanted) is
-        the total gradient norm before clipping.
+        parameters' gradients dropped, clipping, the optimiser's step, then the method's ``after_step``
+        (DINO's teacher update). ``grad_norm`` (when wanted) is the total gradient norm before clipping.
 
         The phases are labelled ``step/forward``, ``step/backward`` and ``step/optimizer`` for
         ``torch.profiler`` (benchmarks/profile_step.py); unprofiled, a label costs a few microseconds.
@@ -374,6 +377,7 @@ class Trainer:
             ]
             norm = clip_gradients(params, o.clip_grad, o.clip_grad_mode, want_norm=want_grad_norm)
             self.optimizer.step()
+            self.method.after_step(batch)
         return out, None if norm is None else norm.item()
 
     def _batch(self, data: StepBatch, generator: torch.Generator) -> Batch:
@@ -385,7 +389,8 @@ class Trainer:
                 views = self._cropped_views(data.crops, wanted, generator)
             else:
                 views = [self._view(data.images, s, generator) for s in wanted]
-            batch = Batch(views, data.indices, data.labels, progress=self.step / max(self.total_steps, 1))
+            progress = self.step / max(self.total_steps, 1)
+            batch = Batch(views, data.indices, data.labels, progress=progress, epoch=self.epoch)
             wanted = self.method.partner_views
             if data.partner_crops is not None:
                 batch.partner_views = self._cropped_views(data.partner_crops, wanted, generator)

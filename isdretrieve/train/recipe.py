@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 from isdretrieve.data.augment import ViewConfig
 from isdretrieve.errors import RecipeError
+from isdretrieve.models.vit import VIT_WIDTHS
 from isdretrieve.util.typed_config import Range, apply_override, check_ranges, from_dict, load_yaml
 
 ShuffleBN = bool | Literal["auto"]  # "auto": what the method's official code does
@@ -22,7 +23,7 @@ Seed = Annotated[int, Range(ge=0, le=2**63 - 1)]
 Positive = Annotated[float, Range(gt=0)]  # temperatures, learning rates
 NonNegative = Annotated[float, Range(ge=0)]
 Fraction = Annotated[float, Range(ge=0, le=1)]  # probabilities, EMA momenta
-Beta = Annotated[float, Range(ge=0, lt=1)]  # SGD momentum, Adam's betas
+Beta = Annotated[float, Range(ge=0, lt=1)]  # SGD momentum, Adam's betas, the drop-path rate
 Scale = Annotated[float, Range(gt=0, le=1)]  # crop scales (fractions of the image area)
 Ratio = Annotated[float, Range(gt=0)]
 
@@ -161,7 +162,16 @@ class DinoConfig:
     multi-crop). ``local_crops`` adds that many ``dino_local`` views (multi-crop; DINO's own runs use 8,
     AdaSim's code 0): the student sees them, the teacher only the two global views. The views'
     scales and the local side are the ``augment`` section's (``global_scale``, ``local_scale``,
-    ``local_size``)."""
+    ``local_size``).
+
+    The head as DINO's ``DINOHead``: ``head_layers`` Linear layers (``nlayers``), BatchNorm after each
+    hidden one with ``head_bn`` (``use_bn_in_head``), ``norm_last_layer`` (false: the last layer's gain
+    is learnt). The teacher temperature rises linearly per epoch from ``warmup_tau_teacher`` to
+    ``tau_teacher`` over ``warmup_tau_teacher_epochs`` epochs, then stays (DINO's
+    ``teacher_temp_schedule``; null start = ``tau_teacher``, no warm-up). ``teacher_update``:
+    ``after_step`` (DINO's and AdaSim's order: the EMA right after the optimiser's step, with that
+    step's momentum) or ``next_step`` (this project's order in release 0.1.0: at the start of the next
+    step, with the next step's momentum; the final teacher misses the last update)."""
 
     momentum: Fraction = 0.996
     head_hidden: Count = 2048
@@ -173,6 +183,16 @@ class DinoConfig:
     freeze_last_layer: Optional0 = 1  # epochs in which the head's last layer is not updated
     views: Literal["dino", "strong"] = "dino"
     local_crops: Optional0 = 0
+    head_layers: Count = 3
+    head_bn: bool = False
+    norm_last_layer: bool = True
+    warmup_tau_teacher: Positive | None = None  # None: tau_teacher (no warm-up)
+    warmup_tau_teacher_epochs: Optional0 = 0
+    teacher_update: Literal["after_step", "next_step"] = "after_step"
+
+    def __post_init__(self) -> None:
+        if self.warmup_tau_teacher is None:
+            object.__setattr__(self, "warmup_tau_teacher", self.tau_teacher)
 
 
 @dataclass(frozen=True)
@@ -259,7 +279,13 @@ class ModelConfig:
     timm patch models: None = the model's own) and ``depth`` (ViT blocks, None = 12) shape ViTs.
     ``init``: a weights file to start from (torchvision or timm state dict, encoder.pt, our training
     checkpoint, official ISD / MoCo / DINO / AdaSim file), its ``init_from`` backbone loaded strictly at
-    a fresh start (never on --resume); "" = random init."""
+    a fresh start (never on --resume); "" = random init.
+
+    Our ViTs only (``models/vit.py``): ``vit_init`` (``dino``: DINO's trunc-normal 0.02 initialisation;
+    ``torchvision``: torchvision's), ``drop_path`` (DINO's stochastic depth rate; null: 0.1 for a ViT
+    under DINO, as DINO's and AdaSim's code, else 0; the other methods take none) and
+    ``pos_interpolation`` (``dino``: DINO's (grid + 0.1) / G scale factor for local crops; ``resize``:
+    resized to the grid)."""
 
     arch: str = "small_cnn"
     cifar_stem: bool = False
@@ -267,6 +293,9 @@ class ModelConfig:
     depth: Count | None = None
     init: str = ""
     init_from: Literal["student", "teacher"] = "student"
+    vit_init: Literal["dino", "torchvision"] = "dino"
+    drop_path: Beta | None = None
+    pos_interpolation: Literal["dino", "resize"] = "dino"
 
 
 @dataclass(frozen=True)
@@ -276,7 +305,11 @@ class OptimConfig:
     The defaults are the official ISD / MoCo code's: SGD, one weight decay on every parameter, no
     clipping. DINO's (and AdaSim's) official values: ``optimizer: adamw``, ``min_lr: 1e-6``,
     ``weight_decay: 0.04`` → ``weight_decay_end: 0.4``, ``no_decay_bias_and_norm: true``,
-    ``clip_grad: 3.0`` (``per_param``), 10 warm-up epochs, lr 5e-4 × batch / 256."""
+    ``clip_grad: 3.0`` (``per_param``), 10 warm-up epochs, lr 5e-4 × batch / 256.
+
+    ``warmup_from``: the linear warm-up's first step. ``zero``: DINO's ``linspace(0, lr, W)``, lr · s /
+    (W − 1) at step s; ``first_step``: lr · (s + 1) / W (this project's; ISD, MoCo, BYOL). Left out:
+    ``zero`` for DINO (AdaSim on DINO), ``first_step`` for the other methods."""
 
     batch_size: Count = 256
     epochs: Count = 100
@@ -293,6 +326,7 @@ class OptimConfig:
     milestones: tuple[Count, ...] = ()  # epochs, for the step schedule
     gamma: Positive = 0.2
     warmup_epochs: NonNegative = 0.0
+    warmup_from: Literal["zero", "first_step"] | None = None  # null: zero for DINO, else first_step
     clip_grad: Positive | None = None  # None: off; else the largest gradient L2 norm
     clip_grad_mode: Literal["per_param", "global"] = "per_param"  # each parameter's own norm (DINO's)
 
@@ -344,19 +378,44 @@ class Recipe:
         if self.optim.lr is None:
             lr = preset_lr(self.method)
             object.__setattr__(self, "optim", replace(self.optim, lr=DEFAULT_LR if lr is None else lr))
+        self._resolve_dino_defaults()
         if self.optim.min_lr > self.optim.lr:
             raise RecipeError(
                 f"optim.min_lr: must not exceed optim.lr ({self.optim.lr}), got {self.optim.min_lr}"
             )
 
+    def _resolve_dino_defaults(self) -> None:
+        """Fill ``optim.warmup_from`` and ``model.drop_path`` left out with DINO's values under DINO
+        (this project's elsewhere), and refuse stochastic depth outside DINO."""
+        dino = dino_based(self.method)
+        if self.optim.warmup_from is None:
+            start = "zero" if dino else "first_step"
+            object.__setattr__(self, "optim", replace(self.optim, warmup_from=start))
+        vit = self.model.arch in VIT_WIDTHS
+        if self.model.drop_path is None:
+            rate = DINO_DROP_PATH if dino and vit else 0.0
+            object.__setattr__(self, "model", replace(self.model, drop_path=rate))
+        if self.model.drop_path > 0 and not (dino and vit):
+            raise RecipeError(
+                "model.drop_path: stochastic depth is DINO's, for our ViTs (vit_tiny, vit_small, vit_base) "
+                f"under method adasim with base dino; this recipe has {self.model.arch} and "
+                f"{self.method.name}: set it to 0"
+            )
+
 
 DEFAULT_LR = 0.05
+DINO_DROP_PATH = 0.1  # DINO's and AdaSim's --drop_path_rate
+
+
+def dino_based(method: MethodConfig) -> bool:
+    """Whether a method trains with DINO's objective (AdaSim on DINO)."""
+    return isinstance(method, AdasimConfig) and method.base == "dino"
 
 
 def local_crops(method: MethodConfig) -> int:
     """How many DINO local crops a method takes (views smaller than the preset's size); 0 for all but
     AdaSim on DINO."""
-    return method.dino.local_crops if isinstance(method, AdasimConfig) and method.base == "dino" else 0
+    return method.dino.local_crops if dino_based(method) else 0
 
 
 def preset_lr(method: MethodConfig) -> float | None:

@@ -49,7 +49,9 @@ class AdaSim(Method):
     def __init__(self, backbone: nn.Module, cfg: AdasimConfig, data: DataContext) -> None:
         super().__init__()
         self.cfg, self.seed = cfg, data.seed
-        self.base: BYOL | DINO = BYOL(backbone, cfg.byol) if cfg.base == "byol" else DINO(backbone, cfg.dino)
+        self.base: BYOL | DINO = (
+            BYOL(backbone, cfg.byol) if cfg.base == "byol" else DINO(backbone, cfg.dino, data.seed)
+        )
         first, second, *local = self.base.views
         self.views = (first, *local)  # T(x_i), and DINO's local crops of x_i
         self.partner_views = (second,)  # T'(x_partner)
@@ -71,11 +73,14 @@ class AdaSim(Method):
     def frozen_parameters(self, epoch: int) -> list[nn.Parameter]:
         return self.base.frozen_parameters(epoch)
 
+    def after_step(self, batch: Batch) -> None:
+        self.base.after_step(batch)
+
     def forward(self, batch: Batch) -> StepOutput:
         (own, *local), (partner,) = batch.views, batch.partner_views
         self.base.all_gather = self.all_gather  # the engine sets ours under DDP (DINO's centre needs it)
-        if local:  # DINO's local crops of the image itself
-            out, features = self.base.pair_step(own, partner, batch.progress, local)
+        if isinstance(self.base, DINO):  # with DINO's local crops of the image itself, if any
+            out, features = self.base.pair_step(own, partner, batch.progress, local, batch.epoch)
         else:
             out, features = self.base.pair_step(own, partner, batch.progress)
         self.remember(features, batch.indices)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from isdretrieve.models.vit import disable_drop_path
 from isdretrieve.train.shuffle_bn import is_distributed, shuffled_forward, split_batch_norm_
 
 
@@ -23,6 +25,7 @@ class Batch:
     progress: float  # fraction of training done, 0 → 1 (momentum schedules)
     partner_views: list[torch.Tensor] = field(default_factory=list)  # of each image's partner
     partners: torch.Tensor | None = None  # dataset index of each image's partner [B] (itself = none)
+    epoch: int = 0  # the epoch this step belongs to (per-epoch schedules: DINO's teacher temperature)
 
 
 @dataclass(frozen=True)
@@ -62,9 +65,11 @@ class Encoder(nn.Module):
 
 
 def ema_copy(module: nn.Module) -> nn.Module:
-    """A frozen copy to serve as the momentum teacher."""
+    """A frozen copy to serve as the momentum teacher, without stochastic depth (DINO builds its
+    teacher without drop path; a ResNet has none to turn off)."""
     teacher = copy.deepcopy(module)
     teacher.requires_grad_(False)
+    disable_drop_path(teacher)
     return teacher
 
 
@@ -89,6 +94,13 @@ def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
 def cosine_momentum(base: float, progress: float) -> float:
     """BYOL's schedule: m rises from ``base`` to 1 along a half cosine."""
     return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1) / 2
+
+
+def step_seed(purpose: str, seed: int, progress: float) -> int:
+    """A seed for one step's random draws for ``purpose``, from the run's seed and the step's progress
+    only, so that a resumed run draws what the straight run drew."""
+    digest = hashlib.blake2b(f"{purpose}:{seed}:{float(progress).hex()}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
 
 
 class Method(nn.Module):
@@ -140,6 +152,9 @@ class Method(nn.Module):
     def end_epoch(self, epoch: int) -> dict[str, float]:
         """Called after the last step of ``epoch``, before its checkpoint; returns scalars to log."""
         return {}
+
+    def after_step(self, batch: Batch) -> None:
+        """Called right after the optimiser's step on ``batch`` (DINO's teacher update goes here)."""
 
     def frozen_parameters(self, epoch: int) -> list[nn.Parameter]:
         """Parameters not to update in ``epoch``: the engine drops their gradients after backward, so
