@@ -4,15 +4,18 @@ class names stay text; a screenshot shows the thumbnails."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from conftest import build_test_index
 from PIL import Image
 from serving import CLASS_PAYLOAD, PAYLOAD, hostile_folder, serving
 
+from isdretrieve.cli.index import main as index_cli
 from isdretrieve.data.open import open_dataset
 from isdretrieve.retrieve.pictures import tensor_to_pil
 from isdretrieve.retrieve.retriever import Retriever
@@ -230,3 +233,41 @@ def test_the_class_filter_applies_to_searches(page, indices):
         "() => document.querySelectorAll('.hits .tile').length === 10"
         " && Array.from(document.querySelectorAll('.hits .cls')).every(e => e.textContent === '7')"
     )
+
+
+def _hues(png: bytes) -> int:
+    """How many distinct saturated colours a picture holds (a class-coloured map has ten or more)."""
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    return len({c for _, c in image.getcolors(1 << 20) if max(c) - min(c) > 60})
+
+
+@pytest.mark.slow
+def test_the_map_link_opens_a_drawn_map(page):
+    """The page's "map of the bank" link leads to the map page, whose picture loads and shows the classes."""
+    page.click("#map-link")  # the layout is computed on this first request (UMAP's first call compiles)
+    loaded = "() => document.images.length === 1 && document.images[0].complete"
+    page.wait_for_function(loaded, timeout=240_000)
+    assert page.evaluate("document.images[0].naturalWidth") == 750
+    assert "all 450 bank rows" in page.text_content("p")
+    assert _hues(page.locator("img").screenshot()) >= 10
+
+
+def test_the_report_shows_its_map(browser, digits_test_index, tmp_path):
+    """A neighbours report written with --map shows the picture in the browser; without its file, the
+    same page shows none (what the checks above tell apart)."""
+    out = tmp_path / "report"
+    args = ["neighbours", digits_test_index, "--sample", 2, "-k", 3, "--map", 150, "--map-method", "tsne"]
+    assert CliRunner().invoke(index_cli, [str(a) for a in [*args, "--out", out]]).exit_code == 0
+    shutil.copytree(out, tmp_path / "bare")
+    (tmp_path / "bare" / "map.png").unlink()
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    shown = []
+    for folder in (out, tmp_path / "bare"):
+        one = context.new_page()
+        one.goto((folder / "index.html").as_uri())
+        one.wait_for_function("() => document.getElementById('map').complete")
+        shown.append(one.evaluate("document.getElementById('map').naturalWidth"))
+        if folder == out:
+            assert _hues(one.locator("#map").screenshot()) >= 10
+    context.close()
+    assert shown == [750, 0]
