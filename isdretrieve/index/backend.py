@@ -28,8 +28,8 @@ import numpy as np
 from isdretrieve.errors import IsdError, QueryError
 from isdretrieve.files.bank import FeatureBank
 from isdretrieve.files.manifest import IndexManifest
-from isdretrieve.index.exact import as_float32, bank_exact_search
-from isdretrieve.index.recall import heldout_queries, heldout_recall, heldout_search
+from isdretrieve.index.exact import as_float32
+from isdretrieve.index.recall import heldout_recall, heldout_truth
 
 if TYPE_CHECKING:
     import torch
@@ -142,8 +142,7 @@ class VectorIndex(ABC):
         if len(self) < 2:
             raise IsdError("recall needs at least 2 bank rows (each query's own row is left out)")
         k = clamp_k(k, len(self) - 1)
-        rows, xq = heldout_queries(self.bank, queries, seed)
-        truth = heldout_search(lambda q, kk: bank_exact_search(self.bank, q, kk), xq, rows, k)[1]
+        rows, xq, truth = heldout_truth(self.bank, queries, seed, k)
         return heldout_recall(self.search, xq, rows, truth)
 
     @abstractmethod

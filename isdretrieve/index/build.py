@@ -37,12 +37,12 @@ from isdretrieve.files.manifest import (
     IndexManifest,
     file_sizes,
 )
-from isdretrieve.index.exact import GPU_MAX_K, bank_exact_search, cuda_available
+from isdretrieve.index.exact import GPU_MAX_K, cuda_available
 from isdretrieve.index.faiss_ops import faiss_message, is_exact, make_index, search_knob, to_gpu
 from isdretrieve.index.ondisk import IVFDATA_FILE, build_ondisk, shard_rows_for
 from isdretrieve.index.plan import choose_index, default_memory_budget, estimate_bytes
 from isdretrieve.index.planner import plan_index
-from isdretrieve.index.recall import heldout_queries, heldout_recall, heldout_search, sample_rows
+from isdretrieve.index.recall import heldout_recall, heldout_truth, sample_rows
 from isdretrieve.index.tuning import raise_knob
 
 if TYPE_CHECKING:
@@ -310,8 +310,7 @@ def _tune(
         outcome.tune_seconds = time.perf_counter() - started
         return
     k = outcome.recall_k
-    query_rows, xq = heldout_queries(bank, queries, seed)  # as SearchIndex.recall(seed=seed)
-    truth = heldout_search(lambda q, kk: bank_exact_search(bank, q, kk), xq, query_rows, k)[1]
+    query_rows, xq, truth = heldout_truth(bank, queries, seed, k)  # as SearchIndex.recall(seed=seed)
     searcher = index if gpu_index is None else gpu_index
     outcome.recall_queries = len(xq)
     tuned = raise_knob(

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import numpy as np
 
 from isdretrieve.files.bank import FeatureBank
+from isdretrieve.index.exact import bank_exact_search
 
 Search = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
@@ -26,6 +27,16 @@ def heldout_queries(bank: FeatureBank, count: int, seed: int) -> tuple[np.ndarra
     """(rows, features) of ``count`` bank rows sampled with ``seed``, the held-out recall queries."""
     rows = sample_rows(len(bank), count, seed)
     return rows, bank.take(rows)
+
+
+def heldout_truth(
+    bank: FeatureBank, count: int, seed: int, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, features, exact top-k other rows) of the held-out queries sampled with ``seed``: what every
+    held-out recall is measured against."""
+    rows, queries = heldout_queries(bank, count, seed)
+    truth = heldout_search(lambda q, kk: bank_exact_search(bank, q, kk), queries, rows, k)[1]
+    return rows, queries, truth
 
 
 def drop_self_matches(

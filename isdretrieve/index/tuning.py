@@ -1,6 +1,7 @@
 """The tuning loop: raise an index's search knob (``nprobe`` for IVF, ``efSearch`` for HNSW) until a
 measured recall reaches a target. Building an index and planning one (:mod:`isdretrieve.index.planner`)
-both tune through it; the recall itself is measured by :mod:`isdretrieve.index.recall`."""
+both tune through it, and so does a Milvus collection (:func:`raise_until`); the recall itself is
+measured by :mod:`isdretrieve.index.recall`."""
 
 from __future__ import annotations
 
@@ -38,23 +39,43 @@ def raise_knob(
 
     ``recall()`` measures the index as it is set now. The values go on ``index`` and on ``gpu_index`` (its
     GPU copy) alike; ``max_value`` caps them (a GPU's nprobe limit). An index without a knob is measured
-    once. If no value reaches the target the largest stays set and ``reached`` is False. With
-    ``give_up`` the loop stops early once the last step's gain in recall, repeated for every value left,
-    would still fall short of the target (recall flattens as the knob grows).
+    once. The rest is :func:`raise_until`'s.
     """
     knob = search_knob(index)
     if knob is None:
         measured = recall()
         return Tuned({}, measured, measured >= target, [])
     name, values = knob
+
+    def measure(params: dict[str, int]) -> float:
+        set_params(index, params, gpu=False)
+        if gpu_index is not None:
+            set_params(gpu_index, params, gpu=True)
+        return recall()
+
     values = [v for v in finer(values) if max_value is None or v <= max_value]
+    return raise_until(name, values, measure, target, report=report, give_up=give_up)
+
+
+def raise_until(
+    name: str,
+    values: list[int],
+    measure: Callable[[dict[str, int]], float],
+    target: float,
+    *,
+    report: Callable[[str, int, float], None] | None = None,
+    give_up: bool = False,
+) -> Tuned:
+    """Try ``{name: value}`` for each of ``values`` (increasing) until ``measure(params)`` >= ``target``.
+
+    If no value reaches the target the last one tried is kept and ``reached`` is False. With ``give_up``
+    the loop stops early once the last step's gain in recall, repeated for every value left, would still
+    fall short of the target (recall flattens as the knob grows).
+    """
     tuned = Tuned(reached=False)
     for value in values:
         tuned.params = {name: value}
-        set_params(index, tuned.params, gpu=False)
-        if gpu_index is not None:
-            set_params(gpu_index, tuned.params, gpu=True)
-        tuned.recall = recall()
+        tuned.recall = measure(tuned.params)
         tuned.trace.append((value, tuned.recall))
         if report is not None:
             report(name, value, tuned.recall)

@@ -37,7 +37,7 @@ from isdretrieve.files.pairs import MiningParams, Pairs, write_pairs
 from isdretrieve.index.backend import VectorIndex, clamp_k
 from isdretrieve.index.exact import bank_exact_search, cuda_available, exact_search, exact_search_torch
 from isdretrieve.index.open import open_index
-from isdretrieve.index.recall import drop_self_matches, heldout_queries, heldout_search, recall_at_k
+from isdretrieve.index.recall import drop_self_matches, heldout_truth, recall_at_k
 
 PARTIAL_FORMAT = "isdretrieve.pairs-partial/1"
 IN_MEMORY_BYTES = 4 << 30  # banks up to this many float32 bytes are searched from memory
@@ -176,8 +176,7 @@ def _index_searcher(
 def candidate_recall(bank: FeatureBank, cand_rows: np.ndarray, seed: int = 0) -> tuple[float, int]:
     """(recall@k of ``cand_rows`` against exact search, queries) on up to 1,000 rows sampled with ``seed``."""
     k = cand_rows.shape[1]
-    rows, xq = heldout_queries(bank, RECALL_QUERIES, seed)
-    truth = heldout_search(lambda q, kk: bank_exact_search(bank, q, kk), xq, rows, k)[1]
+    rows, _, truth = heldout_truth(bank, RECALL_QUERIES, seed, k)
     return recall_at_k(cand_rows[rows], truth), len(rows)
 
 

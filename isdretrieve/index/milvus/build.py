@@ -30,13 +30,13 @@ from isdretrieve.files.manifest import (
 )
 from isdretrieve.files.versions import package_versions
 from isdretrieve.index.backend import pad_hits
-from isdretrieve.index.exact import bank_exact_search
 from isdretrieve.index.milvus.collection import FINGERPRINT, ROWS_DONE, BankCollection, bank_properties
 from isdretrieve.index.milvus.connect import Connection, MilvusTarget, connect, pymilvus_module
 from isdretrieve.index.milvus.fill import fill, open_for_fill
 from isdretrieve.index.milvus.params import METRIC, MilvusIndexSpec, milvus_index
 from isdretrieve.index.plan import choose_index, default_memory_budget, ivf_lists
-from isdretrieve.index.recall import heldout_queries, heldout_recall, heldout_search, sample_rows
+from isdretrieve.index.recall import heldout_recall, heldout_truth, sample_rows
+from isdretrieve.index.tuning import Tuned, raise_until
 
 KIND_MILVUS = "milvus"
 CHECKED_ROWS = 64  # rows of an attached collection compared with the bank
@@ -201,24 +201,24 @@ def _tune(
     measured too (it is exact, so it should be 1.0)."""
     started = time.perf_counter()
     k, spec = build.recall_k, build.spec
-    rows, xq = heldout_queries(bank, queries, seed)  # as VectorIndex.recall(seed=seed)
-    truth = heldout_search(lambda q, kk: bank_exact_search(bank, q, kk), xq, rows, k)[1]
+    rows, xq, truth = heldout_truth(bank, queries, seed, k)  # as VectorIndex.recall(seed=seed)
     build.recall_queries = len(xq)
 
     def measure(params: dict[str, int]) -> float:
         search_params = spec.search_params(params)
-        return heldout_recall(
+        recall = heldout_recall(
             lambda q, kk: pad_hits(collection.search(q, kk, search_params, None), kk), xq, rows, truth
         )
+        say(f"{params or 'exact'}: recall@{k} = {recall:.4f}")
+        return recall
 
-    values = spec.knob_values(k + 1) if spec.knob else [None]
-    for value in values:
-        build.params = {} if value is None else {str(spec.knob): value}
-        build.recall = measure(build.params)
-        say(f"{build.params or 'exact'}: recall@{k} = {build.recall:.4f}")
-        if build.recall >= target:
-            break
-    else:
+    if spec.knob:
+        tuned = raise_until(spec.knob, spec.knob_values(k + 1), measure, target)
+    else:  # FLAT: exact, measured once
+        recall = measure({})
+        tuned = Tuned({}, recall, recall >= target)
+    build.params, build.recall = tuned.params, tuned.recall
+    if not tuned.reached:
         warnings.warn(f"{build.params} reaches only recall@{k} = {build.recall:.4f} < {target}", stacklevel=4)
     build.tune_seconds = time.perf_counter() - started
 
