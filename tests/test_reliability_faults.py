@@ -318,11 +318,7 @@ _INDEX_CHILD = textwrap.dedent(
     import os, signal, sys
     import isdretrieve.index.build as index
 
-    real = getattr(index, sys.argv[3])
-
-    def die(*args, **kwargs):
-        if sys.argv[3] == "_place_bank":
-            real(*args, **kwargs)  # index.faiss and bank.h5 in place, the manifest not yet
+    def die(*args, **kwargs):  # at write_manifest: index.faiss and bank.h5 in place, the manifest not yet
         os.kill(os.getpid(), signal.SIGKILL)
 
     setattr(index, sys.argv[3], die)
@@ -331,7 +327,7 @@ _INDEX_CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("where", ["_add", "_place_bank"])
+@pytest.mark.parametrize("where", ["_add", "write_manifest"])
 def test_index_build_killed_is_never_opened_and_rerun_completes(
     where: str, straight_bank: Path, tmp_path: Path
 ) -> None:
@@ -340,7 +336,7 @@ def test_index_build_killed_is_never_opened_and_rerun_completes(
     args = [sys.executable, "-c", _INDEX_CHILD, str(straight_bank), str(out), where]
     child = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert child.returncode == -signal.SIGKILL, child.stderr
-    if where == "_place_bank":  # the rebuild had started: the old manifest is gone, the new not written
+    if where == "write_manifest":  # the rebuild had started: the old manifest is gone, the new not written
         with pytest.raises(IsdError, match="not a finished index directory: manifest.json is missing"):
             SearchIndex.open(out)
     else:  # killed before touching the folder: the old index is still whole and opens

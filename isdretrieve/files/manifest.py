@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from isdretrieve.errors import BankError, DamagedFile, IsdError
+from isdretrieve.files.atomic import atomic_path
 from isdretrieve.files.bank import BankAttrs
 from isdretrieve.files.h5 import open_h5
 from isdretrieve.files.versions import package_versions
@@ -106,6 +107,13 @@ def read_manifest(index_dir: str | Path) -> IndexManifest:
         if not (directory / name).is_file():
             raise DamagedFile(f"{directory} is not a finished index directory: {name} is missing")
     return manifest
+
+
+def write_manifest(index_dir: Path, manifest: IndexManifest) -> None:
+    """Put ``manifest.json`` in place atomically: the last file of a build, which makes the directory a
+    finished index."""
+    with atomic_path(index_dir / MANIFEST_FILE) as tmp:
+        tmp.write_text(manifest.to_json())
 
 
 def index_files(backend: str, kind: str) -> tuple[str, ...]:

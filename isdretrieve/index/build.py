@@ -36,6 +36,7 @@ from isdretrieve.files.manifest import (
     RECALL_PROTOCOL,
     IndexManifest,
     file_sizes,
+    write_manifest,
 )
 from isdretrieve.index.exact import GPU_MAX_K, cuda_available
 from isdretrieve.index.faiss_ops import faiss_message, is_exact, make_index, search_knob, to_gpu
@@ -44,6 +45,7 @@ from isdretrieve.index.plan import choose_index, default_memory_budget, estimate
 from isdretrieve.index.planner import plan_index
 from isdretrieve.index.recall import heldout_recall, heldout_truth, sample_rows
 from isdretrieve.index.tuning import raise_knob
+from isdretrieve.util.progress import reporter
 
 if TYPE_CHECKING:
     from isdretrieve.index.milvus.connect import MilvusTarget
@@ -192,7 +194,7 @@ def _choose(
     if on_disk:
         plan, record = choose_index(len(bank), bank.dim, memory_budget=budget), {}
     else:
-        measured = plan_index(bank, memory_budget=budget, say=lambda m: _say(progress, m), **planning)
+        measured = plan_index(bank, memory_budget=budget, say=reporter(progress), **planning)
         plan = measured.plan
         record = {
             "seconds": round(measured.seconds, 3),
@@ -200,7 +202,7 @@ def _choose(
             "trials": [trial.as_dict() for trial in measured.trials],
         }
     choice = _Choice(plan.factory, plan.reason, on_disk or plan.on_disk, budget, plan.estimated_bytes, record)
-    _say(progress, f"auto: {choice.factory}{' on disk' if choice.on_disk else ''} ({choice.reason})")
+    reporter(progress)(f"auto: {choice.factory}{' on disk' if choice.on_disk else ''} ({choice.reason})")
     return choice
 
 
@@ -248,7 +250,7 @@ def _fill(
             train=lambda untrained: _train(untrained, bank, train_size, seed, progress),
             shard_rows=shard_rows or shard_rows_for(index, len(bank), choice.budget),
             read_blocks=bank.blocks,
-            progress=lambda message: _say(progress, message),
+            progress=reporter(progress),
             settings=dict(
                 fingerprint=bank.fingerprint, count=len(bank), dim=bank.dim, seed=seed, train=train_size
             ),
@@ -271,7 +273,7 @@ def _train(index: faiss.Index, bank: FeatureBank, train_size: int | None, seed: 
             lists = 0
         train_size = max(40 * lists, 50_000)
     x = bank.take(sample_rows(len(bank), train_size, seed + 1))
-    _say(progress, f"training on {len(x):,} rows")
+    reporter(progress)(f"training on {len(x):,} rows")
     try:
         index.train(x)
     except RuntimeError as exc:
@@ -309,7 +311,7 @@ def _tune(
     if is_exact(index):
         outcome.tune_seconds = time.perf_counter() - started
         return
-    k = outcome.recall_k
+    k, say = outcome.recall_k, reporter(progress)
     query_rows, xq, truth = heldout_truth(bank, queries, seed, k)  # as SearchIndex.recall(seed=seed)
     searcher = index if gpu_index is None else gpu_index
     outcome.recall_queries = len(xq)
@@ -319,7 +321,7 @@ def _tune(
         target,
         gpu_index=gpu_index,
         max_value=GPU_MAX_K if gpu_index is not None else None,
-        report=lambda name, value, recall: _say(progress, f"{name}={value}: recall@{k} = {recall:.4f}"),
+        report=lambda name, value, recall: say(f"{name}={value}: recall@{k} = {recall:.4f}"),
     )
     outcome.params, outcome.recall = tuned.params, tuned.recall
     if not tuned.reached:
@@ -349,7 +351,7 @@ def _save(
             faiss.write_index(index, str(tmp))
         (out_dir / IVFDATA_FILE).unlink(missing_ok=True)  # from an earlier on-disk build
     ivfdata_bytes = (out_dir / IVFDATA_FILE).stat().st_size if choice.on_disk else 0
-    _place_bank(bank_path, out_dir / BANK_FILE)
+    link_or_copy(bank_path, out_dir / BANK_FILE)
     manifest = IndexManifest(
         factory=choice.factory,
         params=outcome.params,
@@ -376,18 +378,5 @@ def _save(
         estimated_bytes=choice.estimated_bytes,
         plan=choice.plan,
     )
-    with atomic_path(out_dir / MANIFEST_FILE) as tmp:
-        tmp.write_text(manifest.to_json())
+    write_manifest(out_dir, manifest)
     return manifest
-
-
-def _place_bank(source: Path, target: Path) -> None:
-    """Make ``target`` the bank at ``source``: a hard link where possible, else a copy."""
-    link_or_copy(source, target)
-
-
-def _say(progress: bool, message: str) -> None:
-    if progress:
-        from rich.console import Console
-
-        Console(stderr=True).log(message)

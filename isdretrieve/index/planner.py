@@ -50,6 +50,7 @@ import faiss
 import numpy as np
 
 from isdretrieve.files.bank import FeatureBank
+from isdretrieve.index.exact import exact_search
 from isdretrieve.index.faiss_ops import make_index
 from isdretrieve.index.plan import (
     FLAT_MAX_ROWS,
@@ -215,9 +216,8 @@ def _draw(bank: FeatureBank, size: int, queries: int, k: int, seed: int) -> _Sam
 def _with_truth(x: np.ndarray, query_rows: np.ndarray, k: int) -> _Sample:
     """The sample ``x`` with its rows ``query_rows`` as queries and their exact top-k other rows."""
     xq, k = x[query_rows], min(k, len(x) - 1)
-    exact = faiss.IndexFlatIP(x.shape[1])
-    exact.add(x)
-    return _Sample(x, query_rows, xq, heldout_search(exact.search, xq, query_rows, k)[1], k)
+    truth = heldout_search(lambda q, kk: exact_search(x, q, kk, device="cpu"), xq, query_rows, k)[1]
+    return _Sample(x, query_rows, xq, truth, k)
 
 
 def _trial(candidate: Candidate, drawn: _Sample, n: int, target: float) -> Trial:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from isdretrieve.errors import BankError, IsdError
-from isdretrieve.files.atomic import atomic_path, link_or_copy
+from isdretrieve.files.atomic import link_or_copy
 from isdretrieve.files.bank import FeatureBank
 from isdretrieve.files.manifest import (
     BACKEND_MILVUS,
@@ -27,6 +27,7 @@ from isdretrieve.files.manifest import (
     MANIFEST_FILE,
     RECALL_PROTOCOL,
     IndexManifest,
+    write_manifest,
 )
 from isdretrieve.files.versions import package_versions
 from isdretrieve.index.backend import pad_hits
@@ -37,6 +38,7 @@ from isdretrieve.index.milvus.params import METRIC, MilvusIndexSpec, milvus_inde
 from isdretrieve.index.plan import choose_index, default_memory_budget, ivf_lists
 from isdretrieve.index.recall import heldout_recall, heldout_truth, sample_rows
 from isdretrieve.index.tuning import Tuned, raise_until
+from isdretrieve.util.progress import reporter
 
 KIND_MILVUS = "milvus"
 CHECKED_ROWS = 64  # rows of an attached collection compared with the bank
@@ -89,7 +91,7 @@ def build_milvus_index(
         raise IsdError(
             f"need 0 < recall_target <= 1, queries >= 1 and k >= 1, got {recall_target}, {queries} and {k}"
         )
-    say = _reporter(progress)
+    say = reporter(progress)
     with FeatureBank.open(bank_path) as opened:
         bank = opened
         build = _plan(bank, factory, memory_budget, k, say)
@@ -268,15 +270,5 @@ def _save(
         },
         versions=package_versions("pymilvus", "milvus_lite", "faiss", "numpy"),
     )
-    with atomic_path(out_dir / MANIFEST_FILE) as tmp:
-        tmp.write_text(manifest.to_json())
+    write_manifest(out_dir, manifest)
     return manifest
-
-
-def _reporter(progress: bool) -> Callable[[str], None]:
-    """Where progress lines go: the terminal's stderr, or nowhere."""
-    if not progress:
-        return lambda message: None
-    from rich.console import Console
-
-    return Console(stderr=True).log
